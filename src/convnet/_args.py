@@ -1,0 +1,152 @@
+"""Argument parsing and validation shared by the vectorized ops and the loop reference.
+
+Nothing here computes a convolution: it only turns user arguments into canonical
+tuples and rejects bad ones with a message that names the argument and its value,
+before any work is done.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+
+IntOrPair = Union[int, tuple[int, int]]
+Padding = Union[int, tuple[int, int], str]
+# ((top, bottom), (left, right)): "same" with an even kernel needs uneven sides.
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def pair(value: IntOrPair, name: str, minimum: int) -> tuple[int, int]:
+    """Return ``value`` as an ``(h, w)`` pair of ints, each at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        out = (int(value), int(value))
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value)
+    ):
+        out = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def padding_pads(padding: Padding, kernel: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int]) -> Pads:
+    """Resolve ``padding`` (int, pair, ``"valid"`` or ``"same"``) to per-side pads.
+
+    ``"same"`` keeps the output size equal to the input size (stride 1 only); when the
+    total padding ``D*(K-1)`` is odd, the extra row/column goes to the bottom/right,
+    as in PyTorch.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0), (0, 0))
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' requires stride 1, got stride={stride}")
+            sides = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                sides.append((total // 2, total - total // 2))
+            return (sides[0], sides[1])
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    ph, pw = pair(padding, "padding", 0)
+    return ((ph, ph), (pw, pw))
+
+
+def check_array(x: object, name: str, ndim: int, layout: str) -> np.ndarray:
+    """Check that ``x`` is a float32/float64 ndarray of ``ndim`` dimensions."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy ndarray, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {x.shape}")
+    return x
+
+
+def check_same_dtype(**arrays: np.ndarray) -> None:
+    """Reject a mix of float32 and float64 among ``arrays`` (no silent upcast)."""
+    dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
+    if len(set(dtypes.values())) > 1:
+        desc = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise TypeError(f"dtypes must match, got {desc}")
+
+
+def check_shape(x: np.ndarray, name: str, expected: tuple[int, ...]) -> None:
+    """Require ``x.shape == expected`` (used for ``dy`` in backward passes)."""
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, axis: str) -> int:
+    """Floor-rule output length ``(H + P0 + P1 - D*(K-1) - 1) // S + 1``, or raise.
+
+    Raises ``ValueError`` when the (dilated) kernel is larger than the padded input.
+    """
+    padded = size + pads[0] + pads[1]
+    span = d * (k - 1) + 1
+    if span > padded:
+        raise ValueError(
+            f"kernel {axis} extent {span} (kernel_size={k}, dilation={d}) is larger than the "
+            f"padded input {axis} {padded} (input {size} + padding {pads[0]}+{pads[1]})"
+        )
+    return (padded - span) // s + 1
+
+
+def conv_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: IntOrPair,
+              padding: Padding, dilation: IntOrPair):
+    """Validate conv2d arguments; return ``(stride, pads, dilation, (OH, OW))``."""
+    check_array(x, "x", 4, "(N, C, H, W)")
+    check_array(weight, "weight", 4, "(F, C, KH, KW)")
+    if bias is not None:
+        check_array(bias, "bias", 1, "(F,)")
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"channel mismatch: x has C={x.shape[1]} channels (shape {x.shape}) but weight expects "
+            f"C={weight.shape[1]} (shape {weight.shape})"
+        )
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    if min(weight.shape) < 1 or min(x.shape) < 1:
+        raise ValueError(f"empty arrays are not supported: x {x.shape}, weight {weight.shape}")
+    s = pair(stride, "stride", 1)
+    d = pair(dilation, "dilation", 1)
+    k = (weight.shape[2], weight.shape[3])
+    pads = padding_pads(padding, k, s, d)
+    oh = out_size_or_raise(x.shape[2], pads[0], k[0], s[0], d[0], "height")
+    ow = out_size_or_raise(x.shape[3], pads[1], k[1], s[1], d[1], "width")
+    return s, pads, d, (oh, ow)
+
+
+def pool_args(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None, padding: IntOrPair):
+    """Validate pooling arguments; return ``(kernel, stride, pads, (OH, OW))``.
+
+    Padding may be at most half the kernel (as in PyTorch), so every window holds
+    at least one real input element.
+    """
+    check_array(x, "x", 4, "(N, C, H, W)")
+    if min(x.shape) < 1:
+        raise ValueError(f"empty arrays are not supported: x {x.shape}")
+    k = pair(kernel_size, "kernel_size", 1)
+    s = k if stride is None else pair(stride, "stride", 1)
+    if isinstance(padding, str):
+        raise TypeError(f"padding for pooling must be an int or a pair, got {padding!r}")
+    p = pair(padding, "padding", 0)
+    for pi, ki in zip(p, k):
+        if 2 * pi > ki:
+            raise ValueError(f"padding must be at most half of kernel_size, got padding={padding!r}, "
+                             f"kernel_size={kernel_size!r}")
+    pads = ((p[0], p[0]), (p[1], p[1]))
+    oh = out_size_or_raise(x.shape[2], pads[0], k[0], s[0], 1, "height")
+    ow = out_size_or_raise(x.shape[3], pads[1], k[1], s[1], 1, "width")
+    return k, s, pads, (oh, ow)
