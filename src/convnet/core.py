@@ -1,0 +1,246 @@
+"""The im2col core: small pure functions on arrays.
+
+Everything here works on *channels-last* arrays ``(N, H, W, C)``: im2col then copies
+whole contiguous channel rows, and the resulting matrix multiplies need no extra
+transposes. The public API (``convnet.functional``) speaks NCHW and converts once,
+fused with the padding copy.
+
+Geometry, for one spatial axis with input length ``H``, kernel ``K``, stride ``S``,
+dilation ``D`` and pads ``(P0, P1)``::
+
+    OH = (H + P0 + P1 - D*(K-1) - 1) // S + 1          (the floor rule)
+
+Column layout: ``im2col`` returns ``(N*OH*OW, KH*KW*C)`` with columns ordered
+``(kh, kw, c)``; a weight ``(F, C, KH, KW)`` matches it as
+``weight.transpose(0, 2, 3, 1).reshape(F, -1)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+Pair = tuple[int, int]
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+# Upper bound, in bytes, for one im2col buffer; bigger batches are processed in chunks.
+_WORKSPACE_LIMIT = 256 * 2**20
+
+
+def get_workspace_limit() -> int:
+    """Return the im2col workspace limit in bytes (default 256 MiB)."""
+    return _WORKSPACE_LIMIT
+
+
+def set_workspace_limit(nbytes: int) -> None:
+    """Set the largest im2col buffer (bytes) built at once.
+
+    Convolutions whose im2col matrix would exceed the limit work through the batch
+    in chunks of images; results are identical, memory stays bounded.
+    """
+    global _WORKSPACE_LIMIT
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 1:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    _WORKSPACE_LIMIT = int(nbytes)
+
+
+@contextlib.contextmanager
+def workspace_limit(nbytes: int) -> Iterator[None]:
+    """Context manager that sets the workspace limit temporarily."""
+    old = _WORKSPACE_LIMIT
+    set_workspace_limit(nbytes)
+    try:
+        yield
+    finally:
+        set_workspace_limit(old)
+
+
+def output_size(size: int, k: int, s: int, pads: tuple[int, int], d: int = 1) -> int:
+    """Floor-rule output length of one spatial axis (see module docstring)."""
+    return (size + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
+
+
+def chunks(n: int, per_item_bytes: int) -> list[slice]:
+    """Split ``range(n)`` into slices whose buffers stay under the workspace limit."""
+    step = max(1, min(n, _WORKSPACE_LIMIT // max(per_item_bytes, 1)))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _axis_slices(src_len: int, pads: tuple[int, int]) -> tuple[slice, slice]:
+    """Destination and source slices that place a length-``src_len`` axis after padding.
+
+    Negative pads crop instead of pad, which the stride-expanded sensitivity map needs
+    when ``P > D*(K-1)``.
+    """
+    lo, hi = pads
+    dst = slice(max(lo, 0), max(lo, 0) + src_len - max(-lo, 0) - max(-hi, 0))
+    src = slice(max(-lo, 0), src_len - max(-hi, 0))
+    return dst, src
+
+
+def pad_nchw_to_nhwc(x: np.ndarray, pads: Pads, value: float = 0.0) -> np.ndarray:
+    """Pad an NCHW array and return it channels-last, in a single copy.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    pads : ((top, bottom), (left, right)); negative values crop.
+    value : fill value for the border (``-inf`` for max pooling).
+
+    Returns
+    -------
+    ndarray, shape (N, H + top + bottom, W + left + right, C), dtype of ``x``.
+    """
+    n, c, h, w = x.shape
+    (pt, pb), (pl, pr) = pads
+    out = np.empty((n, h + pt + pb, w + pl + pr, c), dtype=x.dtype)
+    # Fill only what the copy below will not overwrite: the borders.
+    _fill_border(out, pads, value)
+    (dh, sh), (dw, sw) = _axis_slices(h, (pt, pb)), _axis_slices(w, (pl, pr))
+    out[:, dh, dw, :] = x[:, :, sh, sw].transpose(0, 2, 3, 1)
+    return out
+
+
+def _fill_border(out: np.ndarray, pads: Pads, value: float) -> None:
+    (pt, pb), (pl, pr) = (max(p, 0) for p in pads[0]), (max(p, 0) for p in pads[1])
+    hp, wp = out.shape[1], out.shape[2]
+    out[:, :pt] = value
+    out[:, hp - pb:] = value
+    out[:, :, :pl] = value
+    out[:, :, wp - pr:] = value
+
+
+def window_view(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair) -> np.ndarray:
+    """Read-only strided view of all windows of a padded channels-last array.
+
+    Parameters
+    ----------
+    xp : ndarray, shape (N, Hp, Wp, C)
+    kernel, stride, dilation : (h, w) pairs
+    out_hw : (OH, OW), the number of window positions
+
+    Returns
+    -------
+    ndarray view, shape (N, OH, OW, KH, KW, C); no data is copied.
+    """
+    n, _, _, c = xp.shape
+    sn, sh, sw, sc = xp.strides
+    shape = (n, out_hw[0], out_hw[1], kernel[0], kernel[1], c)
+    strides = (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc)
+    return as_strided(xp, shape=shape, strides=strides, writeable=False)
+
+
+def im2col(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair) -> np.ndarray:
+    """Unfold every window of a padded channels-last array into one row.
+
+    Parameters
+    ----------
+    xp : ndarray, shape (N, Hp, Wp, C), already padded
+    kernel, stride, dilation : (h, w) pairs
+    out_hw : (OH, OW)
+
+    Returns
+    -------
+    cols : ndarray, shape (N*OH*OW, KH*KW*C), columns ordered (kh, kw, c), dtype of ``xp``.
+    """
+    n, c = xp.shape[0], xp.shape[3]
+    cols = np.empty((n, out_hw[0], out_hw[1], kernel[0], kernel[1], c), dtype=xp.dtype)
+    np.copyto(cols, window_view(xp, kernel, stride, dilation, out_hw))
+    return cols.reshape(n * out_hw[0] * out_hw[1], kernel[0] * kernel[1] * c)
+
+
+def col2im(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel: Pair, stride: Pair,
+           dilation: Pair, out_hw: Pair) -> np.ndarray:
+    """Adjoint of :func:`im2col`: add every row back onto the window it came from.
+
+    Overlapping windows accumulate (``+=``), so this is the exact transpose of im2col.
+
+    Parameters
+    ----------
+    cols : ndarray, shape (N*OH*OW, KH*KW*C)
+    padded_shape : (N, Hp, Wp, C) of the padded array to rebuild
+
+    Returns
+    -------
+    ndarray, shape ``padded_shape``, dtype of ``cols``.
+    """
+    n, hp, wp, c = padded_shape
+    oh, ow = out_hw
+    kh_, kw_ = kernel
+    blocks = cols.reshape(n, oh, ow, kh_, kw_, c)
+    out = np.zeros(padded_shape, dtype=cols.dtype)
+    for i in range(kh_):
+        h0 = i * dilation[0]
+        hs = slice(h0, h0 + stride[0] * (oh - 1) + 1, stride[0])
+        for j in range(kw_):
+            w0 = j * dilation[1]
+            out[:, hs, w0:w0 + stride[1] * (ow - 1) + 1:stride[1], :] += blocks[:, :, :, i, j, :]
+    return out
+
+
+def zero_insert(dy: np.ndarray, stride: Pair, pads: Pads | None = None) -> np.ndarray:
+    """Expand a channels-last map for stride S: ``S-1`` zeros between entries, then pad.
+
+    This is the tutorial's step that turns a strided layer's sensitivity map into the
+    stride-1 map of the same layer. Negative pads crop.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (N, OH, OW, F)
+    stride : (SH, SW)
+    pads : ((top, bottom), (left, right)) applied after insertion; default none.
+
+    Returns
+    -------
+    ndarray, shape (N, (OH-1)*SH + 1 + top + bottom, (OW-1)*SW + 1 + left + right, F).
+    """
+    n, oh, ow, f = dy.shape
+    (pt, pb), (pl, pr) = pads if pads is not None else ((0, 0), (0, 0))
+    eh, ew = (oh - 1) * stride[0] + 1, (ow - 1) * stride[1] + 1
+    out = np.zeros((n, eh + pt + pb, ew + pl + pr, f), dtype=dy.dtype)
+    rows = _strided_placement(oh, stride[0], pt, out.shape[1])
+    cols = _strided_placement(ow, stride[1], pl, out.shape[2])
+    out[:, rows[0], cols[0], :] = dy[:, rows[1], cols[1], :]
+    return out
+
+
+def _strided_placement(count: int, step: int, offset: int, length: int) -> tuple[slice, slice]:
+    """Slices placing entries ``k`` (k < count) at ``offset + k*step`` inside ``[0, length)``."""
+    first = 0 if offset >= 0 else (-offset + step - 1) // step
+    last = min(count - 1, (length - 1 - offset) // step) if length - 1 - offset >= 0 else -1
+    if last < first:
+        return slice(0, 0), slice(0, 0)
+    dst = slice(offset + first * step, offset + last * step + 1, step)
+    return dst, slice(first, last + 1)
+
+
+def pad2d(x: np.ndarray, pads: Pads, value: float = 0.0) -> np.ndarray:
+    """Pad the last two axes of ``x`` with ``value``; returns ``x`` itself when pads are zero.
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., H, W)
+    pads : ((top, bottom), (left, right)), non-negative
+
+    Returns
+    -------
+    ndarray, shape (..., H + top + bottom, W + left + right), dtype of ``x``.
+    """
+    (pt, pb), (pl, pr) = pads
+    if pt == pb == pl == pr == 0:
+        return x
+    h, w = x.shape[-2:]
+    out = np.full(x.shape[:-2] + (h + pt + pb, w + pl + pr), value, dtype=x.dtype)
+    out[..., pt:pt + h, pl:pl + w] = x
+    return out
+
+
+def strided_window(xp: np.ndarray, i: int, j: int, stride: Pair, out_hw: Pair) -> np.ndarray:
+    """View of the kernel tap ``(i, j)`` across every window: ``xp[..., i::SH, j::SW]`` cut to (OH, OW).
+
+    Pooling works tap by tap over these views, so no window array is ever built.
+    """
+    return xp[..., i:i + stride[0] * (out_hw[0] - 1) + 1:stride[0], j:j + stride[1] * (out_hw[1] - 1) + 1:stride[1]]

@@ -1,0 +1,543 @@
+"""Pure forward/backward functions, vectorized on the im2col core.
+
+All image arrays are NCHW, conv weights ``(F, C, KH, KW)`` and linear weights
+``(out, in)``, as in PyTorch. Every function accepts float32 or float64 and returns
+the same dtype (mixing them is a ``TypeError``), never modifies its inputs, and
+validates its arguments before doing any work.
+
+Output size follows the floor rule ``(H + 2P - D*(K-1) - 1) // S + 1``; rows and
+columns that no window reaches get zero gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from . import _args, core
+from ._args import IntOrPair, Padding
+
+__all__ = [
+    "ConvCache", "conv2d", "conv2d_with_cache", "conv2d_backward",
+    "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+    "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward",
+    "tanh", "tanh_backward", "identity", "identity_backward", "softmax", "log_softmax",
+    "softmax_cross_entropy", "softmax_cross_entropy_backward", "linear", "linear_backward",
+    "mse_loss", "mse_loss_backward", "dropout", "dropout_backward",
+]
+
+BackwardMethod = Literal["auto", "zero_insert", "col2im"]
+
+
+# --------------------------------------------------------------------------- convolution
+
+class ConvCache(NamedTuple):
+    """What a conv forward keeps for its backward: the im2col matrix of the input.
+
+    ``cols`` has shape (N*OH*OW, KH*KW*C); ``key`` identifies the input and geometry it
+    was built for, so a stale cache is rejected instead of silently used.
+    """
+
+    cols: np.ndarray
+    key: tuple
+
+
+def _cache_key(x: np.ndarray, weight: np.ndarray, stride, pads, dilation) -> tuple:
+    return (x.shape, x.dtype.str, weight.shape, stride, pads, dilation)
+
+
+def _weight_matrix(weight: np.ndarray) -> np.ndarray:
+    """(F, C, KH, KW) -> (F, KH*KW*C), matching im2col's column order."""
+    f = weight.shape[0]
+    return weight.transpose(0, 2, 3, 1).reshape(f, -1)
+
+
+def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+                      stride: IntOrPair = 1, padding: Padding = 0,
+                      dilation: IntOrPair = 1) -> tuple[np.ndarray, ConvCache | None]:
+    """2-D cross-correlation (a CNN "convolution"), keeping the im2col buffer for backward.
+
+    ``y[n, f, i, j] = b[f] + sum_{c, u, v} x_pad[n, c, i*S + u*D, j*S + v*D] * w[f, c, u, v]``,
+    computed as one matrix multiply ``im2col(x) @ W.T``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    weight : ndarray, shape (F, C, KH, KW)
+    bias : ndarray, shape (F,), optional
+    stride, dilation : int or (h, w), >= 1
+    padding : int, (h, w), ``"valid"`` or ``"same"`` (stride 1)
+
+    Returns
+    -------
+    y : ndarray, shape (N, F, OH, OW)
+    cache : ConvCache or None
+        The im2col matrix, or None when the batch was processed in chunks because the
+        buffer exceeds :func:`convnet.core.get_workspace_limit`.
+    """
+    s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
+    n, c = x.shape[:2]
+    f, _, kh, kw = weight.shape
+    w2 = _weight_matrix(weight)
+    y = np.empty((n, f) + out_hw, dtype=x.dtype)
+    slices = core.chunks(n, out_hw[0] * out_hw[1] * kh * kw * c * x.itemsize)
+    cols = None
+    for sl in slices:
+        cols = core.im2col(core.pad_nchw_to_nhwc(x[sl], pads), (kh, kw), s, d, out_hw)
+        out = cols @ w2.T  # (nb*OH*OW, F)
+        y[sl] = out.reshape(-1, out_hw[0], out_hw[1], f).transpose(0, 3, 1, 2)
+    if bias is not None:
+        y += bias.reshape(1, f, 1, 1)
+    cache = ConvCache(cols, _cache_key(x, weight, s, pads, d)) if len(slices) == 1 else None
+    return y, cache
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: IntOrPair = 1,
+           padding: Padding = 0, dilation: IntOrPair = 1) -> np.ndarray:
+    """2-D cross-correlation; see :func:`conv2d_with_cache`.
+
+    Returns
+    -------
+    y : ndarray, shape (N, F, OH, OW)
+    """
+    return conv2d_with_cache(x, weight, bias, stride, padding, dilation)[0]
+
+
+def _auto_method(stride: tuple[int, int]) -> str:
+    # Zero insertion multiplies the backward GEMM by SH*SW (it convolves mostly zeros),
+    # so strided layers take the col2im route.
+    return "zero_insert" if stride == (1, 1) else "col2im"
+
+
+def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
+                    padding: Padding = 0, dilation: IntOrPair = 1, cache: ConvCache | None = None,
+                    method: BackwardMethod = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`conv2d` with respect to its input, weight and bias.
+
+    Two routes give the input gradient (the tutorial's *sensitivity map*):
+
+    - ``"zero_insert"``, the tutorial's: insert ``S-1`` zeros between the entries of
+      ``dy``, pad it by ``D*(K-1) - P``, and correlate it with the 180-degree-flipped,
+      channel-swapped filters (one im2col and one GEMM);
+    - ``"col2im"``: ``dcols = dy @ W`` then :func:`convnet.core.col2im`.
+
+    ``"auto"`` picks the cheaper one for the stride. The filter gradient is one GEMM
+    of ``dy`` against ``im2col(x)``; the bias gradient sums ``dy`` over N, H, W.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (N, F, OH, OW)
+    x : ndarray, shape (N, C, H, W), the forward input
+    weight : ndarray, shape (F, C, KH, KW)
+    stride, padding, dilation : as in the forward call
+    cache : ConvCache, optional, from :func:`conv2d_with_cache` on the same ``x``
+    method : "auto", "zero_insert" or "col2im"
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W)
+    dweight : ndarray, shape (F, C, KH, KW)
+    dbias : ndarray, shape (F,)
+    """
+    s, pads, d, out_hw = _args.conv_args(x, weight, None, stride, padding, dilation)
+    _args.check_array(dy, "dy", 4, "(N, F, OH, OW)")
+    n, c, h, w = x.shape
+    f, _, kh, kw = weight.shape
+    _args.check_shape(dy, "dy", (n, f) + out_hw)
+    _args.check_same_dtype(dy=dy, x=x, weight=weight)
+    if method not in ("auto", "zero_insert", "col2im"):
+        raise ValueError(f"method must be 'auto', 'zero_insert' or 'col2im', got {method!r}")
+    if cache is not None and (not isinstance(cache, ConvCache)
+                              or cache.key != _cache_key(x, weight, s, pads, d)):
+        raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
+                         "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
+    route = _auto_method(s) if method == "auto" else method
+
+    w2 = _weight_matrix(weight)
+    dw2 = np.zeros_like(w2)
+    dx = np.empty_like(x)
+    slices = core.chunks(n, out_hw[0] * out_hw[1] * kh * kw * max(c, f) * x.itemsize)
+    if cache is not None and len(slices) > 1:
+        slices = [slice(0, n)]  # the caller already holds the whole buffer
+    for sl in slices:
+        cols = cache.cols if cache is not None else core.im2col(
+            core.pad_nchw_to_nhwc(x[sl], pads), (kh, kw), s, d, out_hw)
+        dy_nhwc = dy[sl].transpose(0, 2, 3, 1)
+        dy2 = dy_nhwc.reshape(-1, f)  # copies once: (nb*OH*OW, F)
+        dw2 += dy2.T @ cols
+        if route == "col2im":
+            dx[sl] = _dx_col2im(dy2, w2, (len(x[sl]), c, h, w), pads, (kh, kw), s, d, out_hw)
+        else:
+            dx[sl] = _dx_zero_insert(dy_nhwc, weight, (h, w), pads, s, d)
+    dweight = np.ascontiguousarray(dw2.reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+    dbias = dy.sum(axis=(0, 2, 3))
+    return dx, dweight, dbias
+
+
+def _dx_col2im(dy2, w2, x_shape, pads, kernel, s, d, out_hw) -> np.ndarray:
+    """Input gradient as ``col2im(dy @ W)``; returns NCHW."""
+    n, c, h, w = x_shape
+    (pt, pb), (pl, pr) = pads
+    dxp = core.col2im(dy2 @ w2, (n, h + pt + pb, w + pl + pr, c), kernel, s, d, out_hw)
+    return dxp[:, pt:pt + h, pl:pl + w, :].transpose(0, 3, 1, 2)
+
+
+def _dx_zero_insert(dy_nhwc, weight, hw, pads, s, d) -> np.ndarray:
+    """Input gradient the tutorial's way; returns NCHW.
+
+    The stride-expanded map is padded by ``D*(K-1) - P_before`` in front and by whatever
+    makes its length ``H + D*(K-1)`` behind (negative = crop, for ``P > D*(K-1)`` or
+    rows no window reached), so a stride-1 correlation with the flipped filters has
+    exactly ``H`` outputs.
+    """
+    h, w = hw
+    f, c, kh, kw = weight.shape
+    n, oh, ow, _ = dy_nhwc.shape
+    (pt, _), (pl, _) = pads
+    ext = (d[0] * (kh - 1), d[1] * (kw - 1))
+    zpads = ((ext[0] - pt, h + pt - (oh - 1) * s[0] - 1), (ext[1] - pl, w + pl - (ow - 1) * s[1] - 1))
+    z = core.zero_insert(dy_nhwc, s, zpads)
+    # Flip 180 degrees and swap channels: (F, C, KH, KW) -> (C, KH*KW*F), columns (kh, kw, f).
+    wf = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)
+    cols = core.im2col(z, (kh, kw), (1, 1), d, (h, w))
+    return (cols @ wf.T).reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------- pooling
+
+def _pool_dy(dy: np.ndarray, x: np.ndarray, out_hw: tuple[int, int]) -> None:
+    _args.check_array(dy, "dy", 4, "(N, C, OH, OW)")
+    _args.check_shape(dy, "dy", x.shape[:2] + out_hw)
+    _args.check_same_dtype(dy=dy, x=x)
+
+
+def max_pool2d(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None = None,
+               padding: IntOrPair = 0) -> np.ndarray:
+    """Max pooling; the border is padded with ``-inf`` so padding never wins.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    kernel_size : int or (h, w)
+    stride : int or (h, w); None means ``kernel_size``
+    padding : int or (h, w), at most half the kernel
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW)
+    """
+    k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
+    return _max_pool(core.pad2d(x, pads, -np.inf), k, s, out_hw)
+
+
+def _max_pool(xp, k, s, out_hw) -> np.ndarray:
+    y = core.strided_window(xp, 0, 0, s, out_hw).copy()
+    for i in range(k[0]):
+        for j in range(k[1]):
+            if i or j:
+                np.maximum(y, core.strided_window(xp, i, j, s, out_hw), out=y)
+    return y
+
+
+def max_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
+                        stride: IntOrPair | None = None, padding: IntOrPair = 0) -> np.ndarray:
+    """Gradient of :func:`max_pool2d`: each error goes to its window's arg-max.
+
+    Ties go to the first maximum in row-major window order (as ``np.argmax``).
+    Overlapping windows accumulate their errors.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (N, C, OH, OW)
+    x : ndarray, shape (N, C, H, W), the forward input
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W)
+    """
+    k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
+    _pool_dy(dy, x, out_hw)
+    xp = core.pad2d(x, pads, -np.inf)
+    y = _max_pool(xp, k, s, out_hw)
+    dxp = np.zeros(xp.shape, dtype=x.dtype)
+    pending = np.ones(y.shape, dtype=bool)  # windows whose arg-max is not yet found
+    for i in range(k[0]):
+        for j in range(k[1]):
+            hit = core.strided_window(xp, i, j, s, out_hw) == y
+            hit &= pending
+            pending &= ~hit
+            core.strided_window(dxp, i, j, s, out_hw)[...] += np.where(hit, dy, 0)
+    return _crop(dxp, pads, x.shape)
+
+
+def _crop(xp: np.ndarray, pads, shape) -> np.ndarray:
+    (pt, _), (pl, _) = pads
+    return xp[:, :, pt:pt + shape[2], pl:pl + shape[3]] if xp.shape != shape else xp
+
+
+def avg_pool2d(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None = None,
+               padding: IntOrPair = 0) -> np.ndarray:
+    """Mean pooling; padded zeros count in the mean (PyTorch's ``count_include_pad=True``).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW)
+    """
+    k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
+    xp = core.pad2d(x, pads, 0.0)
+    y = core.strided_window(xp, 0, 0, s, out_hw).copy()
+    for i in range(k[0]):
+        for j in range(k[1]):
+            if i or j:
+                y += core.strided_window(xp, i, j, s, out_hw)
+    y *= x.dtype.type(1.0 / (k[0] * k[1]))
+    return y
+
+
+def avg_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
+                        stride: IntOrPair | None = None, padding: IntOrPair = 0) -> np.ndarray:
+    """Gradient of :func:`avg_pool2d`: each error is spread evenly over its window.
+
+    For ``stride == kernel`` and no padding this is the tutorial's Kronecker product
+    ``kron(dy, ones((KH, KW))) / (KH*KW)``; overlapping windows accumulate.
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W)
+    """
+    k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
+    _pool_dy(dy, x, out_hw)
+    share = dy * x.dtype.type(1.0 / (k[0] * k[1]))
+    hp, wp = x.shape[2] + sum(pads[0]), x.shape[3] + sum(pads[1])
+    dxp = np.zeros(x.shape[:2] + (hp, wp), dtype=x.dtype)
+    for i in range(k[0]):
+        for j in range(k[1]):
+            core.strided_window(dxp, i, j, s, out_hw)[...] += share
+    return _crop(dxp, pads, x.shape)
+
+
+# --------------------------------------------------------------------------- activations
+
+def _act_args(x: np.ndarray, dy: np.ndarray | None = None) -> None:
+    if not isinstance(x, np.ndarray) or x.dtype not in _args.FLOAT_DTYPES:
+        raise TypeError(f"x must be a float32 or float64 ndarray, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if dy is not None:
+        if not isinstance(dy, np.ndarray) or dy.dtype not in _args.FLOAT_DTYPES:
+            raise TypeError(f"dy must be a float32 or float64 ndarray, got "
+                            f"{getattr(dy, 'dtype', type(dy).__name__)}")
+        _args.check_shape(dy, "dy", x.shape)
+        _args.check_same_dtype(dy=dy, x=x)
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """``max(0, x)``, elementwise; any shape."""
+    _act_args(x)
+    return np.maximum(x, 0)
+
+
+def relu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``dy * (x > 0)``; the gradient at 0 is taken as 0."""
+    _act_args(x, dy)
+    return np.where(x > 0, dy, 0).astype(x.dtype, copy=False)
+
+
+def leaky_relu(x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
+    """``x`` where positive, ``negative_slope * x`` elsewhere."""
+    _act_args(x)
+    return np.where(x > 0, x, x * x.dtype.type(negative_slope))
+
+
+def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
+    """``dy`` where ``x > 0``, ``negative_slope * dy`` elsewhere."""
+    _act_args(x, dy)
+    return np.where(x > 0, dy, dy * x.dtype.type(negative_slope))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, stable for large ``|x|`` (never exponentiates a positive number)."""
+    _act_args(x)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def sigmoid_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``dy * s * (1 - s)`` with ``s = sigmoid(x)``."""
+    _act_args(x, dy)
+    sx = sigmoid(x)
+    return dy * sx * (1 - sx)
+
+
+def tanh(x: np.ndarray) -> np.ndarray:
+    """Hyperbolic tangent, elementwise."""
+    _act_args(x)
+    return np.tanh(x)
+
+
+def tanh_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``dy * (1 - tanh(x)**2)``."""
+    _act_args(x, dy)
+    t = np.tanh(x)
+    return dy * (1 - t * t)
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    """Returns a copy of ``x`` (so callers may modify the result freely)."""
+    _act_args(x)
+    return x.copy()
+
+
+def identity_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Returns a copy of ``dy``."""
+    _act_args(x, dy)
+    return dy.copy()
+
+
+# --------------------------------------------------------------------------- softmax and losses
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``x - logsumexp(x)`` along ``axis``, shifted by the max so large logits do not overflow."""
+    _act_args(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along ``axis``."""
+    _act_args(x)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _ce_args(logits: np.ndarray, labels: np.ndarray) -> None:
+    _args.check_array(logits, "logits", 2, "(N, K)")
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer ndarray of shape (N,), got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    _args.check_shape(labels, "labels", logits.shape[:1])
+    k = logits.shape[1]
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}), got values from {labels.min()} to {labels.max()}")
+
+
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of ``softmax(logits)`` against integer class ``labels``.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (N, K)
+    labels : int ndarray, shape (N,), values in [0, K)
+
+    Returns
+    -------
+    float, the loss averaged over the batch.
+    """
+    _ce_args(logits, labels)
+    logp = log_softmax(logits, axis=1)
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def softmax_cross_entropy_backward(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Gradient of :func:`softmax_cross_entropy`: ``(softmax(logits) - onehot) / N``.
+
+    Returns
+    -------
+    dlogits : ndarray, shape (N, K), dtype of ``logits``.
+    """
+    _ce_args(logits, labels)
+    g = softmax(logits, axis=1)
+    g[np.arange(len(labels)), labels] -= 1
+    g /= len(labels)
+    return g
+
+
+def mse_loss(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean squared error over all elements."""
+    _act_args(pred)
+    _act_args(target)
+    _args.check_shape(target, "target", pred.shape)
+    return float(np.mean((pred - target) ** 2))
+
+
+def mse_loss_backward(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Gradient of :func:`mse_loss`: ``2 * (pred - target) / size``, dtype of ``pred``."""
+    _act_args(pred, target)
+    return (pred - target) * pred.dtype.type(2.0 / pred.size)
+
+
+# --------------------------------------------------------------------------- linear and dropout
+
+def _linear_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    _args.check_array(x, "x", 2, "(N, in_features)")
+    _args.check_array(weight, "weight", 2, "(out_features, in_features)")
+    if bias is not None:
+        _args.check_array(bias, "bias", 1, "(out_features,)")
+        _args.check_shape(bias, "bias", weight.shape[:1])
+    _args.check_same_dtype(x=x, weight=weight, bias=bias)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features (shape {x.shape}) but weight expects "
+                         f"{weight.shape[1]} (shape {weight.shape})")
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Fully connected layer ``x @ weight.T + bias``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, in)
+    weight : ndarray, shape (out, in)
+    bias : ndarray, shape (out,), optional
+
+    Returns
+    -------
+    ndarray, shape (N, out)
+    """
+    _linear_args(x, weight, bias)
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward(dy: np.ndarray, x: np.ndarray,
+                    weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`linear`.
+
+    Returns
+    -------
+    dx : (N, in), dweight : (out, in), dbias : (out,)
+    """
+    _linear_args(x, weight, None)
+    _args.check_array(dy, "dy", 2, "(N, out_features)")
+    _args.check_shape(dy, "dy", (x.shape[0], weight.shape[0]))
+    _args.check_same_dtype(dy=dy, x=x)
+    return dy @ weight, dy.T @ x, dy.sum(axis=0)
+
+
+def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Inverted dropout: zero each element with probability ``p``, scale the rest by ``1/(1-p)``.
+
+    Returns
+    -------
+    y : ndarray, shape of ``x``
+    mask : ndarray, shape of ``x``, the scaled keep mask (``0`` or ``1/(1-p)``), for backward.
+    """
+    _act_args(x)
+    if not (isinstance(p, (float, int)) and 0 <= p < 1):
+        raise ValueError(f"p must be in [0, 1), got {p!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    keep = rng.random(x.shape) >= p
+    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+def dropout_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``dy * mask`` with the mask returned by :func:`dropout`."""
+    _act_args(mask, dy)
+    return dy * mask
