@@ -1,0 +1,270 @@
+"""The vectorized ops against three independent witnesses: the loop reference,
+scipy.signal.correlate, and numerical gradients."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.signal import correlate
+
+import convnet.functional as F
+from convnet import core, reference
+from convnet.gradcheck import check_backward
+
+from strategies import conv_cases, pool_cases, readonly, tol
+
+PROPS = settings(max_examples=100, deadline=None)
+
+
+# ----------------------------------------------------------------------------- golden
+
+def test_tutorial_conv_example(golden_conv):
+    x, w, b, expected = golden_conv
+    y = F.conv2d(x[None], w, b, stride=2, padding=1)
+    np.testing.assert_array_equal(y[0], expected)
+
+
+def test_tutorial_max_pool_example(golden_pool):
+    x, expected = golden_pool
+    np.testing.assert_array_equal(F.max_pool2d(x[None], 2, 2)[0], expected)
+
+
+# ----------------------------------------------------------------------------- conv
+
+def scipy_conv(case):
+    """Forward by scipy: pad, dilate the filter, correlate per channel, sum, subsample."""
+    x, w = case.x.astype(np.float64), case.weight.astype(np.float64)
+    (ph, pw), (sh, sw), (dh, dw) = case.padding, case.stride, case.dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    f, c, kh, kw = w.shape
+    wd = np.zeros((f, c, dh * (kh - 1) + 1, dw * (kw - 1) + 1))
+    wd[:, :, ::dh, ::dw] = w
+    out = np.empty(case.dy.shape)
+    for n in range(x.shape[0]):
+        for fi in range(f):
+            acc = sum(correlate(xp[n, ci], wd[fi, ci], mode="valid") for ci in range(c))
+            out[n, fi] = acc[::sh, ::sw][: out.shape[2], : out.shape[3]] + case.bias[fi]
+    return out
+
+
+@PROPS
+@given(conv_cases())
+def test_conv_forward_matches_scipy_and_reference(case):
+    y = F.conv2d(case.x, case.weight, case.bias, **case.kwargs)
+    assert y.dtype == case.x.dtype and y.shape == case.dy.shape
+    np.testing.assert_allclose(y, scipy_conv(case), **tol(y.dtype))
+    np.testing.assert_allclose(y, reference.conv2d(case.x, case.weight, case.bias, **case.kwargs),
+                               **tol(y.dtype))
+
+
+@PROPS
+@given(conv_cases(), st.sampled_from(["auto", "zero_insert", "col2im"]))
+def test_conv_backward_matches_reference(case, method):
+    got = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method)
+    want = reference.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
+    for name, g, r, a in zip(("dx", "dweight", "dbias"), got, want, (case.x, case.weight, case.bias)):
+        assert g.dtype == case.x.dtype, name
+        assert g.shape == a.shape, name
+        np.testing.assert_allclose(g, r, err_msg=name, **tol(g.dtype))
+
+
+@PROPS
+@given(conv_cases())
+def test_zero_insertion_route_equals_col2im_route(case):
+    a = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method="zero_insert")
+    b = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method="col2im")
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, **tol(u.dtype))
+
+
+@settings(max_examples=25, deadline=None)
+@given(conv_cases(dtypes=(np.float64,), max_hw=6, max_k=3, max_c=2))
+def test_conv_gradients_match_numerical(case):
+    dx, dw, db = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
+    report = check_backward(
+        lambda x, weight, bias: F.conv2d(x, weight, bias, **case.kwargs),
+        {"x": case.x, "weight": case.weight, "bias": case.bias}, case.dy,
+        {"x": dx, "weight": dw, "bias": db}, rtol=1e-5, atol=1e-6)
+    assert report.ok, report
+
+
+@PROPS
+@given(conv_cases())
+def test_cached_backward_equals_uncached(case):
+    y, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **case.kwargs)
+    assert cache is not None
+    for u, v in zip(F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, cache=cache),
+                    F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)):
+        np.testing.assert_array_equal(u, v)
+
+
+@settings(max_examples=20, deadline=None)
+@given(conv_cases(max_n=5), st.sampled_from(["zero_insert", "col2im"]))
+def test_chunked_batches_give_identical_results(case, method):
+    """A tiny workspace limit forces one image per chunk; results must not change."""
+    y = F.conv2d(case.x, case.weight, case.bias, **case.kwargs)
+    grads = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method)
+    with core.workspace_limit(1):
+        y_c, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **case.kwargs)
+        grads_c = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method)
+    assert cache is None or case.x.shape[0] == 1
+    # BLAS may pick another kernel for a smaller matrix, so equality is up to rounding.
+    np.testing.assert_allclose(y, y_c, **tol(y.dtype))
+    for g, g_c in zip(grads, grads_c):
+        np.testing.assert_allclose(g, g_c, **tol(y.dtype))
+
+
+def test_stale_cache_is_rejected(rng):
+    x = rng.standard_normal((2, 3, 8, 8))
+    w = rng.standard_normal((4, 3, 3, 3))
+    _, cache = F.conv2d_with_cache(x, w, padding=1)
+    dy = np.ones((2, 4, 6, 6))
+    with pytest.raises(ValueError, match="cache"):
+        F.conv2d_backward(dy, x, w, padding=0, cache=cache)
+
+
+@pytest.mark.parametrize("k, p", [((3, 3), "same"), ((2, 4), "same"), ((5, 2), "valid")])
+def test_string_padding(rng, k, p):
+    x = rng.standard_normal((1, 2, 7, 6))
+    w = rng.standard_normal((3, 2) + k)
+    y = F.conv2d(x, w, padding=p)
+    np.testing.assert_allclose(y, reference.conv2d(x, w, padding=p), rtol=1e-10, atol=1e-10)
+    if p == "same":
+        assert y.shape[2:] == x.shape[2:]
+    dy = rng.standard_normal(y.shape)
+    for g, r in zip(F.conv2d_backward(dy, x, w, padding=p), reference.conv2d_backward(dy, x, w, padding=p)):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_rows_no_window_reaches_get_zero_gradient(rng):
+    # H=7, K=2, S=3: windows start at 0 and 3; rows 2, 5 and 6 are never read.
+    x = rng.standard_normal((1, 1, 7, 7))
+    w = rng.standard_normal((1, 1, 2, 2))
+    dy = np.ones((1, 1, 2, 2))
+    for method in ("zero_insert", "col2im"):
+        dx = F.conv2d_backward(dy, x, w, stride=3, method=method)[0]
+        assert np.all(dx[0, 0, [2, 5, 6], :] == 0) and np.all(dx[0, 0, :, [2, 5, 6]] == 0)
+        assert np.count_nonzero(dx) == 16
+
+
+# ----------------------------------------------------------------------------- pooling
+
+POOLS = [(F.max_pool2d, F.max_pool2d_backward, reference.max_pool2d, reference.max_pool2d_backward),
+         (F.avg_pool2d, F.avg_pool2d_backward, reference.avg_pool2d, reference.avg_pool2d_backward)]
+
+
+@PROPS
+@given(pool_cases(), st.sampled_from(POOLS))
+def test_pooling_matches_reference(case, ops):
+    fwd, bwd, rfwd, rbwd = ops
+    y = fwd(case.x, *case.args)
+    dx = bwd(case.dy, case.x, *case.args)
+    assert y.dtype == dx.dtype == case.x.dtype and dx.shape == case.x.shape
+    np.testing.assert_allclose(y, rfwd(case.x, *case.args), **tol(y.dtype))
+    np.testing.assert_allclose(dx, rbwd(case.dy, case.x, *case.args), **tol(y.dtype))
+
+
+@settings(max_examples=30, deadline=None)
+@given(pool_cases(dtypes=(np.float64,), distinct=True), st.sampled_from(POOLS))
+def test_pooling_gradients_match_numerical(case, ops):
+    fwd, bwd = ops[:2]
+    dx = bwd(case.dy, case.x, *case.args)
+    report = check_backward(lambda x: fwd(x, *case.args), {"x": case.x}, case.dy, {"x": dx},
+                            rtol=1e-5, atol=1e-6)
+    assert report.ok, report
+
+
+def test_padded_max_pool_pads_with_minus_infinity():
+    x = -np.ones((1, 1, 2, 2))
+    y = F.max_pool2d(x, 2, stride=1, padding=1)
+    assert np.all(y == -1), "zero padding would have won over the negative inputs"
+    dx = F.max_pool2d_backward(np.ones_like(y), x, 2, stride=1, padding=1)
+    assert dx.sum() == y.size  # every error lands on a real pixel
+
+
+def test_overlapping_max_pool_accumulates_and_breaks_ties_first():
+    x = np.array([[[[1.0, 5.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]])
+    dx = F.max_pool2d_backward(np.ones((1, 1, 1, 3)), x, (2, 2), stride=1)
+    # The 5 is the max of the first two windows; the third window [1, 0; 0, 0] has one max.
+    np.testing.assert_array_equal(dx[0, 0], [[0, 2, 1, 0], [0, 0, 0, 0]])
+    ties = F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 2, 2)), 2)
+    np.testing.assert_array_equal(ties[0, 0], [[1, 0], [0, 0]])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
+       st.sampled_from([np.float32, np.float64]))
+def test_mean_pool_backward_is_the_kronecker_form(k, c, oh, ow, dtype):
+    rng = np.random.default_rng(k * 100 + c * 10 + oh)
+    x = rng.standard_normal((1, c, oh * k, ow * k)).astype(dtype)
+    dy = rng.standard_normal((1, c, oh, ow)).astype(dtype)
+    dx = F.avg_pool2d_backward(dy, x, k)
+    expected = np.stack([np.kron(dy[0, i], np.ones((k, k))) / k**2 for i in range(c)])
+    np.testing.assert_allclose(dx[0], expected, **tol(dtype))
+
+
+# ----------------------------------------------------------------------------- activations and losses
+
+ACTS = [(F.relu, F.relu_backward, reference.relu), (F.leaky_relu, F.leaky_relu_backward, reference.leaky_relu),
+        (F.sigmoid, F.sigmoid_backward, reference.sigmoid), (F.tanh, F.tanh_backward, reference.tanh),
+        (F.identity, F.identity_backward, reference.identity)]
+
+
+@pytest.mark.parametrize("fwd, bwd, ref", ACTS, ids=lambda f: getattr(f, "__name__", ""))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations(rng, fwd, bwd, ref, dtype):
+    x = readonly((rng.standard_normal((3, 4, 5)) * 3).astype(dtype))
+    x = readonly(np.where(np.abs(x) < 1e-3, 0.5, x).astype(dtype))  # keep clear of ReLU's kink
+    dy = readonly(rng.standard_normal(x.shape).astype(dtype))
+    y, dx = fwd(x), bwd(dy, x)
+    assert y.dtype == dx.dtype == dtype
+    np.testing.assert_allclose(y, ref(x), **tol(dtype))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    report = check_backward(fwd, {"x": x64}, dy64, {"x": bwd(dy64, x64)}, rtol=1e-5, atol=1e-7)
+    assert report.ok, report
+
+
+def test_sigmoid_and_softmax_are_stable_for_large_inputs():
+    big = np.array([[1000.0, -1000.0, 0.0]], dtype=np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is fine
+        s = F.sigmoid(big)
+        p = F.softmax(big)
+        loss = F.softmax_cross_entropy(big, np.array([1]))
+    np.testing.assert_allclose(s, [[1, 0, 0.5]])
+    np.testing.assert_allclose(p, [[1, 0, 0]], atol=1e-30)
+    assert loss == pytest.approx(2000.0)
+    assert p.dtype == np.float32
+
+
+def test_softmax_cross_entropy_gradient(rng):
+    logits = rng.standard_normal((5, 4))
+    labels = np.array([0, 3, 1, 1, 2])
+    g = F.softmax_cross_entropy_backward(logits, labels)
+    from convnet.gradcheck import check_gradient
+    report = check_gradient(lambda z: F.softmax_cross_entropy(z, labels), {"z": logits}, {"z": g})
+    assert report.ok, report
+    np.testing.assert_allclose(F.softmax(logits).sum(axis=1), 1.0)
+    np.testing.assert_allclose(np.exp(F.log_softmax(logits)), F.softmax(logits))
+
+
+def test_linear_and_mse_gradients(rng):
+    x, w, b = rng.standard_normal((4, 3)), rng.standard_normal((2, 3)), rng.standard_normal(2)
+    dy = rng.standard_normal((4, 2))
+    dx, dw, db = F.linear_backward(dy, x, w)
+    report = check_backward(F.linear, {"x": x, "weight": w, "bias": b}, dy, {"x": dx, "weight": dw, "bias": db})
+    assert report.ok, report
+    t = rng.standard_normal((4, 2))
+    from convnet.gradcheck import check_gradient
+    report = check_gradient(lambda p: F.mse_loss(p, t), {"p": dy}, {"p": F.mse_loss_backward(dy, t)})
+    assert report.ok, report
+
+
+def test_dropout_mask_and_scaling(rng):
+    x = np.ones((200, 50), dtype=np.float32)
+    y, mask = F.dropout(x, 0.25, np.random.default_rng(1))
+    assert y.dtype == np.float32
+    assert set(np.unique(y)) <= {0.0, np.float32(1 / 0.75)}
+    assert abs((y == 0).mean() - 0.25) < 0.02
+    np.testing.assert_array_equal(F.dropout_backward(x, mask), y)
+    with pytest.raises(ValueError, match="p must"):
+        F.dropout(x, 1.0, rng)
