@@ -1,0 +1,206 @@
+"""Timing, memory and machine-description helpers for ``benchmarks/bench.py``.
+
+Kept apart from the harness so that the measuring rules (warm-up, median of
+time-bounded repeats, tracemalloc peaks, a wall-clock cap for slow loops) are
+written once and read in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import signal
+import statistics
+import threading
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+@dataclass
+class Timing:
+    """Wall-clock times of repeated calls, in seconds."""
+
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def to_dict(self, scale: float = 1.0) -> dict[str, Any]:
+        """JSON form; ``scale`` multiplies every time (per-image scaling)."""
+        return {
+            "median_s": self.median * scale,
+            "min_s": min(self.times) * scale,
+            "max_s": max(self.times) * scale,
+            "repeats": len(self.times),
+        }
+
+
+def measure(fn: Callable[[], Any], *, warmup: int = 1, min_repeats: int = 3,
+            max_repeats: int = 50, budget_s: float = 1.0) -> tuple[Timing, Any]:
+    """Time ``fn()`` after ``warmup`` untimed calls; return the timing and the first result.
+
+    Repeats until at least ``min_repeats`` calls were timed and ``budget_s``
+    seconds were spent on timed calls, or ``max_repeats`` calls were made.
+    The garbage collector is paused while timing (as ``timeit`` does) so a
+    collection does not land inside one sample; numpy frees its buffers by
+    reference counting, so nothing piles up.
+    """
+    if min_repeats < 1 or max_repeats < min_repeats:
+        raise ValueError(f"need 1 <= min_repeats <= max_repeats, got {min_repeats}, {max_repeats}")
+    first = None
+    have_first = False
+    for _ in range(warmup):
+        out = fn()
+        if not have_first:
+            first, have_first = out, True
+        del out
+    timing = Timing()
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        spent = 0.0
+        while len(timing.times) < max_repeats:
+            t0 = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t0
+            timing.times.append(dt)
+            spent += dt
+            if not have_first:
+                first, have_first = out, True
+            del out
+            if len(timing.times) >= min_repeats and spent >= budget_s:
+                break
+    finally:
+        if was_enabled:
+            gc.enable()
+    return timing, first
+
+
+def peak_extra_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before.
+
+    numpy reports its data buffers to tracemalloc, so this counts every array
+    the call creates (outputs and caches included), and nothing that existed
+    before the call (the inputs).
+    """
+    gc.collect()
+    started_here = not tracemalloc.is_tracing()
+    if started_here:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        out = fn()
+        _, peak = tracemalloc.get_traced_memory()
+        del out
+    finally:
+        if started_here:
+            tracemalloc.stop()
+    return max(0, peak - base)
+
+
+class TimeLimitExceeded(Exception):
+    """Raised inside a ``time_limit`` block that ran out of time."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Abort the block with ``TimeLimitExceeded`` after ``seconds`` of wall time.
+
+    Uses ``SIGALRM``, which Python delivers between bytecodes: it interrupts a
+    Python loop (the loop reference) promptly, a single long C call only when it
+    returns. Where there is no ``setitimer`` or we are not on the main thread,
+    the block runs without a limit.
+    """
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def _raise(signum, frame):  # noqa: ARG001
+        raise TimeLimitExceeded(f"time limit of {seconds:g} s exceeded")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def gemm_rate(n: int = 2048, budget_s: float = 1.0, min_repeats: int = 3) -> dict[str, Any]:
+    """Measured float32 GEMM rate: median time of an ``(n, n) @ (n, n)`` numpy matmul."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    timing, _ = measure(lambda: np.matmul(a, b, out=out), warmup=1,
+                        min_repeats=min_repeats, budget_s=budget_s)
+    flops = 2.0 * n ** 3
+    return {"n": n, "dtype": "float32", **timing.to_dict(), "gflops": flops / timing.median / 1e9}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """Thread pools (BLAS, OpenMP) from threadpoolctl when installed, else numpy's build config."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        pass
+    else:
+        keep = ("user_api", "internal_api", "prefix", "version", "num_threads", "architecture",
+                "threading_layer")
+        return [{k: pool.get(k) for k in keep if pool.get(k) is not None}
+                for pool in threadpoolctl.threadpool_info()]
+    try:
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        return [{"user_api": "blas", "source": "numpy.show_config (build time; threads unknown)",
+                 "name": blas.get("name"), "version": blas.get("version"),
+                 "configuration": blas.get("openblas configuration")}]
+    except Exception as exc:  # the config layout is not a stable API
+        return [{"user_api": "blas", "error": f"unavailable: {exc}"}]
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on: CPU, cores, Python/numpy, BLAS and thread settings."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    env_keys = sorted(k for k in os.environ
+                      if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOTO", "BLIS_", "VECLIB_")))
+    return {
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": blas_info(),
+        "env": {k: os.environ[k] for k in env_keys},
+    }

@@ -1,0 +1,828 @@
+#!/usr/bin/env python
+"""Benchmark harness: loop reference vs vectorized engine vs PyTorch CPU.
+
+Times a fixed suite of float32 convolution and pooling layers, forward and
+forward + backward, for
+
+- the loop reference ``convnet.reference`` (timed on a few images and scaled
+  per image, because it is slow),
+- the vectorized engine ``convnet.functional`` (``conv2d`` for the forward;
+  ``conv2d_with_cache`` + ``conv2d_backward(cache=...)`` for forward + backward,
+  as the layers use it),
+- PyTorch's CPU ``conv2d`` / ``max_pool2d`` / ``avg_pool2d`` with autograd,
+  when ``torch`` is importable,
+
+all in one process with the same thread count. Every result is checked
+(vectorized against the loop reference on the images it ran, and against
+torch); a wrong one is marked FAILED, is not reported, and makes the exit
+status non-zero. Missed speed targets are reported but do not fail the run.
+
+Usage::
+
+    python benchmarks/bench.py                   # the whole suite (a few minutes)
+    python benchmarks/bench.py --quick           # fewer repeats, no whole-network run
+    python benchmarks/bench.py --shape lenet-c1  # one shape (repeatable)
+    python benchmarks/bench.py --conv tiny=2,3,8,8,4,3,1,1 --no-torch
+
+The JSON report goes to ``benchmarks/results/latest.json`` (or ``--json PATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402  (sibling helper module)
+
+DTYPE = np.dtype(np.float32)
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_JSON = os.path.join(RESULTS_DIR, "latest.json")
+
+# Targets of issue 4.
+TARGET_REF_SPEEDUP = 1000.0
+TARGET_TORCH_GEOMEAN = 1.0
+TARGET_TORCH_MAX = 1.5
+TARGET_POOL_TORCH = 1.5
+TARGET_FWD_MEMORY = 1.5
+
+# float32 results are compared by their largest error relative to the largest
+# magnitude of the witness: summation order differs (BLAS blocking, loop order),
+# which costs ~1e-6 here, while any indexing or routing mistake costs ~1.
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+# --------------------------------------------------------------------------- the suite
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv layer: input (N, C, H, W), F filters of K x K, stride S, padding P."""
+
+    name: str
+    n: int
+    c: int
+    h: int
+    w: int
+    f: int
+    k: int
+    s: int
+    p: int
+    kind: str = field(default="conv", init=False)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return ((self.h + 2 * self.p - self.k) // self.s + 1,
+                (self.w + 2 * self.p - self.k) // self.s + 1)
+
+    def flops_forward(self, n: int | None = None) -> float:
+        """Multiply-adds x 2 of the forward pass: 2 N F OH OW C KH KW."""
+        oh, ow = self.out_hw
+        return 2.0 * (self.n if n is None else n) * self.f * oh * ow * self.c * self.k * self.k
+
+    def im2col_bytes(self, itemsize: int = DTYPE.itemsize) -> int:
+        """Size of one im2col buffer: N OH OW C KH KW x itemsize."""
+        oh, ow = self.out_hw
+        return self.n * oh * ow * self.c * self.k * self.k * itemsize
+
+    def describe(self) -> str:
+        return (f"N={self.n} C={self.c} {self.h}x{self.w} F={self.f} K={self.k} "
+                f"S={self.s} P={self.p}")
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """A pooling layer (``mode`` "max" or "mean") of K x K windows with stride S, no padding."""
+
+    name: str
+    mode: str
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    s: int
+    kind: str = field(default="pool", init=False)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return ((self.h - self.k) // self.s + 1, (self.w - self.k) // self.s + 1)
+
+    def input_bytes(self, itemsize: int = DTYPE.itemsize) -> int:
+        return self.n * self.c * self.h * self.w * itemsize
+
+    def describe(self) -> str:
+        return f"{self.mode} N={self.n} C={self.c} {self.h}x{self.w} K={self.k} S={self.s}"
+
+
+CONV_SUITE = [
+    ConvShape("lenet-c1", 64, 1, 28, 28, 6, 5, 1, 2),
+    ConvShape("lenet-c2", 64, 6, 14, 14, 16, 5, 1, 0),
+    ConvShape("cifar", 64, 32, 32, 32, 64, 3, 1, 1),
+    ConvShape("vgg", 16, 64, 56, 56, 64, 3, 1, 1),
+    ConvShape("resnet-s2", 32, 128, 28, 28, 128, 3, 2, 1),
+]
+POOL_SUITE = [
+    PoolShape("pool-max", "max", 64, 32, 32, 32, 2, 2),
+    PoolShape("pool-mean", "mean", 64, 32, 32, 32, 2, 2),
+]
+SUITE = {s.name: s for s in CONV_SUITE + POOL_SUITE}
+
+
+@dataclass
+class Options:
+    """How hard to measure. ``quick()`` gives the smoke-test settings."""
+
+    reference: bool = True
+    torch: bool = True
+    network: bool = True
+    ref_images: int = 2          # images the loop reference runs on (scaled per image)
+    ref_limit_s: float = 20.0    # skip the reference where one image's forward takes longer
+    ref_budget_s: float = 3.0    # time spent repeating a reference measurement
+    budget_s: float = 1.5        # time spent repeating a vectorized / torch measurement
+    min_repeats: int = 5
+    warmup: int = 1
+    gemm_n: int = 2048
+    memory: bool = True
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "Options":
+        base = dict(network=False, ref_images=1, ref_budget_s=0.3, budget_s=0.2, min_repeats=2,
+                    gemm_n=1024)
+        base.update(overrides)
+        return cls(**base)
+
+
+# --------------------------------------------------------------------------- torch
+
+def load_torch() -> tuple[Any, str | None]:
+    """Import torch and give it every core; return (module or None, reason it is missing)."""
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install
+        return None, f"torch not importable ({type(exc).__name__}: {exc})"
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch, None
+
+
+def _reference_missing() -> str | None:
+    """Why the loop reference cannot run, or None when it can."""
+    try:
+        import convnet.reference  # noqa: F401
+    except ImportError as exc:
+        return f"convnet.reference not importable ({exc})"
+    return None
+
+
+# --------------------------------------------------------------------------- checks
+
+def compare(what: str, got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
+    """Max error of ``got`` relative to the largest magnitude of ``want``; pass if within TOLERANCE."""
+    got = np.asarray(got)
+    want = np.asarray(want)
+    if got.shape != want.shape:
+        return {"what": what, "pass": False, "error": f"shape {got.shape} != {want.shape}"}
+    if not np.all(np.isfinite(got)):
+        return {"what": what, "pass": False, "error": "non-finite values"}
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+    rel = err / scale if scale > 0 else err
+    tol = TOLERANCE[np.dtype(want.dtype)] if np.dtype(want.dtype) in TOLERANCE else 1e-4
+    return {"what": what, "pass": bool(rel <= tol), "rel_err": rel, "tol": tol}
+
+
+def compare_all(prefix: str, names: tuple[str, ...], got: tuple, want: tuple) -> list[dict[str, Any]]:
+    return [compare(f"{prefix}: {n}", g, w) for n, g, w in zip(names, got, want)]
+
+
+# --------------------------------------------------------------------------- one case
+
+def _numpy_result(out: Any) -> Any:
+    return tuple(np.asarray(o) for o in out) if isinstance(out, tuple) else np.asarray(out)
+
+
+class CaseRunner:
+    """Measures one conv or pool shape for every implementation and checks the results."""
+
+    def __init__(self, shape: ConvShape | PoolShape, opts: Options, torch: Any, gemm_gflops: float,
+                 torch_reason: str | None = None):
+        self.shape = shape
+        self.torch_reason = torch_reason
+        self.opts = opts
+        self.torch = torch
+        self.gemm_gflops = gemm_gflops
+        rng = np.random.default_rng(opts.seed)
+        sh = shape
+        self.x = rng.standard_normal((sh.n, sh.c, sh.h, sh.w), dtype=np.float32)
+        oh, ow = sh.out_hw
+        if sh.kind == "conv":
+            fan_in = sh.c * sh.k * sh.k
+            self.w = rng.standard_normal((sh.f, sh.c, sh.k, sh.k), dtype=np.float32) / np.float32(
+                math.sqrt(fan_in))
+            self.b = rng.standard_normal(sh.f, dtype=np.float32)
+            self.dy = rng.standard_normal((sh.n, sh.f, oh, ow), dtype=np.float32)
+        else:
+            self.dy = rng.standard_normal((sh.n, sh.c, oh, ow), dtype=np.float32)
+        self.record: dict[str, Any] = {
+            "name": sh.name, "kind": sh.kind, "params": {k: v for k, v in asdict(sh).items()
+                                                         if k not in ("name", "kind")},
+            "impls": {}, "checks": [],
+        }
+
+    # -- the three implementations, as (forward, forward+backward) closures on a batch
+
+    def vectorized(self, x: np.ndarray, dy: np.ndarray) -> tuple[Callable, Callable]:
+        import convnet.functional as F
+        sh = self.shape
+        if sh.kind == "conv":
+            w, b, kw = self.w, self.b, dict(stride=sh.s, padding=sh.p)
+
+            def fwd():
+                return F.conv2d(x, w, b, **kw)
+
+            def fwd_bwd():
+                y, cache = F.conv2d_with_cache(x, w, b, **kw)
+                return (y,) + tuple(F.conv2d_backward(dy, x, w, cache=cache, **kw))
+            return fwd, fwd_bwd
+        pool, pool_bwd = ((F.max_pool2d, F.max_pool2d_backward) if sh.mode == "max"
+                          else (F.avg_pool2d, F.avg_pool2d_backward))
+
+        def pfwd():
+            return pool(x, sh.k, sh.s)
+
+        def pfwd_bwd():
+            return pool(x, sh.k, sh.s), pool_bwd(dy, x, sh.k, sh.s)
+        return pfwd, pfwd_bwd
+
+    def reference(self, x: np.ndarray, dy: np.ndarray) -> tuple[Callable, Callable]:
+        import convnet.reference as R
+        sh = self.shape
+        if sh.kind == "conv":
+            w, b, kw = self.w, self.b, dict(stride=sh.s, padding=sh.p)
+
+            def fwd():
+                return R.conv2d(x, w, b, **kw)
+
+            def fwd_bwd():
+                return (R.conv2d(x, w, b, **kw),) + tuple(R.conv2d_backward(dy, x, w, **kw))
+            return fwd, fwd_bwd
+        pool, pool_bwd = ((R.max_pool2d, R.max_pool2d_backward) if sh.mode == "max"
+                          else (R.avg_pool2d, R.avg_pool2d_backward))
+
+        def pfwd():
+            return pool(x, sh.k, sh.s)
+
+        def pfwd_bwd():
+            return pool(x, sh.k, sh.s), pool_bwd(dy, x, sh.k, sh.s)
+        return pfwd, pfwd_bwd
+
+    def torch_fns(self) -> tuple[Callable, Callable]:
+        torch = self.torch
+        tf = torch.nn.functional
+        sh = self.shape
+        x = torch.from_numpy(self.x)
+        dy = torch.from_numpy(self.dy)
+        xg = torch.from_numpy(self.x.copy()).requires_grad_(True)
+        if sh.kind == "conv":
+            w, b = torch.from_numpy(self.w), torch.from_numpy(self.b)
+            wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+
+            def fwd():
+                with torch.no_grad():
+                    return tf.conv2d(x, w, b, stride=sh.s, padding=sh.p)
+
+            def fwd_bwd():
+                y = tf.conv2d(xg, wg, bg, stride=sh.s, padding=sh.p)
+                return (y.detach(),) + torch.autograd.grad(y, (xg, wg, bg), dy)
+        else:
+            op = tf.max_pool2d if sh.mode == "max" else tf.avg_pool2d
+
+            def fwd():
+                with torch.no_grad():
+                    return op(x, sh.k, sh.s)
+
+            def fwd_bwd():
+                y = op(xg, sh.k, sh.s)
+                return (y.detach(),) + torch.autograd.grad(y, (xg,), dy)
+        return fwd, fwd_bwd
+
+    # -- measurement
+
+    def _timed(self, fns: tuple[Callable, Callable], **kw: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for phase, fn in zip(("forward", "forward_backward"), fns):
+            timing, _ = _timing.measure(fn, **kw)
+            out[phase] = timing.to_dict()
+        return out
+
+    def _grad_names(self) -> tuple[str, ...]:
+        return ("y", "dx", "dw", "db") if self.shape.kind == "conv" else ("y", "dx")
+
+    def run(self) -> dict[str, Any]:
+        opts, rec = self.opts, self.record
+        names = self._grad_names()
+        kw = dict(warmup=opts.warmup, min_repeats=opts.min_repeats, budget_s=opts.budget_s)
+
+        vec = self.vectorized(self.x, self.dy)
+        vec_out = _numpy_result(vec[1]())
+        rec["checks"] += compare_all("vectorized conv2d vs conv2d_with_cache", ("y",),
+                                     (_numpy_result(vec[0]()),), vec_out[:1])
+        rec["impls"]["vectorized"] = self._timed(vec, **kw)
+
+        if self.torch is not None:
+            tfns = self.torch_fns()
+            torch_out = tuple(t.numpy() for t in tfns[1]())
+            rec["checks"] += compare_all("vectorized vs torch", names, vec_out, torch_out)
+            rec["impls"]["torch"] = self._timed(tfns, **kw)
+        else:
+            rec["impls"]["torch"] = {"status": "skipped", "reason": self.torch_reason}
+
+        if not opts.reference:
+            rec["impls"]["reference"] = {"status": "skipped", "reason": "--no-reference"}
+        elif _reference_missing():
+            rec["impls"]["reference"] = {"status": "skipped", "reason": _reference_missing()}
+        else:
+            rec["impls"]["reference"] = self.run_reference(names)
+
+        if opts.memory:
+            rec["memory"] = self.memory(vec)
+        self.finish()
+        return rec
+
+    def run_reference(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """Time the loop reference on a few images, scale per image, and check the engine against it."""
+        opts = self.opts
+        n_ref = max(1, min(opts.ref_images, self.shape.n))
+        x1, dy1 = self.x[:1], self.dy[:1]
+        probe_fwd, _ = self.reference(x1, dy1)
+        try:
+            with _timing.time_limit(opts.ref_limit_s):
+                probe, _ = _timing.measure(probe_fwd, warmup=0, min_repeats=1, max_repeats=1)
+        except _timing.TimeLimitExceeded:
+            return {"status": "skipped",
+                    "reason": f"too slow: one image's forward took over {opts.ref_limit_s:g} s"}
+        if probe.median * n_ref > opts.ref_limit_s / 2:
+            n_ref = 1
+        xs, dys = self.x[:n_ref], self.dy[:n_ref]
+        fns = self.reference(xs, dys)
+        result: dict[str, Any] = {"images": n_ref, "scaled_to_batch": self.shape.n}
+        ref_kw = dict(warmup=0, min_repeats=1, max_repeats=10, budget_s=opts.ref_budget_s)
+        outs = {}
+        # forward + backward costs a few forwards; allow it proportionally more time.
+        for phase, fn, limit in (("forward", fns[0], opts.ref_limit_s * n_ref),
+                                 ("forward_backward", fns[1], 4 * opts.ref_limit_s * n_ref)):
+            try:
+                with _timing.time_limit(limit):
+                    timing, out = _timing.measure(fn, **ref_kw)
+            except _timing.TimeLimitExceeded:
+                result[phase] = {"status": "skipped", "reason": f"too slow: over {limit:g} s"}
+                continue
+            result[phase] = timing.to_dict(scale=self.shape.n / n_ref)
+            result[phase]["measured_median_s"] = timing.median
+            outs[phase] = _numpy_result(out)
+        # The engine on the same images, as the witness sees them.
+        vec_fwd, vec_fb = self.vectorized(xs, dys)
+        if "forward_backward" in outs:
+            self.record["checks"] += compare_all(f"vectorized vs reference ({n_ref} image(s))",
+                                                 names, _numpy_result(vec_fb()),
+                                                 outs["forward_backward"])
+        if "forward" in outs:
+            self.record["checks"] += compare_all(f"vectorized vs reference forward ({n_ref} image(s))",
+                                                 ("y",), (_numpy_result(vec_fwd()),), (outs["forward"],))
+        return result
+
+    def memory(self, vec: tuple[Callable, Callable]) -> dict[str, Any]:
+        """Peak extra bytes of the vectorized forward and forward + backward (outputs included)."""
+        sh = self.shape
+        ref_bytes = sh.im2col_bytes() if sh.kind == "conv" else sh.input_bytes()
+        mem = {"baseline": "im2col" if sh.kind == "conv" else "input", "baseline_bytes": ref_bytes}
+        for phase, fn in zip(("forward", "forward_backward"), vec):
+            peak = _timing.peak_extra_bytes(fn)
+            mem[f"{phase}_peak_bytes"] = peak
+            mem[f"{phase}_ratio"] = peak / ref_bytes
+        return mem
+
+    def finish(self) -> None:
+        """Refuse failed results; add ratios and rates."""
+        rec = self.record
+        failed = [c for c in rec["checks"] if not c["pass"]]
+        rec["status"] = "FAILED" if failed else "ok"
+        if failed:
+            # A wrong result is not a benchmark figure: drop every time of this case.
+            for impl, data in rec["impls"].items():
+                if "status" not in data:
+                    rec["impls"][impl] = {"status": "FAILED", "reason": "result check failed"}
+            rec.pop("memory", None)
+            return
+        impls = rec["impls"]
+
+        def med(impl: str, phase: str) -> float | None:
+            d = impls.get(impl, {}).get(phase)
+            return d.get("median_s") if isinstance(d, dict) else None
+
+        ratios: dict[str, Any] = {}
+        for phase in ("forward", "forward_backward"):
+            v, t, r = med("vectorized", phase), med("torch", phase), med("reference", phase)
+            ratios[phase] = {
+                "vectorized_over_torch": v / t if v and t else None,
+                "reference_over_vectorized": r / v if v and r else None,
+            }
+        rec["ratios"] = ratios
+        if self.shape.kind == "conv":
+            flops = {"forward": self.shape.flops_forward(),
+                     "forward_backward": 3 * self.shape.flops_forward()}
+            rec["flops"] = flops
+            rates = {}
+            for impl in ("vectorized", "torch"):
+                for phase in flops:
+                    m = med(impl, phase)
+                    if m:
+                        g = flops[phase] / m / 1e9
+                        rates.setdefault(impl, {})[phase] = {
+                            "gflops": g, "gemm_fraction": g / self.gemm_gflops}
+            rec["rates"] = rates
+            rec["im2col_bytes"] = self.shape.im2col_bytes()
+
+
+# --------------------------------------------------------------------------- whole network
+
+def network_throughput(opts: Options, torch: Any) -> dict[str, Any]:
+    """Training throughput (images/s) of the default network for one epoch of the bundled digits."""
+    try:
+        from _network import run_network  # type: ignore[import-not-found]
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"network benchmark unavailable ({exc})"}
+    return run_network(opts, torch)
+
+
+# --------------------------------------------------------------------------- targets
+
+def evaluate_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured value and pass/fail (None = not measured)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, op: str, limit: float, note: str = "") -> None:
+        ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        rows.append({"target": name, "value": value, "op": op, "limit": limit, "pass": ok,
+                     "note": note})
+
+    convs = [c for c in cases if c["kind"] == "conv" and c.get("status") == "ok"]
+    pools = [c for c in cases if c["kind"] == "pool" and c.get("status") == "ok"]
+    for c in convs:
+        for phase, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
+            r = c["ratios"][phase]["reference_over_vectorized"]
+            if r is not None:
+                add(f"{c['name']} {label}: vectorized speedup over loop reference", r, ">=",
+                    TARGET_REF_SPEEDUP)
+    torch_fb = [(c["name"], c["ratios"]["forward_backward"]["vectorized_over_torch"]) for c in convs]
+    torch_fb = [(n, r) for n, r in torch_fb if r is not None]
+    if torch_fb:
+        gm = math.exp(sum(math.log(r) for _, r in torch_fb) / len(torch_fb))
+        missing = sorted({s.name for s in CONV_SUITE} - {n for n, _ in torch_fb})
+        add("conv fwd+bwd time vs torch, geometric mean", gm, "<=", TARGET_TORCH_GEOMEAN,
+            f"over {len(torch_fb)} shape(s)" + (f"; not run: {', '.join(missing)}" if missing else ""))
+        for n, r in torch_fb:
+            add(f"{n} fwd+bwd time vs torch", r, "<=", TARGET_TORCH_MAX)
+    for c in pools:
+        r = c["ratios"]["forward_backward"]["vectorized_over_torch"]
+        if r is not None:
+            add(f"{c['name']} fwd+bwd time vs torch", r, "<=", TARGET_POOL_TORCH)
+    for c in convs:
+        if "memory" in c:
+            add(f"{c['name']} forward peak extra memory / one im2col buffer",
+                c["memory"]["forward_ratio"], "<=", TARGET_FWD_MEMORY)
+    return rows
+
+
+# --------------------------------------------------------------------------- printing
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r:,.0f}x" if r >= 100 else f"{r:.2f}x"
+
+
+def fmt_mib(b: float | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def _time_cell(case: dict[str, Any], impl: str, phase: str) -> str:
+    data = case["impls"].get(impl, {})
+    if "status" in data:
+        return {"FAILED": "FAILED", "skipped": "skipped"}.get(data["status"], data["status"])
+    d = data.get(phase)
+    if not isinstance(d, dict):
+        return "-"
+    if "status" in d:
+        return d["status"]
+    return fmt_time(d["median_s"]) + ("*" if impl == "reference" else "")
+
+
+def render(report: dict[str, Any]) -> str:
+    out: list[str] = []
+    m = report["machine"]
+    out.append("convnet benchmark (float32, medians of repeated runs, all in one process)")
+    out.append(f"machine: {m['cpu']} | {m['cpu_count']} CPUs ({m['usable_cpus']} usable) | "
+               f"{m['system']} | Python {m['python']} | numpy {m['numpy']}")
+    for pool in m["blas"]:
+        desc = ", ".join(f"{k}={v}" for k, v in pool.items() if k != "user_api")
+        out.append(f"  {pool.get('user_api', 'pool')}: {desc}")
+    thr = report["threads"]
+    out.append(f"threads: numpy BLAS {thr['numpy_blas']}, torch {thr['torch']} "
+               f"(os.cpu_count() = {thr['cpu_count']})")
+    if m["env"]:
+        out.append("env: " + " ".join(f"{k}={v}" for k, v in m["env"].items()))
+    out.append(f"torch: {report['torch']}")
+    g = report["gemm"]
+    out.append(f"float32 GEMM rate: {g['gflops']:.1f} GFLOP/s (numpy matmul {g['n']}x{g['n']}, "
+               f"median {fmt_time(g['median_s'])})")
+    cases = report["cases"]
+    ref_note = sorted({c["impls"]["reference"]["images"] for c in cases
+                       if "images" in c["impls"].get("reference", {})})
+    out.append("")
+    out.append("Times (median per batch). * = loop reference timed on "
+               + (" or ".join(map(str, ref_note)) if ref_note else "a few")
+               + " image(s) and scaled to the batch size.")
+    rows = []
+    for c in cases:
+        rows.append([c["name"], _time_cell(c, "reference", "forward"), _time_cell(c, "vectorized", "forward"),
+                     _time_cell(c, "torch", "forward"), _time_cell(c, "reference", "forward_backward"),
+                     _time_cell(c, "vectorized", "forward_backward"),
+                     _time_cell(c, "torch", "forward_backward")])
+    out.append(table(["shape", "ref fwd", "vec fwd", "torch fwd", "ref fwd+bwd", "vec fwd+bwd",
+                      "torch fwd+bwd"], rows))
+
+    out.append("")
+    out.append("Ratios and rates (vec/torch: < 1 means faster than torch; ref/vec: speedup over the loop "
+               "reference; GFLOP/s of the vectorized engine, fwd+bwd counted as 3x fwd)")
+    rows = []
+    for c in cases:
+        if c.get("status") != "ok":
+            rows.append([c["name"], c.get("status", "?")] + [""] * 7)
+            continue
+        r = c["ratios"]
+        rates = c.get("rates", {}).get("vectorized", {})
+        trates = c.get("rates", {}).get("torch", {})
+
+        def rate(d: dict, phase: str, key: str, pct: bool = False) -> str:
+            v = d.get(phase, {}).get(key)
+            return "-" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.1f}")
+        rows.append([c["name"], fmt_ratio(r["forward"]["vectorized_over_torch"]),
+                     fmt_ratio(r["forward_backward"]["vectorized_over_torch"]),
+                     fmt_ratio(r["forward"]["reference_over_vectorized"]),
+                     fmt_ratio(r["forward_backward"]["reference_over_vectorized"]),
+                     rate(rates, "forward", "gflops"), rate(rates, "forward_backward", "gflops"),
+                     rate(rates, "forward", "gemm_fraction", True) + " / "
+                     + rate(rates, "forward_backward", "gemm_fraction", True),
+                     rate(trates, "forward_backward", "gflops")])
+    out.append(table(["shape", "vec/torch fwd", "vec/torch f+b", "ref/vec fwd", "ref/vec f+b",
+                      "GFLOP/s fwd", "GFLOP/s f+b", "%GEMM fwd / f+b", "torch GFLOP/s f+b"], rows))
+
+    mem_cases = [c for c in cases if "memory" in c]
+    if mem_cases:
+        out.append("")
+        out.append("Peak extra memory of the vectorized engine (tracemalloc; outputs and caches included), "
+                   "next to one im2col buffer (conv) or the input (pool)")
+        rows = []
+        for c in mem_cases:
+            mm = c["memory"]
+            rows.append([c["name"], f"{mm['baseline']} {fmt_mib(mm['baseline_bytes'])}",
+                         f"{fmt_mib(mm['forward_peak_bytes'])} ({mm['forward_ratio']:.2f}x)",
+                         f"{fmt_mib(mm['forward_backward_peak_bytes'])} ({mm['forward_backward_ratio']:.2f}x)"])
+        out.append(table(["shape", "baseline", "fwd peak", "fwd+bwd peak"], rows))
+
+    out.append("")
+    out.append("Result checks (max error / max |witness|):")
+    for c in cases:
+        bad = [k for k in c["checks"] if not k["pass"]]
+        if c.get("status") == "ERROR":
+            out.append(f"  {c['name']}: ERROR {c.get('error', '')}")
+        elif bad:
+            for k in bad:
+                out.append(f"  {c['name']}: FAILED {k['what']}: "
+                           + (k.get("error") or f"rel err {k['rel_err']:.2e} > tol {k['tol']:.0e}"))
+        else:
+            worst = max((k["rel_err"] for k in c["checks"]), default=0.0)
+            witnesses = sorted({k["what"].split(":")[0] for k in c["checks"]})
+            out.append(f"  {c['name']}: ok ({len(c['checks'])} arrays, worst rel err {worst:.1e}; "
+                       f"{'; '.join(witnesses)})")
+
+    net = report.get("network")
+    if net is not None:
+        out.append("")
+        out.append("Whole network: training throughput, one epoch of the bundled digits")
+        if net.get("status") and net["status"] != "ok":
+            out.append(f"  {net['status']}: {net.get('reason', '')}")
+        else:
+            for line in net.get("lines", []):
+                out.append("  " + line)
+
+    out.append("")
+    out.append("Targets (issue 4):")
+    rows = []
+    for t in report["targets"]:
+        v = t["value"]
+        val = "-" if v is None else (fmt_ratio(v) if "speedup" in t["target"] or "torch" in t["target"]
+                                     else f"{v:.2f}x")
+        mark = {True: "pass", False: "MISS", None: "n/a"}[t["pass"]]
+        rows.append([t["target"], val, f"{t['op']} {fmt_ratio(t['limit'])}", mark, t.get("note", "")])
+    if rows:
+        out.append(table(["target", "measured", "goal", "", ""], rows))
+        passed = sum(t["pass"] is True for t in report["targets"])
+        out.append(f"{passed} of {len(rows)} targets met.")
+    else:
+        out.append("  (none measured)")
+    out.append("")
+    out.append("RESULT: " + ("all results correct" if report["ok"] else
+                             "WRONG RESULTS OR ERRORS (see above); exit status 1"))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- driver
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _blas_threads(machine: dict[str, Any]) -> int | None:
+    for pool in machine["blas"]:
+        if pool.get("user_api") == "blas" and "num_threads" in pool:
+            return pool["num_threads"]
+    return None
+
+
+def run(shapes: list[ConvShape | PoolShape], opts: Options,
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
+    """Measure ``shapes``; return the report (``report["ok"]`` is False on a wrong result or error)."""
+    torch, torch_reason = (load_torch() if opts.torch else (None, "--no-torch"))
+    machine = _timing.machine_info()
+    report: dict[str, Any] = {
+        "schema": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "threads": {"cpu_count": os.cpu_count(), "numpy_blas": _blas_threads(machine),
+                    "torch": torch.get_num_threads() if torch is not None else None},
+        "torch": (f"{torch.__version__}" if torch is not None else f"not used: {torch_reason}"),
+        "options": asdict(opts),
+        "dtype": str(DTYPE),
+    }
+    import convnet
+    report["convnet"] = getattr(convnet, "__version__", None)
+    log(f"measuring the float32 GEMM rate ({opts.gemm_n}x{opts.gemm_n}) ...")
+    report["gemm"] = _timing.gemm_rate(opts.gemm_n, budget_s=opts.budget_s,
+                                       min_repeats=max(3, opts.min_repeats))
+    cases = []
+    for shape in shapes:
+        log(f"{shape.name}: {shape.describe()} ...")
+        runner = CaseRunner(shape, opts, torch, report["gemm"]["gflops"], torch_reason)
+        try:
+            cases.append(runner.run())
+        except Exception as exc:  # report it, go on with the other shapes, exit non-zero
+            rec = runner.record
+            rec["status"] = "ERROR"
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            rec["traceback"] = traceback.format_exc()
+            log(rec["traceback"])
+            cases.append(rec)
+    report["cases"] = cases
+    if opts.network:
+        log("whole network: one training epoch ...")
+        try:
+            report["network"] = network_throughput(opts, torch)
+        except Exception as exc:
+            report["network"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
+                                 "traceback": traceback.format_exc()}
+            log(report["network"]["traceback"])
+    report["targets"] = evaluate_targets(cases)
+    network_ok = report.get("network", {}).get("status") not in ("ERROR", "FAILED")
+    report["ok"] = all(c.get("status") == "ok" for c in cases) and network_ok
+    return report
+
+
+def _parse_conv(text: str) -> ConvShape:
+    try:
+        name, spec = text.split("=", 1)
+        n, c, h, w, f, k, s, p = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--conv wants NAME=N,C,H,W,F,K,S,P, got {text!r}") from None
+    return ConvShape(name, n, c, h, w, f, k, s, p)
+
+
+def _parse_pool(text: str) -> PoolShape:
+    try:
+        name, spec = text.split("=", 1)
+        mode, *rest = spec.split(",")
+        n, c, h, w, k, s = (int(v) for v in rest)
+        if mode not in ("max", "mean"):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--pool wants NAME=max|mean,N,C,H,W,K,S, got {text!r}") from None
+    return PoolShape(name, mode, n, c, h, w, k, s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", action="append", choices=list(SUITE), metavar="NAME",
+                   help=f"run only this suite shape (repeatable): {', '.join(SUITE)}")
+    p.add_argument("--conv", action="append", type=_parse_conv, default=[], metavar="NAME=N,C,H,W,F,K,S,P",
+                   help="an extra conv shape (repeatable); with --shape/--conv/--pool only those run")
+    p.add_argument("--pool", action="append", type=_parse_pool, default=[], metavar="NAME=MODE,N,C,H,W,K,S",
+                   help="an extra pooling shape, MODE max or mean (repeatable)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats, reference on one image, smaller GEMM probe, no whole-network run")
+    p.add_argument("--no-reference", action="store_true", help="do not run the loop reference")
+    p.add_argument("--no-torch", action="store_true", help="do not use torch even if importable")
+    p.add_argument("--no-network", action="store_true", help="skip the whole-network training figure")
+    p.add_argument("--ref-images", type=int, default=None, help="images the loop reference runs on")
+    p.add_argument("--ref-limit", type=float, default=None,
+                   help="skip the loop reference where one image's forward exceeds this many seconds (20)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="time spent repeating each vectorized/torch measurement (1.5; --quick 0.2)")
+    p.add_argument("--gemm-n", type=int, default=None, metavar="N",
+                   help="matrix size of the GEMM-rate probe (2048; --quick 1024)")
+    p.add_argument("--json", default=DEFAULT_JSON, metavar="PATH",
+                   help="where to write the JSON report (default benchmarks/results/latest.json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = Options.quick() if args.quick else Options()
+    opts.reference = not args.no_reference
+    opts.torch = not args.no_torch
+    opts.network = opts.network and not args.no_network
+    if args.ref_images is not None:
+        if args.ref_images < 1:
+            raise SystemExit(f"--ref-images must be >= 1, got {args.ref_images}")
+        opts.ref_images = args.ref_images
+    if args.ref_limit is not None:
+        opts.ref_limit_s = args.ref_limit
+    if args.budget is not None:
+        if not args.budget >= 0:
+            raise SystemExit(f"--budget must be >= 0, got {args.budget}")
+        opts.budget_s = args.budget
+        opts.ref_budget_s = min(opts.ref_budget_s, args.budget)
+    if args.gemm_n is not None:
+        if args.gemm_n < 1:
+            raise SystemExit(f"--gemm-n must be >= 1, got {args.gemm_n}")
+        opts.gemm_n = args.gemm_n
+    shapes: list[ConvShape | PoolShape] = [SUITE[n] for n in (args.shape or [])] + args.conv + args.pool
+    if shapes:
+        opts.network = False  # the network figure belongs to the whole suite
+    else:
+        shapes = CONV_SUITE + POOL_SUITE
+    report = run(shapes, opts)
+    print(render(report), flush=True)
+    write_json_atomic(args.json, report)
+    print(f"JSON report: {args.json}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

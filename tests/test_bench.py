@@ -1,0 +1,134 @@
+"""Smoke tests of the benchmark harness (benchmarks/bench.py) on tiny shapes.
+
+They run the harness in-process in its quick mode with tiny budgets, so the whole
+file takes a few seconds; torch is used when importable and skipped otherwise,
+as the harness itself does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench  # noqa: E402
+
+import convnet.functional as F  # noqa: E402
+
+TINY = ["--quick", "--budget", "0.01", "--gemm-n", "64",
+        "--conv", "tiny=2,3,9,9,4,3,2,1", "--pool", "tinypool=max,2,3,8,8,2,2"]
+
+
+def _run(tmp_path, extra=()):
+    path = tmp_path / "out.json"
+    code = bench.main(TINY + ["--json", str(path), *extra])
+    return code, json.loads(path.read_text())
+
+
+def test_quick_run_writes_a_complete_report(tmp_path, capsys):
+    code, report = _run(tmp_path)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert report["ok"] is True
+    assert report["gemm"]["gflops"] > 0 and report["gemm"]["n"] == 64
+    assert report["threads"]["cpu_count"] == os.cpu_count()
+    assert [c["name"] for c in report["cases"]] == ["tiny", "tinypool"]
+    for case in report["cases"]:
+        assert case["status"] == "ok"
+        vec = case["impls"]["vectorized"]
+        for phase in ("forward", "forward_backward"):
+            assert vec[phase]["median_s"] > 0 and vec[phase]["repeats"] >= 2
+        ref = case["impls"]["reference"]
+        assert ref["images"] == 1 and ref["scaled_to_batch"] == 2
+        # scaled per image: the batch figure is twice the measured one-image figure
+        assert math.isclose(ref["forward"]["median_s"], 2 * ref["forward"]["measured_median_s"])
+        whats = " ".join(k["what"] for k in case["checks"])
+        assert "vectorized vs reference" in whats
+        assert all(k["pass"] for k in case["checks"])
+        torch_used = not report["torch"].startswith("not used")
+        assert ("vectorized vs torch" in whats) == torch_used
+        assert case["ratios"]["forward_backward"]["reference_over_vectorized"] > 0
+        assert case["memory"]["forward_peak_bytes"] > 0
+    conv = report["cases"][0]
+    # N=2, OH=OW=5, C=3, K=3, float32
+    assert conv["im2col_bytes"] == 2 * 5 * 5 * 3 * 3 * 3 * 4
+    assert conv["flops"]["forward"] == 2 * 2 * 4 * 5 * 5 * 3 * 3 * 3
+    assert conv["rates"]["vectorized"]["forward"]["gflops"] > 0
+    assert any("peak extra memory" in t["target"] for t in report["targets"])
+    assert "Targets (issue 4)" in out and "tiny" in out and "scaled to the batch size" in out
+    assert "RESULT: all results correct" in out
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bench-")]  # atomic write left no temp
+
+
+def test_a_wrong_gradient_is_refused(tmp_path, monkeypatch, capsys):
+    real = F.conv2d_backward
+
+    def off_by_a_little(*args, **kwargs):
+        dx, dw, db = real(*args, **kwargs)
+        dx = dx.copy()
+        dx.flat[0] += 0.05 * float(np.abs(dx).max()) + 1.0
+        return dx, dw, db
+
+    monkeypatch.setattr(F, "conv2d_backward", off_by_a_little)
+    code, report = _run(tmp_path, ["--no-torch"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert report["ok"] is False
+    tiny, pool = report["cases"]
+    assert tiny["status"] == "FAILED"
+    assert any(not k["pass"] and k["what"].endswith(": dx") for k in tiny["checks"])
+    # no figure of a wrong result is reported
+    assert tiny["impls"]["vectorized"] == {"status": "FAILED", "reason": "result check failed"}
+    assert "ratios" not in tiny and "memory" not in tiny
+    assert not any(t["target"].startswith("tiny") for t in report["targets"])
+    assert pool["status"] == "ok"  # the other shape still reports
+    assert "FAILED" in out and "WRONG RESULTS" in out
+
+
+def test_compare_tolerance():
+    rng = np.random.default_rng(0)
+    want = rng.standard_normal((4, 5)).astype(np.float32)
+    assert bench.compare("same", want + np.float32(1e-7), want)["pass"]
+    bad = want.copy()
+    bad[1, 2] += 0.01
+    assert not bench.compare("off", bad, want)["pass"]
+    assert not bench.compare("shape", want[:3], want)["pass"]
+    assert not bench.compare("nan", np.full_like(want, np.nan), want)["pass"]
+
+
+def _fake_case(name, kind, torch_ratio, ref_ratio=None, mem=None):
+    return {"name": name, "kind": kind, "status": "ok",
+            "ratios": {"forward": {"vectorized_over_torch": 1.0, "reference_over_vectorized": ref_ratio},
+                       "forward_backward": {"vectorized_over_torch": torch_ratio,
+                                            "reference_over_vectorized": ref_ratio}},
+            **({"memory": {"forward_ratio": mem}} if mem is not None else {})}
+
+
+def test_targets_geometric_mean_and_limits():
+    cases = [_fake_case("a", "conv", 0.5, ref_ratio=2000.0, mem=1.2),
+             _fake_case("b", "conv", 1.6, ref_ratio=900.0, mem=1.6),
+             _fake_case("p", "pool", 1.4)]
+    rows = {t["target"]: t for t in bench.evaluate_targets(cases)}
+    gm = rows["conv fwd+bwd time vs torch, geometric mean"]
+    assert math.isclose(gm["value"], math.sqrt(0.5 * 1.6)) and gm["pass"] is True
+    assert rows["b fwd+bwd time vs torch"]["pass"] is False
+    assert rows["a fwd+bwd time vs torch"]["pass"] is True
+    assert rows["a fwd+bwd: vectorized speedup over loop reference"]["pass"] is True
+    assert rows["b fwd: vectorized speedup over loop reference"]["pass"] is False
+    assert rows["p fwd+bwd time vs torch"]["pass"] is True
+    assert rows["b forward peak extra memory / one im2col buffer"]["pass"] is False
+    assert rows["a forward peak extra memory / one im2col buffer"]["pass"] is True
+
+
+def test_bad_shape_options_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--conv", "tiny=2,3,9"])
+    with pytest.raises(SystemExit):
+        bench.main(["--pool", "p=median,2,3,8,8,2,2"])
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "no-such-shape"])
