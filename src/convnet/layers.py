@@ -1,0 +1,544 @@
+"""Layers: thin stateful wrappers over :mod:`convnet.functional`.
+
+A layer holds its parameters and their gradients as numpy arrays in PyTorch's layouts,
+keeps what its backward pass needs from the forward pass, and calls the functional API
+for every computation. No layer does math of its own.
+
+Gradients accumulate (``grad += ...``) across backward calls, as in PyTorch; call
+``zero_grad()`` (or ``Sequential.zero_grad()``) before each backward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Union
+
+import numpy as np
+
+from . import _args
+from . import functional as F
+
+__all__ = [
+    "Parameter",
+    "Layer",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "ReLU",
+    "LeakyReLU",
+    "Sigmoid",
+    "Tanh",
+    "Flatten",
+    "Linear",
+    "Dropout",
+    "LAYER_TYPES",
+]
+
+RngLike = Union[np.random.Generator, int, None]
+
+
+def _as_rng(rng: RngLike, name: str = "rng") -> np.random.Generator:
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)):
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"{name} must be a numpy.random.Generator, an int seed or None, got {rng!r}")
+
+
+def _as_float_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in _args.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+    return dt
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _tuplify(value: Any) -> Any:
+    """Lists (e.g. from JSON) -> tuples, the form the functional API documents."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists so a config round-trips through JSON."""
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _pytorch_uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int,
+                     dtype: np.dtype) -> np.ndarray:
+    # kaiming_uniform_(a=sqrt(5)) gives bound gain*sqrt(3/fan_in) with gain sqrt(2/(1+5)),
+    # i.e. 1/sqrt(fan_in); PyTorch draws the bias from the same range.
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+class Parameter:
+    """A named parameter array and its gradient (same shape and dtype).
+
+    ``data`` and ``grad`` are the layer's own arrays: optimizers update them in place.
+    """
+
+    __slots__ = ("name", "data", "grad")
+
+    def __init__(self, name: str, data: np.ndarray, grad: np.ndarray) -> None:
+        self.name = name
+        self.data = data
+        self.grad = grad
+
+    def __repr__(self) -> str:
+        return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Layer:
+    """Base class: ``forward(x) -> y``, ``backward(dy) -> dx``, parameters and modes."""
+
+    #: Names of the layer's parameters, in save order (e.g. ("weight", "bias")).
+    param_names: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.training = True
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    # -- parameters -------------------------------------------------------------------
+    def _add_param(self, name: str, value: np.ndarray) -> None:
+        self.params[name] = value
+        self.grads[name] = np.zeros_like(value)
+
+    def parameters(self, prefix: str = "") -> list[Parameter]:
+        """The layer's parameters with their gradients, named ``prefix + name``."""
+        return [Parameter(prefix + n, self.params[n], self.grads[n]) for n in self.params]
+
+    def zero_grad(self) -> None:
+        """Set all gradients to zero (in place)."""
+        for g in self.grads.values():
+            g.fill(0)
+
+    def set_param(self, name: str, value: np.ndarray) -> None:
+        """Copy ``value`` into parameter ``name`` in place (shape and dtype must match)."""
+        if name not in self.params:
+            raise KeyError(f"{type(self).__name__} has no parameter {name!r}; it has {list(self.params)}")
+        current = self.params[name]
+        value = np.asarray(value)
+        if value.shape != current.shape:
+            raise ValueError(f"{type(self).__name__}.{name} must have shape {current.shape}, got {value.shape}")
+        current[...] = value
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """Dtype of the parameters, or None for a layer without parameters."""
+        for p in self.params.values():
+            return p.dtype
+        return None
+
+    def astype(self, dtype: Any) -> "Layer":
+        """Convert parameters (and zero their gradients) to ``dtype``; returns ``self``."""
+        dt = _as_float_dtype(dtype)
+        for n in list(self.params):
+            self.params[n] = self.params[n].astype(dt)
+            self.grads[n] = np.zeros_like(self.params[n])
+        if hasattr(self, "_dtype"):
+            self._dtype = dt
+        self.clear_cache()
+        return self
+
+    def num_parameters(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    # -- modes ----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Layer":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "Layer":
+        return self.train(False)
+
+    # -- computation ----------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
+
+    def clear_cache(self) -> None:
+        """Drop what forward kept for backward (frees memory after inference)."""
+        for attr in ("_x", "_cache", "_mask", "_shape"):
+            if hasattr(self, attr):
+                setattr(self, attr, None)
+
+    def _cached(self, attr: str):
+        value = getattr(self, attr, None)
+        if value is None:
+            raise RuntimeError(f"{self!r}: backward() called before forward()")
+        return value
+
+    def _check_param_dtype(self, x: np.ndarray) -> None:
+        dt = self.dtype
+        if dt is not None and isinstance(x, np.ndarray) and x.dtype != dt:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the layer's parameters ({dt}); "
+                f"convert the input with x.astype(np.{dt}) or the model with .astype(np.{x.dtype})"
+            )
+
+    # -- serialisation ----------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments as a JSON-compatible dict (parameters excluded)."""
+        return {}
+
+    def __repr__(self) -> str:
+        # Required arguments positionally, others only when they differ from the default,
+        # e.g. Conv2d(1, 8, 5, padding=2).
+        sig = inspect.signature(type(self).__init__).parameters
+        parts = []
+        for k, v in self.get_config().items():
+            v = _tuplify(v)
+            param = sig.get(k)
+            if param is None or param.default is inspect.Parameter.empty:
+                parts.append(repr(v))
+            elif v != param.default and not (k == "dtype" and v == "float32"):
+                parts.append(f"{k}={v!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+class Conv2d(Layer):
+    """2-D convolution (cross-correlation), NCHW.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C and F.
+    kernel_size, stride, dilation : int or (int, int)
+    padding : int, (int, int), "valid" or "same"
+    bias : bool
+        Whether to add a learned bias per output channel.
+    rng : numpy.random.Generator, int or None
+        Source of the initial weights (PyTorch default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        with fan_in = C * KH * KW, for weight and bias).
+    dtype : float32 (default) or float64
+
+    Attributes
+    ----------
+    weight : ndarray (F, C, KH, KW);  bias : ndarray (F,) or None
+    weight_grad, bias_grad : gradients of the same shapes.
+
+    Shapes: x (N, C, H, W) -> y (N, F, OH, OW), OH = (H + 2P - D*(KH-1) - 1) // S + 1.
+    """
+
+    param_names = ("weight", "bias")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, bias: bool = True, *, rng: RngLike = None,
+                 dtype: Any = np.float32) -> None:
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        k = _args.pair(kernel_size, "kernel_size", 1)
+        s = _args.pair(stride, "stride", 1)
+        d = _args.pair(dilation, "dilation", 1)
+        _args.padding_pads(padding, k, s, d)  # validates padding (and 'same' with stride 1)
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.kernel_size, self.stride = _tuplify(kernel_size), _tuplify(stride)
+        self.padding, self.dilation = _tuplify(padding), _tuplify(dilation)
+        self.has_bias = bool(bias)
+        self._dtype = _as_float_dtype(dtype)
+        gen = _as_rng(rng)
+        fan_in = self.in_channels * k[0] * k[1]
+        self._add_param("weight", _pytorch_uniform(gen, (self.out_channels, self.in_channels, *k), fan_in, self._dtype))
+        if self.has_bias:
+            self._add_param("bias", _pytorch_uniform(gen, (self.out_channels,), fan_in, self._dtype))
+        self._x = None
+        self._cache = None
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.params.get("bias")
+
+    @property
+    def weight_grad(self) -> np.ndarray:
+        return self.grads["weight"]
+
+    @property
+    def bias_grad(self) -> np.ndarray | None:
+        return self.grads.get("bias")
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input with {self.in_channels} channels (N, {self.in_channels}, H, W), "
+                             f"got shape {x.shape}")
+        self._check_param_dtype(x)
+        y, self._cache = F.conv2d_with_cache(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        x = self._cached("_x")
+        dx, dw, db = F.conv2d_backward(dy, x, self.weight, self.stride, self.padding, self.dilation,
+                                       cache=self._cache)
+        self.grads["weight"] += dw
+        if self.has_bias:
+            self.grads["bias"] += db
+        return dx
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": _jsonable(self.kernel_size), "stride": _jsonable(self.stride),
+            "padding": _jsonable(self.padding), "dilation": _jsonable(self.dilation),
+            "bias": self.has_bias, "dtype": self._dtype.name,
+        }
+
+
+class Linear(Layer):
+    """Fully connected layer ``y = x @ weight.T + bias``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+    rng : numpy.random.Generator, int or None
+        PyTorch default init: U(-1/sqrt(in_features), 1/sqrt(in_features)) for weight and bias.
+    dtype : float32 (default) or float64
+
+    Shapes: x (N, in_features) -> y (N, out_features); weight (out_features, in_features).
+    """
+
+    param_names = ("weight", "bias")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rng: RngLike = None,
+                 dtype: Any = np.float32) -> None:
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.has_bias = bool(bias)
+        self._dtype = _as_float_dtype(dtype)
+        gen = _as_rng(rng)
+        self._add_param("weight", _pytorch_uniform(gen, (self.out_features, self.in_features),
+                                                   self.in_features, self._dtype))
+        if self.has_bias:
+            self._add_param("bias", _pytorch_uniform(gen, (self.out_features,), self.in_features, self._dtype))
+        self._x = None
+
+    weight = Conv2d.weight
+    bias = Conv2d.bias
+    weight_grad = Conv2d.weight_grad
+    bias_grad = Conv2d.bias_grad
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(x, np.ndarray) and (x.ndim != 2 or x.shape[1] != self.in_features):
+            hint = " (add a Flatten layer before it?)" if x.ndim > 2 else ""
+            raise ValueError(f"expected input (N, {self.in_features}), got shape {x.shape}{hint}")
+        self._check_param_dtype(x)
+        y = F.linear(x, self.weight, self.bias)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        x = self._cached("_x")
+        dx, dw, db = F.linear_backward(dy, x, self.weight)
+        self.grads["weight"] += dw
+        if self.has_bias:
+            self.grads["bias"] += db
+        return dx
+
+    def get_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.has_bias, "dtype": self._dtype.name}
+
+
+class _Pool2d(Layer):
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0) -> None:
+        super().__init__()
+        k = _args.pair(kernel_size, "kernel_size", 1)
+        if stride is not None:
+            _args.pair(stride, "stride", 1)
+        if isinstance(padding, str):
+            raise TypeError(f"padding for pooling must be an int or a pair, got {padding!r}")
+        p = _args.pair(padding, "padding", 0)
+        if 2 * p[0] > k[0] or 2 * p[1] > k[1]:
+            raise ValueError(f"padding must be at most half of kernel_size, got padding={padding!r}, "
+                             f"kernel_size={kernel_size!r}")
+        self.kernel_size, self.stride, self.padding = _tuplify(kernel_size), _tuplify(stride), _tuplify(padding)
+        self._x = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {"kernel_size": _jsonable(self.kernel_size), "stride": _jsonable(self.stride),
+                "padding": _jsonable(self.padding)}
+
+
+class MaxPool2d(_Pool2d):
+    """Max pooling (first maximum wins on ties; padding counts as -inf).
+
+    ``stride`` defaults to ``kernel_size``. Shapes: (N, C, H, W) -> (N, C, OH, OW).
+    """
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return F.max_pool2d_backward(dy, self._cached("_x"), self.kernel_size, self.stride, self.padding)
+
+
+class AvgPool2d(_Pool2d):
+    """Average pooling (padding counts as zeros in the mean).
+
+    ``stride`` defaults to ``kernel_size``. Shapes: (N, C, H, W) -> (N, C, OH, OW).
+    """
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return F.avg_pool2d_backward(dy, self._cached("_x"), self.kernel_size, self.stride, self.padding)
+
+
+class ReLU(Layer):
+    """``max(x, 0)`` elementwise; any shape."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = F.relu(x)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return F.relu_backward(dy, self._cached("_x"))
+
+
+class LeakyReLU(Layer):
+    """``x if x > 0 else negative_slope * x`` elementwise; any shape."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        if isinstance(negative_slope, (bool, np.bool_)) or not isinstance(negative_slope, (int, float, np.floating)) \
+                or not math.isfinite(negative_slope):
+            raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+        self._x = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = F.leaky_relu(x, self.negative_slope)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return F.leaky_relu_backward(dy, self._cached("_x"), self.negative_slope)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"negative_slope": self.negative_slope}
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(negative_slope={self.negative_slope:g})"
+
+
+class Sigmoid(Layer):
+    """Logistic sigmoid elementwise; any shape."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = F.sigmoid(x)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return F.sigmoid_backward(dy, self._cached("_x"))
+
+
+class Tanh(Layer):
+    """Hyperbolic tangent elementwise; any shape."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = F.tanh(x)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return F.tanh_backward(dy, self._cached("_x"))
+
+
+class Flatten(Layer):
+    """Flatten all but the batch axis: (N, d1, d2, ...) -> (N, d1*d2*...)."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not isinstance(x, np.ndarray) or x.ndim < 2:
+            shape = getattr(x, "shape", type(x).__name__)
+            raise ValueError(f"expected an array with a batch axis and at least one more, got {shape}")
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        shape = self._cached("_shape")
+        return dy.reshape(shape)
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training mode zero each element with probability ``p`` and
+    scale the rest by ``1/(1-p)``; identity in eval mode (and when ``p == 0``).
+
+    ``rng`` (Generator, int seed or None) draws the masks; seed it for reproducible training.
+    """
+
+    def __init__(self, p: float = 0.5, *, rng: RngLike = None) -> None:
+        super().__init__()
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating)) or not 0 <= p < 1:
+            raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.rng = _as_rng(rng)
+        self._mask = None
+        self._identity = False
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not self.training or self.p == 0.0:
+            self._identity = True
+            self._mask = None
+            return x
+        y, self._mask = F.dropout(x, self.p, self.rng)
+        self._identity = False
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        if self._identity:
+            return dy
+        return F.dropout_backward(dy, self._cached("_mask"))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"p": self.p}
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p:g})"
+
+
+#: Layer classes by name, used to rebuild a saved model.
+LAYER_TYPES: dict[str, type[Layer]] = {
+    cls.__name__: cls
+    for cls in (Conv2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid, Tanh, Flatten, Linear, Dropout)
+}

@@ -1,0 +1,443 @@
+"""``Sequential`` models, saving and loading, and the default LeNet-style network.
+
+File format (``model.save`` / ``convnet.load``): one ``.npz`` archive, readable with
+``numpy.load(path, allow_pickle=False)``, holding
+
+* ``__architecture__``: a 0-d unicode array with JSON ``{"format": "convnet.Sequential",
+  "version": 1, "input_shape": [C, H, W] or null, "layers": [{"type": "Conv2d", "config":
+  {...}}, ...], "params": {"0.weight": {"shape": [...], "dtype": "float32"}, ...},
+  "sha256": "<digest of all parameter bytes in order>"}``
+* one array per parameter, named ``"<layer index>.<parameter name>"`` (e.g. ``"0.weight"``).
+
+Writes go to a temporary file in the target directory, are flushed to disk and then
+renamed over the target (``os.replace``), so an interrupted save leaves either the old
+file or the new one, never a broken one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .layers import (
+    LAYER_TYPES,
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    Parameter,
+    ReLU,
+    RngLike,
+    _as_rng,
+)
+
+__all__ = ["Sequential", "load", "ModelFileError", "lenet", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "convnet.Sequential"
+FORMAT_VERSION = 1
+_ARCH_KEY = "__architecture__"
+
+
+class ModelFileError(ValueError):
+    """A model file is missing pieces, truncated, corrupted or does not match its architecture."""
+
+
+def _layer_label(index: int, layer: Layer) -> str:
+    return f"layer {index} ({layer!r})"
+
+
+class Sequential:
+    """A stack of layers applied in order.
+
+    Parameters
+    ----------
+    *layers : Layer
+        The layers, first to last.
+    input_shape : tuple of int, optional
+        Shape of one sample, e.g. (1, 28, 28); used by ``summary()`` and saved with the
+        model. ``fit`` fills it in from the training data when it is not set.
+
+    Examples
+    --------
+    >>> from convnet import Sequential, layers as L
+    >>> model = Sequential(L.Conv2d(1, 8, 3, padding=1, rng=0), L.ReLU(), L.MaxPool2d(2),
+    ...                    L.Flatten(), L.Linear(8 * 14 * 14, 10, rng=1))
+    >>> model.predict(np.zeros((5, 1, 28, 28), np.float32)).shape
+    (5, 10)
+    """
+
+    def __init__(self, *layers: Layer, input_shape: Sequence[int] | None = None) -> None:
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential argument {i} must be a Layer, got {type(layer).__name__}")
+        self.layers: list[Layer] = list(layers)
+        self.input_shape = self._check_input_shape(input_shape)
+
+    @staticmethod
+    def _check_input_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
+        if shape is None:
+            return None
+        try:
+            out = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"input_shape must be a sequence of positive ints, got {shape!r}") from None
+        if not out or min(out) < 1:
+            raise ValueError(f"input_shape must be a sequence of positive ints, got {shape!r}")
+        return out
+
+    # -- container protocol -----------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def __getitem__(self, index: int) -> Layer:
+        return self.layers[index]
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+    # -- computation ------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Run all layers; shape/dtype errors name the layer where they happen.
+
+        Parameters
+        ----------
+        x : ndarray (N, ...) matching the first layer (e.g. (N, C, H, W)).
+
+        Returns
+        -------
+        ndarray: the last layer's output, e.g. logits (N, K).
+        """
+        for i, layer in enumerate(self.layers):
+            shape = getattr(x, "shape", None)
+            try:
+                x = layer.forward(x)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{_layer_label(i, layer)} forward, input shape {shape}: {exc}") from exc
+        return x
+
+    __call__ = forward
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Backpropagate ``dy`` (gradient of the loss w.r.t. the output); accumulates
+        parameter gradients and returns the gradient w.r.t. the input."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            shape = getattr(dy, "shape", None)
+            try:
+                dy = layer.backward(dy)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise type(exc)(f"{_layer_label(i, layer)} backward, gradient shape {shape}: {exc}") from exc
+        return dy
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.
+
+        The model's train/eval mode is restored afterwards.
+
+        Returns
+        -------
+        ndarray (N, ...) : the network outputs (logits for a classifier).
+        """
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy ndarray, got {type(x).__name__}")
+        if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if x.ndim < 1 or len(x) == 0:
+            raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
+        was_training = self.training
+        self.eval()
+        try:
+            outs = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        finally:
+            self.clear_cache()
+            self.train(was_training)
+        return np.concatenate(outs, axis=0)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.clear_cache()
+
+    # -- parameters and modes -----------------------------------------------------------
+    def parameters(self) -> list[Parameter]:
+        """All parameters with their gradients, named ``"<layer index>.<name>"``."""
+        out: list[Parameter] = []
+        for i, layer in enumerate(self.layers):
+            out.extend(layer.parameters(prefix=f"{i}."))
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(layer.num_parameters() for layer in self.layers)
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.zero_grad()
+
+    @property
+    def training(self) -> bool:
+        return all(layer.training for layer in self.layers) if self.layers else True
+
+    def train(self, mode: bool = True) -> "Sequential":
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def eval(self) -> "Sequential":
+        return self.train(False)
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        for layer in self.layers:
+            if layer.dtype is not None:
+                return layer.dtype
+        return None
+
+    def astype(self, dtype: Any) -> "Sequential":
+        """Convert all parameters to ``dtype`` (float32 or float64); returns ``self``."""
+        for layer in self.layers:
+            layer.astype(dtype)
+        return self
+
+    # -- summary ------------------------------------------------------------------------
+    def summary(self, input_shape: Sequence[int] | None = None, file=None) -> str:
+        """Print (to ``file``, default stdout) and return a table of each layer's output
+        shape and parameter count, like Keras' ``model.summary()``.
+
+        Parameters
+        ----------
+        input_shape : tuple of int, optional
+            Shape of one sample, e.g. (1, 28, 28); defaults to ``self.input_shape``.
+            Without either, output shapes are shown as "?".
+        """
+        shape = self._check_input_shape(input_shape) if input_shape is not None else self.input_shape
+        shapes: list[str] = []
+        if shape is not None:
+            x = np.zeros((1, *shape), dtype=self.dtype or np.float32)
+            was_training = self.training
+            self.eval()
+            try:
+                for i, layer in enumerate(self.layers):
+                    try:
+                        x = layer.forward(x)
+                    except (ValueError, TypeError) as exc:
+                        raise type(exc)(f"{_layer_label(i, layer)} forward, input shape {x.shape}: {exc}") \
+                            from exc
+                    shapes.append(str(("N", *x.shape[1:])).replace("'", ""))
+            finally:
+                self.clear_cache()
+                self.train(was_training)
+        else:
+            shapes = ["?"] * len(self.layers)
+        rows = [(f"{i}: {layer!r}", shapes[i], f"{layer.num_parameters():,}") for i, layer in enumerate(self.layers)]
+        head = ("Layer", "Output shape", "Params")
+        w = [max(len(r[c]) for r in rows + [head]) for c in range(3)]
+        line = "-" * (w[0] + w[1] + w[2] + 4)
+        out = [f"{head[0]:<{w[0]}}  {head[1]:<{w[1]}}  {head[2]:>{w[2]}}", line]
+        out += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
+        out.append(line)
+        if shape is not None:
+            out.append(f"Input shape: {str(('N', *shape)).replace(chr(39), '')}")
+        out.append(f"Total params: {self.num_parameters():,}")
+        text = "\n".join(out)
+        print(text, file=file if file is not None else sys.stdout)
+        return text
+
+    # -- save ---------------------------------------------------------------------------
+    def architecture(self) -> dict[str, Any]:
+        """The JSON-compatible description stored in saved files (without weights)."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
+            "layers": [{"type": type(layer).__name__, "config": layer.get_config()} for layer in self.layers],
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save architecture and weights to ``path`` (one ``.npz``), atomically.
+
+        The file name is used as given (no ``.npz`` is appended). See the module docstring
+        for the format.
+        """
+        path = os.fspath(path)
+        for layer in self.layers:
+            if type(layer).__name__ not in LAYER_TYPES or LAYER_TYPES[type(layer).__name__] is not type(layer):
+                raise TypeError(f"cannot save custom layer type {type(layer).__name__}; "
+                                f"supported: {', '.join(LAYER_TYPES)}")
+        params = {p.name: np.ascontiguousarray(p.data) for p in self.parameters()}
+        arch = self.architecture()
+        arch["params"] = {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in params.items()}
+        arch["sha256"] = _digest(params)
+        arrays = {_ARCH_KEY: np.array(json.dumps(arch))}
+        arrays.update(params)
+        _atomic_savez(path, arrays)
+
+
+def _digest(params: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(params[name]).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save model to {path!r}: directory {directory!r} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load(path: str | os.PathLike) -> Sequential:
+    """Load a model saved with ``Sequential.save``.
+
+    Returns
+    -------
+    Sequential
+        In training mode, like a freshly built model (``predict`` switches to eval mode
+        by itself); its predictions equal the saved model's exactly.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ModelFileError
+        (a ``ValueError``) if the file is not a convnet model, is truncated or corrupted,
+        or its weights do not match its architecture; the message says which.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ModelFileError(f"{path}: is a directory, not a model file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ModelFileError(f"{path}: not a convnet model file (a plain .npy array, not an .npz archive)")
+            names = set(data.files)
+            if _ARCH_KEY not in names:
+                raise ModelFileError(f"{path}: not a convnet model file (no {_ARCH_KEY!r} entry; "
+                                     f"entries: {sorted(names)[:5]})")
+            arch_raw = data[_ARCH_KEY]
+            arrays = {name: data[name] for name in names if name != _ARCH_KEY}
+    except ModelFileError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ModelFileError(f"{path}: cannot read model file, it is truncated or corrupted ({exc})") from None
+    return _build(path, arch_raw, arrays)
+
+
+def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Sequential:
+    if arch_raw.shape != () or arch_raw.dtype.kind != "U":
+        raise ModelFileError(f"{path}: architecture entry is not a JSON string")
+    try:
+        arch = json.loads(str(arch_raw))
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: architecture JSON is corrupted ({exc})") from None
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path}: not a convnet model file (format {arch.get('format') if isinstance(arch, dict) else None!r})")
+    if arch.get("version") != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: unsupported model file version {arch.get('version')!r} "
+                             f"(this convnet reads version {FORMAT_VERSION})")
+    specs = arch.get("layers")
+    if not isinstance(specs, list):
+        raise ModelFileError(f"{path}: architecture has no layer list")
+    layers = []
+    for i, spec in enumerate(specs):
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in LAYER_TYPES:
+            raise ModelFileError(f"{path}: layer {i} has unknown type {kind!r}; known: {', '.join(LAYER_TYPES)}")
+        config = spec.get("config", {})
+        try:
+            if kind in ("Conv2d", "Linear"):
+                layers.append(LAYER_TYPES[kind](**config, rng=0))  # weights are overwritten below
+            else:
+                layers.append(LAYER_TYPES[kind](**config))
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: layer {i} ({kind}) has an invalid config {config}: {exc}") from None
+    try:
+        model = Sequential(*layers, input_shape=arch.get("input_shape"))
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+
+    expected = {p.name: p for p in model.parameters()}
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing:
+        raise ModelFileError(f"{path}: weights missing for {', '.join(missing)} (architecture needs them)")
+    if extra:
+        raise ModelFileError(f"{path}: unexpected weights {', '.join(extra)} that the architecture does not use")
+    for name, p in expected.items():
+        value = arrays[name]
+        if value.shape != p.data.shape or value.dtype != p.data.dtype:
+            idx = int(name.split(".")[0])
+            raise ModelFileError(
+                f"{path}: weight {name} of layer {idx} ({model[idx]!r}) does not match the architecture: "
+                f"expected {p.data.dtype} {p.data.shape}, file has {value.dtype} {value.shape}"
+            )
+    digest = arch.get("sha256")
+    if digest is not None and digest != _digest(arrays):
+        raise ModelFileError(f"{path}: weights are corrupted (checksum mismatch)")
+    for name, p in expected.items():
+        p.data[...] = arrays[name]
+    return model
+
+
+def lenet(num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), *, rng: RngLike = 0,
+          channels: tuple[int, int] = (8, 16), hidden: int = 64, dtype: Any = np.float32) -> Sequential:
+    """The LeNet-style network ``convnet train`` uses.
+
+    conv 5x5 pad 2 -> ReLU -> maxpool 2 -> conv 5x5 -> ReLU -> maxpool 2 -> flatten ->
+    linear -> ReLU -> linear (logits).
+
+    Parameters
+    ----------
+    num_classes : int
+    input_shape : (C, H, W) of one sample; H and W at least 12.
+    rng : Generator, int seed or None; initial weights.
+    channels : output channels of the two conv layers.
+    hidden : width of the hidden linear layer.
+    dtype : float32 (default) or float64.
+    """
+    gen = _as_rng(rng)
+    c, h, w = Sequential._check_input_shape(input_shape) or (0, 0, 0)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    features = [
+        Conv2d(c, channels[0], 5, padding=2, rng=gen, dtype=dtype), ReLU(), MaxPool2d(2),
+        Conv2d(channels[0], channels[1], 5, rng=gen, dtype=dtype), ReLU(), MaxPool2d(2), Flatten(),
+    ]
+    # The flattened size follows from the layers themselves: run one zero image through.
+    try:
+        flat = Sequential(*features).predict(np.zeros((1, c, h, w), dtype=dtype)).shape[1]
+    except ValueError:
+        raise ValueError(f"input_shape {tuple(input_shape)} is too small for lenet (need H, W >= 12)") from None
+    head = [Linear(flat, hidden, rng=gen, dtype=dtype), ReLU(), Linear(hidden, num_classes, rng=gen, dtype=dtype)]
+    return Sequential(*features, *head, input_shape=(c, h, w))
