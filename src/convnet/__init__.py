@@ -1,0 +1,45 @@
+"""convnet: a vectorized im2col CNN engine in numpy.
+
+>>> import convnet
+>>> from convnet import layers as L
+>>> x_train, y_train, x_test, y_test = convnet.datasets.load_mnist_5k()
+>>> model = convnet.Sequential(
+...     L.Conv2d(1, 8, 5, padding=2, rng=0), L.ReLU(), L.MaxPool2d(2),
+...     L.Flatten(), L.Linear(8 * 14 * 14, 10, rng=1))
+>>> history = convnet.fit(model, x_train, y_train, epochs=2, optimizer=convnet.optim.Adam(1e-3))
+>>> model.save("model.npz"); same = convnet.load("model.npz")
+
+Modules: ``functional`` (pure forward/backward ops), ``layers``, ``losses``, ``optim``,
+``datasets``; the command line is ``convnet`` (``python -m convnet``).
+"""
+
+from . import datasets, functional, layers, losses, optim
+from .layers import (
+    AvgPool2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sigmoid,
+    Tanh,
+)
+from .losses import CrossEntropyLoss, MSELoss
+from .model import ModelFileError, Sequential, lenet, load
+from .optim import SGD, Adam
+from .training import TrainingDivergedError, confusion_matrix, evaluate, fit
+
+# `optimizers` is the documented alias of `optim`.
+optimizers = optim
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional", "layers", "losses", "optim", "optimizers", "datasets",
+    "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Flatten", "Linear", "Dropout",
+    "Sequential", "load", "lenet", "ModelFileError",
+    "CrossEntropyLoss", "MSELoss", "SGD", "Adam",
+    "fit", "evaluate", "confusion_matrix", "TrainingDivergedError",
+]

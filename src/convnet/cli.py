@@ -1,0 +1,312 @@
+"""The ``convnet`` command (also ``python -m convnet``).
+
+Subcommands, one ``cmd_<name>(args) -> int`` function each, registered in
+``build_parser()``:
+
+* ``convnet train``: train the LeNet-style network on the bundled digits (or on MNIST /
+  Fashion-MNIST IDX files with ``--data DIR``), print test accuracy, save the model.
+* ``convnet evaluate MODEL``: accuracy and confusion matrix on the test split.
+* ``convnet summary MODEL``: the architecture, output shapes and parameter counts.
+
+User mistakes (missing files, bad option values, corrupted models) print one line
+``convnet: error: ...`` to stderr and exit with status 2 (bad usage) or 1 (anything
+else); no traceback. Set ``CONVNET_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+DEFAULT_OUT = os.path.join("out", "convnet_mnist.npz")
+# Default recipe for `convnet train` (see benchmarks/train_mnist.py for its measured time and accuracy).
+DEFAULT_EPOCHS = 8
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
+DEFAULT_SEED = 0
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- argument types: reject bad values with a message naming the value ---------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def _load_data(data_dir: str | None):
+    """(split, description) for the bundled digits or an IDX directory."""
+    from . import datasets
+
+    if data_dir is None:
+        return datasets.load_mnist_5k(), "bundled MNIST digits"
+    return datasets.load_mnist_idx(data_dir), f"IDX files in {data_dir}"
+
+
+# -- subcommands --------------------------------------------------------------------------------
+
+def _add_train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a LeNet-style CNN and save it",
+        description="Train a LeNet-style CNN (conv-relu-pool x2, two linear layers) on the bundled "
+                    "5,000 MNIST digits (4,000 train / 1,000 test) or, with --data, on full MNIST / "
+                    "Fashion-MNIST IDX files; print test accuracy and save the model.")
+    p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+                   help=f"passes over the training data (default {DEFAULT_EPOCHS})")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"mini-batch size (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default 0.001 for adam, 0.05 for sgd)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="adam (default) or sgd (with momentum 0.9)")
+    p.add_argument("--seed", type=_non_negative_int, default=DEFAULT_SEED,
+                   help=f"seed for initial weights and shuffling (default {DEFAULT_SEED})")
+    p.add_argument("--val-split", type=_fraction, default=0.0,
+                   help="fraction of the training data held out for validation (default 0)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="PATH",
+                   help=f"where to save the model (default {DEFAULT_OUT}); also written after "
+                        f"every epoch as a checkpoint")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="directory with MNIST-format IDX files (train-images-idx3-ubyte, "
+                        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; "
+                        "raw or .gz) instead of the bundled digits")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="train on only the first N training images (quick runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``convnet train``: build, train, evaluate and save the default network."""
+    import numpy as np
+
+    from . import model as model_mod
+    from .optim import SGD, Adam
+    from .training import evaluate, fit
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise CliError(f"--out {args.out!r} is a directory; give a file path such as {DEFAULT_OUT}", 2)
+    split, source = _load_data(args.data)
+    x_train, y_train, x_test, y_test = split
+    if args.limit is not None:
+        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    model = model_mod.lenet(num_classes=num_classes, input_shape=x_train.shape[1:], rng=args.seed)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    optimizer = Adam(lr=lr) if args.optimizer == "adam" else SGD(lr=lr, momentum=0.9)
+    os.makedirs(out_dir, exist_ok=True)
+
+    say = (lambda *a, **k: None) if args.quiet else print
+    say(f"training on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
+        f"{num_classes} classes); {args.epochs} epochs, batch size {args.batch_size}, {args.optimizer} lr {lr:g}, "
+        f"seed {args.seed}", flush=True)
+
+    def report(rec: dict) -> None:
+        line = (f"epoch {rec['epoch']}/{args.epochs}: loss {rec['loss']:.4f}, "
+                f"accuracy {100 * rec['accuracy']:.2f}%")
+        if rec["val_loss"] is not None:
+            line += f", val_loss {rec['val_loss']:.4f}, val_accuracy {100 * rec['val_accuracy']:.2f}%"
+        say(line + f" ({rec['time']:.1f}s)", flush=True)
+
+    t0 = time.perf_counter()
+    history = fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+                  validation_split=args.val_split, seed=args.seed, progress=False if args.quiet else None,
+                  checkpoint=args.out, on_epoch_end=report)
+    train_time = time.perf_counter() - t0
+    result = evaluate(model, x_test, y_test)
+    correct = int(np.count_nonzero(result["predictions"] == y_test))
+    print(f"test accuracy: {100 * result['accuracy']:.2f}% ({correct}/{len(y_test)}), "
+          f"test loss {result['loss']:.4f}; trained in {train_time:.1f}s")
+    model.save(args.out)
+    print(f"model saved to {args.out}")
+    # Extra outputs derived from `history` (e.g. plots) belong here.
+    _ = history
+    return 0
+
+
+def _add_evaluate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("evaluate", help="accuracy and confusion matrix of a saved model",
+                       description="Print the accuracy and confusion matrix of a saved model on the "
+                                   "bundled test split (1,000 digits) or on the IDX test files in --data.")
+    p.add_argument("model", metavar="MODEL", help="model file written by `convnet train` or model.save()")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="directory with MNIST-format IDX files (uses the t10k test files)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="inference batch size (default 256)")
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def format_confusion_matrix(matrix, labels: Sequence[str] | None = None) -> str:
+    """Text table: rows are true classes, columns predicted classes."""
+    k = len(matrix)
+    labels = [str(i) for i in range(k)] if labels is None else list(labels)
+    width = max(max(len(str(int(v))) for row in matrix for v in row), max(len(s) for s in labels), 3)
+    lead = max(len("true"), max(len(s) for s in labels))
+    lines = [" " * (lead + 1) + "predicted".center((width + 1) * k).rstrip()]
+    lines.append("true".rjust(lead) + " " + " ".join(s.rjust(width) for s in labels))
+    for name, row in zip(labels, matrix):
+        lines.append(name.rjust(lead) + " " + " ".join(str(int(v)).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``convnet evaluate MODEL``: accuracy and confusion matrix."""
+    import numpy as np
+
+    from .model import load
+    from .training import confusion_matrix, evaluate
+
+    model = load(args.model)
+    _, _, x_test, y_test = _load_data(args.data)[0]
+    _check_model_fits(model, x_test, args.model)
+    result = evaluate(model, x_test, y_test, batch_size=args.batch_size)
+    num_classes = max(int(y_test.max()) + 1, int(result["predictions"].max()) + 1)
+    matrix = confusion_matrix(y_test, result["predictions"], num_classes)
+    correct = int(np.trace(matrix))
+    source = "bundled test split" if args.data is None else f"{args.data} test files"
+    print(f"{args.model}: accuracy {100 * result['accuracy']:.2f}% ({correct}/{len(y_test)}) on the {source}, "
+          f"loss {result['loss']:.4f}")
+    print("confusion matrix (rows: true class, columns: predicted class):")
+    print(format_confusion_matrix(matrix))
+    return 0
+
+
+def _check_model_fits(model, x, path: str) -> None:
+    if model.input_shape is not None and tuple(model.input_shape) != tuple(x.shape[1:]):
+        raise CliError(f"{path} expects inputs of shape {tuple(model.input_shape)}, "
+                       f"but the data has shape {tuple(x.shape[1:])}")
+
+
+def _add_summary_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("summary", help="print a saved model's architecture",
+                       description="Print each layer of a saved model with its output shape and "
+                                   "parameter count.")
+    p.add_argument("model", metavar="MODEL", help="model file written by `convnet train` or model.save()")
+    p.set_defaults(func=cmd_summary)
+    return p
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """``convnet summary MODEL``."""
+    from .model import load
+
+    model = load(args.model)
+    print(f"{args.model}:")
+    model.summary()
+    return 0
+
+
+# Each entry adds one subcommand's parser (which sets `func`); add new subcommands here.
+SUBCOMMANDS: list[Callable] = [_add_train_parser, _add_evaluate_parser, _add_summary_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``convnet`` argument parser with all subcommands."""
+    parser = _Parser(prog="convnet", description="Train, evaluate and inspect CNNs built with convnet "
+                                                 "(a vectorized im2col CNN engine in numpy).")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"convnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``convnet`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from .datasets import IdxFormatError
+    from .model import ModelFileError
+    from .training import TrainingDivergedError
+
+    debug = bool(os.environ.get("CONVNET_DEBUG"))
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        message, code = str(exc), exc.code
+    except KeyboardInterrupt:
+        print("convnet: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if debug:
+            raise
+        # open() errors read "[Errno 2] ..."; say "<file>: <reason>" instead.
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        code = 1
+    except (ModelFileError, IdxFormatError, TrainingDivergedError) as exc:
+        if debug:
+            raise
+        message, code = str(exc), 1
+    except (ValueError, TypeError) as exc:
+        # Raised by argument checks deeper down (e.g. a model that does not fit the data);
+        # the message names what is wrong.
+        if debug:
+            raise
+        message, code = f"{exc} (set CONVNET_DEBUG=1 for a traceback)", 1
+    print(f"convnet {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

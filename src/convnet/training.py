@@ -1,0 +1,265 @@
+"""Training loop (``fit``), ``evaluate`` and a confusion matrix.
+
+``fit`` returns the training history: a list with one dict per epoch, keys ``"epoch"``
+(1-based), ``"loss"``, ``"accuracy"`` (running means over the epoch's batches),
+``"val_loss"``, ``"val_accuracy"`` (None without validation data) and ``"time"`` (s).
+Accuracies are None for non-classification losses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .losses import CrossEntropyLoss, Loss
+from .model import Sequential
+from .optim import Adam, Optimizer
+
+__all__ = ["fit", "evaluate", "confusion_matrix", "TrainingDivergedError"]
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss (or a weight) became NaN or infinite; ``epoch`` and ``step`` say where."""
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_xy(x: Any, y: Any, loss: Loss, what: str) -> None:
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        raise TypeError(f"{what} x must be a float numpy array, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(y, np.ndarray):
+        raise TypeError(f"{what} y must be a numpy array, got {type(y).__name__}")
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(f"{what} x must have shape (N, ...) with N >= 1, got {x.shape}")
+    if len(y) != len(x):
+        raise ValueError(f"{what} x and y differ in length: {len(x)} samples vs {len(y)} targets")
+    if loss.classification:
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise TypeError(f"{what} y must be integer class labels of shape (N,), got {y.dtype} {y.shape}")
+        if y.min() < 0:
+            raise ValueError(f"{what} y must hold non-negative class labels, got minimum {y.min()}")
+
+
+def _accuracy(out: np.ndarray, y: np.ndarray) -> int:
+    return int(np.count_nonzero(out.argmax(axis=1) == y))
+
+
+def _params_finite(model: Sequential) -> bool:
+    return all(bool(np.isfinite(p.data).all()) for p in model.parameters())
+
+
+def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, batch_size: int = 32,
+        loss: Loss | None = None, optimizer: Optimizer | None = None, validation_split: float = 0.0,
+        validation_data: tuple[np.ndarray, np.ndarray] | None = None, shuffle: bool = True,
+        seed: int | None = 0, progress: bool | None = None, checkpoint: str | os.PathLike | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``model`` with mini-batch gradient descent.
+
+    Parameters
+    ----------
+    model : Sequential
+    x : float ndarray (N, ...), e.g. (N, C, H, W), dtype of the model's parameters.
+    y : ndarray (N,) int class labels (cross-entropy) or (N, ...) float targets (MSE).
+    epochs, batch_size : int
+        The last batch of an epoch may be smaller.
+    loss : Loss, default ``CrossEntropyLoss()``
+    optimizer : Optimizer, default ``Adam(lr=1e-3)``
+    validation_split : float in [0, 1)
+        Fraction of ``(x, y)`` held out (chosen at random from ``seed``) for validation.
+    validation_data : (x_val, y_val), optional
+        Explicit validation set; overrides ``validation_split``.
+    shuffle : bool
+        Reshuffle the training samples every epoch (from ``seed``).
+    seed : int or None
+        Seeds the validation split and shuffling. With the same seed, the same initial
+        weights and seeded Dropout layers, training gives bit-identical weights.
+    progress : bool or None
+        Show a tqdm progress bar on stderr; None (default) shows it only when stderr is
+        a terminal.
+    checkpoint : path, optional
+        Save the model (atomically) after every epoch whose weights are all finite.
+    on_epoch_end : callable, optional
+        Called with each epoch's history dict.
+
+    Returns
+    -------
+    list of dict
+        The history, one dict per epoch (see the module docstring).
+
+    Raises
+    ------
+    TrainingDivergedError
+        (a ``FloatingPointError``) when the loss or the weights become NaN or infinite,
+        naming the epoch and step. The checkpoint on disk then still holds the last
+        good epoch.
+    """
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be a Sequential, got {type(model).__name__}")
+    loss = CrossEntropyLoss() if loss is None else loss
+    optimizer = Adam() if optimizer is None else optimizer
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a convnet.losses.Loss, got {type(loss).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a convnet.optim.Optimizer, got {type(optimizer).__name__}")
+    epochs = _positive_int(epochs, "epochs")
+    batch_size = _positive_int(batch_size, "batch_size")
+    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) \
+            or not 0 <= validation_split < 1:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    _check_xy(x, y, loss, "training")
+    if model.dtype is not None and x.dtype != model.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {model.dtype}; "
+                        f"convert one of them (x.astype or model.astype)")
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        directory = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+
+    split_seq, shuffle_seq = np.random.SeedSequence(seed).spawn(2)
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise TypeError("validation_data must be a pair (x_val, y_val)")
+        x_val, y_val = validation_data
+        _check_xy(x_val, y_val, loss, "validation")
+        x_train, y_train = x, y
+    elif validation_split > 0:
+        n_val = int(round(len(x) * validation_split))
+        if n_val < 1 or n_val >= len(x):
+            raise ValueError(f"validation_split={validation_split} leaves {n_val} of {len(x)} samples for "
+                             f"validation; need at least one for each of training and validation")
+        perm = np.random.default_rng(split_seq).permutation(len(x))
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    else:
+        x_train, y_train, x_val, y_val = x, y, None, None
+
+    if model.input_shape is None:
+        model.input_shape = tuple(x.shape[1:])
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if show:
+        from tqdm.auto import tqdm  # imported lazily: keeps `import convnet` cheap
+    shuffle_rng = np.random.default_rng(shuffle_seq)
+    n = len(x_train)
+    steps = math.ceil(n / batch_size)
+    params = model.parameters()
+    history: list[dict] = []
+    model.train()
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
+        total_loss, correct = 0.0, 0
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                   file=sys.stderr, dynamic_ncols=True) if show else None
+        try:
+            for step in range(1, steps + 1):
+                idx = order[(step - 1) * batch_size: step * batch_size]
+                xb, yb = x_train[idx], y_train[idx]
+                model.zero_grad()
+                out = model.forward(xb)
+                value = loss(out, yb)
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps} "
+                        f"(try a lower learning rate)" + _checkpoint_note(checkpoint, history), epoch, step)
+                model.backward(loss.backward())
+                optimizer.step(params)
+                total_loss += value * len(idx)
+                if loss.classification:
+                    correct += _accuracy(out, yb)
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0 or step == steps:
+                        seen = min(step * batch_size, n)
+                        post = {"loss": f"{total_loss / seen:.4f}"}
+                        if loss.classification:
+                            post["acc"] = f"{correct / seen:.3f}"
+                        bar.set_postfix(post, refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        model.clear_cache()
+        if not _params_finite(model):
+            raise TrainingDivergedError(
+                f"training diverged: weights became NaN or infinite at epoch {epoch}, step {steps} of {steps} "
+                f"(try a lower learning rate)" + _checkpoint_note(checkpoint, history), epoch, steps)
+        record = {
+            "epoch": epoch,
+            "loss": total_loss / n,
+            "accuracy": correct / n if loss.classification else None,
+            "val_loss": None,
+            "val_accuracy": None,
+            "time": 0.0,
+        }
+        if x_val is not None:
+            val = evaluate(model, x_val, y_val, loss=loss)
+            record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
+            model.train()
+        record["time"] = time.perf_counter() - t0
+        history.append(record)
+        if checkpoint is not None:
+            model.save(checkpoint)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    return history
+
+
+def _checkpoint_note(checkpoint: str | None, history: list[dict]) -> str:
+    if checkpoint is None:
+        return ""
+    if not history:
+        return f"; no checkpoint was written to {checkpoint}"
+    return f"; the checkpoint {checkpoint} (epoch {history[-1]['epoch']}) is untouched"
+
+
+def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, *, loss: Loss | None = None,
+             batch_size: int = 256) -> dict:
+    """Loss and accuracy of ``model`` on ``(x, y)`` in eval mode.
+
+    Returns
+    -------
+    dict
+        ``{"loss": float, "accuracy": float or None, "predictions": int ndarray (N,) or None}``;
+        accuracy and predictions (argmax classes) only for classification losses.
+    """
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be a Sequential, got {type(model).__name__}")
+    loss = CrossEntropyLoss() if loss is None else loss
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a convnet.losses.Loss, got {type(loss).__name__}")
+    _check_xy(x, y, loss, "evaluation")
+    out = model.predict(x, batch_size=batch_size)
+    if loss.classification and y.max() >= out.shape[1]:
+        raise ValueError(f"labels go up to {y.max()} but the model has only {out.shape[1]} outputs")
+    value = loss.forward(out, y)
+    if not loss.classification:
+        return {"loss": value, "accuracy": None, "predictions": None}
+    pred = out.argmax(axis=1)
+    return {"loss": value, "accuracy": float(np.mean(pred == y)), "predictions": pred}
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    """Counts ``m[i, j]`` of samples of true class ``i`` predicted as ``j``; int64 (K, K)."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"y_true and y_pred must be 1-D of the same length, got {y_true.shape} and {y_pred.shape}")
+    k = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1 if num_classes is None else int(num_classes)
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k).astype(np.int64)
