@@ -132,3 +132,21 @@ def test_bad_shape_options_are_rejected(capsys):
         bench.main(["--pool", "p=median,2,3,8,8,2,2"])
     with pytest.raises(SystemExit):
         bench.main(["--shape", "no-such-shape"])
+
+
+def test_network_twin_agrees_and_a_wrong_twin_is_refused():
+    torch = pytest.importorskip("torch")
+    import _network
+
+    import convnet
+    from convnet.datasets import load_mnist_5k
+
+    x, y = load_mnist_5k()[:2]
+    x, y = x[:8], y[:8]
+    model = convnet.lenet(rng=0)
+    twin = _network.torch_twin(model, torch)
+    assert _network.check_one_batch(model, twin, x, y, torch)["pass"]
+    with torch.no_grad():
+        twin[0].weight[0, 0, 2, 2] += 0.5
+    check = _network.check_one_batch(model, twin, x, y, torch)
+    assert not check["pass"] and check["worst_rel_err"] > _network.TOLERANCE

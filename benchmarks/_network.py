@@ -1,0 +1,172 @@
+"""Whole-network figure for ``benchmarks/bench.py``: one training epoch of the default network.
+
+The default network is ``convnet.lenet()`` trained the way ``convnet train`` does
+(``convnet.fit``, Adam, its default batch size) on the bundled digits. The same
+network is rebuilt in PyTorch from the layers' ``get_config()``, starts from the
+same weights, and is trained with the same optimizer, batch size and loss. Before
+timing, one batch's loss and gradients are compared between the two, so a
+throughput is only reported for a network that computes the right thing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+# The witness tolerance of bench.py's layer checks, applied to a whole network's gradients.
+TOLERANCE = 1e-4
+WARMUP_IMAGES = 256
+EPOCHS = 3  # timed epochs; the median is reported (an epoch is short, so one is noisy)
+
+
+def _defaults() -> tuple[int, float]:
+    """Batch size and Adam learning rate of ``convnet train``."""
+    try:
+        from convnet import cli
+        return int(cli.DEFAULT_BATCH_SIZE), float(cli.DEFAULT_LR["adam"])
+    except (ImportError, AttributeError, KeyError):
+        return 32, 1e-3
+
+
+def torch_twin(model: Any, torch: Any) -> Any:
+    """A ``torch.nn.Sequential`` with the same layers and (copied) weights as ``model``."""
+    nn = torch.nn
+    modules = []
+    for layer in model:
+        kind = type(layer).__name__
+        cfg = {k: v for k, v in layer.get_config().items() if k != "dtype"}
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        if kind in ("Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "LeakyReLU", "Dropout"):
+            mod = getattr(nn, kind)(**cfg)
+        elif kind in ("ReLU", "Sigmoid", "Tanh", "Flatten"):
+            mod = getattr(nn, kind)()
+        else:
+            raise TypeError(f"no torch equivalent for layer {kind}")
+        for name, value in layer.params.items():
+            getattr(mod, name).data = torch.from_numpy(np.array(value, copy=True))
+        modules.append(mod)
+    return nn.Sequential(*modules)
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    scale = float(np.max(np.abs(want))) or 1.0
+    return float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) / scale
+
+
+def check_one_batch(model: Any, tmodel: Any, x: np.ndarray, y: np.ndarray, torch: Any) -> dict[str, Any]:
+    """Loss, logits and every parameter gradient of one batch, convnet vs torch, same weights."""
+    from convnet.losses import CrossEntropyLoss
+
+    loss = CrossEntropyLoss()
+    model.train()
+    model.zero_grad()
+    out = model.forward(x)
+    value = loss(out, y)
+    model.backward(loss.backward())
+    model.clear_cache()
+
+    tmodel.train()
+    tmodel.zero_grad(set_to_none=True)
+    tout = tmodel(torch.from_numpy(x))
+    tloss = torch.nn.functional.cross_entropy(tout, torch.from_numpy(y))
+    tloss.backward()
+
+    errs = {"logits": _rel_err(out, tout.detach().numpy()),
+            "loss": abs(value - tloss.item()) / max(abs(tloss.item()), 1e-12)}
+    for i, (layer, mod) in enumerate(zip(model, tmodel)):
+        for name in layer.params:
+            errs[f"{i}.{type(layer).__name__}.{name}.grad"] = _rel_err(
+                layer.grads[name], getattr(mod, name).grad.numpy())
+    model.zero_grad()
+    worst = max(errs, key=errs.get)
+    return {"pass": all(e <= TOLERANCE for e in errs.values()), "worst": worst,
+            "worst_rel_err": errs[worst], "tol": TOLERANCE, "arrays": len(errs)}
+
+
+def torch_fit(tmodel: Any, x: np.ndarray, y: np.ndarray, batch_size: int, lr: float, torch: Any,
+              epochs: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Shuffled epochs of Adam on ``tmodel``, as ``convnet.fit`` runs them; a history per epoch."""
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(tmodel.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    tmodel.train()
+    history = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(X), generator=gen)
+        total, correct = 0.0, 0
+        for i in range(0, len(X), batch_size):
+            idx = perm[i:i + batch_size]
+            xb, yb = X[idx], Y[idx]
+            opt.zero_grad(set_to_none=True)
+            out = tmodel(xb)
+            loss = torch.nn.functional.cross_entropy(out, yb)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+        history.append({"time": time.perf_counter() - t0, "loss": total / len(X),
+                        "accuracy": correct / len(X)})
+    return history
+
+
+def _summary(history: list[dict[str, Any]], images: int) -> dict[str, Any]:
+    """Median epoch time and images/s; loss and accuracy of the last epoch."""
+    seconds = float(np.median([h["time"] for h in history]))
+    return {"seconds": seconds, "images_per_s": images / seconds, "epoch_times": [h["time"] for h in history],
+            "epochs": len(history), "loss": history[-1]["loss"], "accuracy": history[-1]["accuracy"]}
+
+
+def run_network(opts: Any, torch: Any) -> dict[str, Any]:
+    """Training throughput of the default network, convnet and (when available) torch."""
+    import convnet
+    from convnet.datasets import load_mnist_5k
+    from convnet.optim import Adam
+
+    x_train, y_train, _, _ = load_mnist_5k()
+    batch_size, lr = _defaults()
+    result: dict[str, Any] = {"network": "convnet.lenet()", "images": int(len(x_train)),
+                              "batch_size": batch_size, "optimizer": f"Adam(lr={lr:g})", "status": "ok"}
+
+    model = convnet.lenet(rng=opts.seed)
+    tmodel = torch_twin(model, torch) if torch is not None else None
+    if tmodel is not None:
+        check = check_one_batch(model, tmodel, x_train[:batch_size], y_train[:batch_size], torch)
+        result["check"] = check
+        if not check["pass"]:
+            result["status"] = "FAILED"
+            result["reason"] = (f"convnet and torch disagree on one batch: {check['worst']} rel err "
+                                f"{check['worst_rel_err']:.2e} > {TOLERANCE:.0e}")
+            return result
+
+    # Warm-up on throwaway copies, then one timed epoch each.
+    convnet.fit(convnet.lenet(rng=opts.seed + 1), x_train[:WARMUP_IMAGES], y_train[:WARMUP_IMAGES],
+                epochs=1, batch_size=batch_size, optimizer=Adam(lr=lr), progress=False, seed=opts.seed)
+    history = convnet.fit(model, x_train, y_train, epochs=EPOCHS, batch_size=batch_size,
+                          optimizer=Adam(lr=lr), progress=False, seed=opts.seed)
+    result["convnet"] = _summary(history, len(x_train))
+    lines = [f"{result['network']}, {len(x_train)} images, batch {batch_size}, {result['optimizer']}; "
+             f"median of {EPOCHS} epochs (loss and accuracy of the last)",
+             _line("convnet", result["convnet"])]
+    if tmodel is not None:
+        torch_fit(torch_twin(convnet.lenet(rng=opts.seed + 1), torch), x_train[:WARMUP_IMAGES],
+                  y_train[:WARMUP_IMAGES], batch_size, lr, torch, epochs=1, seed=opts.seed)
+        thist = torch_fit(tmodel, x_train, y_train, batch_size, lr, torch, epochs=EPOCHS, seed=opts.seed)
+        result["torch"] = _summary(thist, len(x_train))
+        result["convnet_time_over_torch"] = result["convnet"]["seconds"] / result["torch"]["seconds"]
+        lines.append(_line("torch", result["torch"]))
+        lines.append(f"convnet/torch epoch time: {result['convnet_time_over_torch']:.2f}x "
+                     f"(one-batch loss and gradients agree: worst rel err "
+                     f"{result['check']['worst_rel_err']:.1e} over {result['check']['arrays']} arrays)")
+    else:
+        result["torch"] = {"status": "skipped", "reason": "torch not available"}
+        lines.append("torch: skipped (not available)")
+    result["lines"] = lines
+    return result
+
+
+def _line(name: str, r: dict[str, Any]) -> str:
+    return (f"{name:8s} {r['images_per_s']:8.0f} images/s  (epoch {r['seconds']:.2f} s, "
+            f"train loss {r['loss']:.3f}, accuracy {100 * r['accuracy']:.1f}%)")
