@@ -7,6 +7,8 @@ Subcommands, one ``cmd_<name>(args) -> int`` function each, registered in
   Fashion-MNIST IDX files with ``--data DIR``), print test accuracy, save the model.
 * ``convnet evaluate MODEL``: accuracy and confusion matrix on the test split.
 * ``convnet summary MODEL``: the architecture, output shapes and parameter counts.
+* ``convnet plot MODEL --out DIR``: PNG pictures of a saved model (needs matplotlib).
+* ``convnet explain [conv|backward|pool]``: the tutorial's worked examples, step by step.
 
 User mistakes (missing files, bad option values, corrupted models) print one line
 ``convnet: error: ...`` to stderr and exit with status 2 (bad usage) or 1 (anything
@@ -127,6 +129,9 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="train on only the first N training images (quick runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="write pictures to DIR: learning curves after every epoch, then filters, feature "
+                        "maps, saliency and confusion matrix (needs matplotlib)")
     p.set_defaults(func=cmd_train)
     return p
 
@@ -142,6 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
         raise CliError(f"--out {args.out!r} is a directory; give a file path such as {DEFAULT_OUT}", 2)
+    plots = _training_plots(args.plots)
     split, source = _load_data(args.data)
     x_train, y_train, x_test, y_test = split
     if args.limit is not None:
@@ -167,7 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     history = fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
                   validation_split=args.val_split, seed=args.seed, progress=False if args.quiet else None,
-                  checkpoint=args.out, on_epoch_end=report)
+                  checkpoint=args.out,
+                  on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
     result = evaluate(model, x_test, y_test)
     correct = int(np.count_nonzero(result["predictions"] == y_test))
@@ -177,6 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model saved to {args.out}")
     # Extra outputs derived from `history` (e.g. plots) belong here.
     _ = history
+    if plots is not None:
+        plots.finish(model, x_test, y_test)
     return 0
 
 
@@ -252,8 +261,91 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_plots(out_dir: str | None):
+    """``plot.TrainingPlots`` for ``train --plots DIR`` (None without it); fails before training."""
+    if out_dir is None:
+        return None
+    from . import plot
+
+    try:
+        return plot.TrainingPlots(out_dir)
+    except plot.MatplotlibMissingError as exc:
+        raise CliError(str(exc), 1) from None
+    except ValueError as exc:
+        raise CliError(f"--plots: {exc}", 2) from None
+
+
+def _add_plot_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plot", help="pictures of a saved model: filters, feature maps, saliency, confusion matrix",
+                       description="Write PNG pictures of a saved model into DIR: its conv filters "
+                                   "(filters_conv1.png, ...), the feature maps and saliency of one test digit "
+                                   "(feature_maps.png, saliency.png) and the confusion matrix on the test split "
+                                   "(confusion_matrix.png). Needs matplotlib.")
+    p.add_argument("model", metavar="MODEL", help="model file written by `convnet train` or model.save()")
+    p.add_argument("--out", metavar="DIR", required=True, help="directory for the PNG files (created if missing)")
+    p.add_argument("--index", type=_non_negative_int, default=0, metavar="I",
+                   help="which test digit to show in the feature maps and saliency (default 0)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="directory with MNIST-format IDX files (uses the t10k test files)")
+    p.set_defaults(func=cmd_plot)
+    return p
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``convnet plot MODEL --out DIR``: write the pictures, printing each path."""
+    from . import plot
+    from .model import load
+
+    try:
+        plot.require_matplotlib()
+    except plot.MatplotlibMissingError as exc:
+        raise CliError(str(exc), 1) from None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"--out {args.out!r} exists and is not a directory", 2)
+    model = load(args.model)
+    _, _, x_test, y_test = _load_data(args.data)[0]
+    _check_model_fits(model, x_test, args.model)
+    if args.index >= len(x_test):
+        raise CliError(f"--index must be below the number of test images ({len(x_test)}), got {args.index}", 2)
+    plot.plot_model(model, args.out, x_test, y_test, index=args.index)
+    return 0
+
+
+def _add_explain_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("explain", help="replay the tutorial's conv, backward and pooling examples step by step",
+                       description="Print, step by step, the tutorial's worked examples: a conv layer's forward "
+                                   "pass (output-size formula, one element as a sum of products, the feature "
+                                   "maps), its backward pass (zero insertion, padding, flipped filters, "
+                                   "sensitivity map, filter gradients) and max/mean pooling with their error "
+                                   "routing. Every number is computed by the engine and checked against the "
+                                   "loop reference. With --input/--weights, the same steps on your arrays.")
+    p.add_argument("part", nargs="?", choices=("conv", "backward", "pool"), default=None,
+                   help="only this part (default: all three)")
+    p.add_argument("--input", metavar="FILE.npy", default=None,
+                   help="one input image, shape (H, W), (C, H, W) or (1, C, H, W)")
+    p.add_argument("--weights", metavar="FILE.npz", default=None,
+                   help="np.savez archive with 'weight' (F, C, KH, KW) and optional 'bias' (F,), "
+                        "'stride', 'padding' (int or pair; default 1 and 0)")
+    p.set_defaults(func=cmd_explain)
+    return p
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``convnet explain [conv|backward|pool]``; exit status 1 if the engine and reference disagree."""
+    from . import explain
+
+    try:
+        x = explain.load_input(args.input) if args.input is not None else None
+        w = explain.load_weights(args.weights) if args.weights is not None else {}
+        mismatches = explain.explain(args.part or "all", x=x, **w)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc), 1) from None
+    return 1 if mismatches else 0
+
+
 # Each entry adds one subcommand's parser (which sets `func`); add new subcommands here.
-SUBCOMMANDS: list[Callable] = [_add_train_parser, _add_evaluate_parser, _add_summary_parser]
+SUBCOMMANDS: list[Callable] = [_add_train_parser, _add_evaluate_parser, _add_summary_parser,
+                               _add_plot_parser, _add_explain_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
