@@ -41,6 +41,7 @@ __all__ = [
     "confusion_counts",
     "confusion_matrix_png",
     "plot_model",
+    "TrainingPlots",
 ]
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install 'convnet[plot]'"
@@ -177,7 +178,12 @@ def learning_curves_png(history: Sequence[dict], path: str | os.PathLike) -> str
     fig = _figure(1000, 400)
     axes = fig.subplots(1, 2)
     for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
-        ax.plot(epochs, series(key), "o-", label=f"train {key}")
+        train = series(key)
+        if train is None:  # regression losses (MSE) have no accuracy
+            ax.text(0.5, 0.5, f"no {key} for this loss", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        ax.plot(epochs, train, "o-", label=f"train {key}")
         val = series(f"val_{key}")
         if val is not None:
             ax.plot(epochs, val, "s--", label=f"validation {key}")
@@ -502,3 +508,43 @@ def plot_model(model: Any, out_dir: str | os.PathLike, x: np.ndarray, y: np.ndar
         cm = confusion_counts(np.asarray(y), np.argmax(logits, axis=1), k)
         done(confusion_matrix_png(cm, os.path.join(out_dir, CONFUSION_MATRIX)))
     return written
+
+
+class TrainingPlots:
+    """Pictures during and after training: pass ``on_epoch_end`` to ``fit``, then call ``finish``.
+
+    The learning curves (``learning_curves.png``) are rewritten after every epoch, so
+    they can be watched while training runs; ``finish`` writes the rest with
+    :func:`plot_model`. Fails fast (at construction) when matplotlib is missing.
+
+    Examples
+    --------
+    >>> plots = TrainingPlots("out/plots")
+    >>> history = fit(model, x, y, on_epoch_end=plots.on_epoch_end)   # doctest: +SKIP
+    >>> plots.finish(model, x_test, y_test)                           # doctest: +SKIP
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, echo: Callable[[str], Any] | None = print) -> None:
+        require_matplotlib()
+        self.out_dir = os.fspath(out_dir)
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise ValueError(f"plots directory {self.out_dir!r} exists and is not a directory")
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.echo = echo
+        self.history: list[dict] = []
+
+    @property
+    def curves_path(self) -> str:
+        return os.path.join(self.out_dir, LEARNING_CURVES)
+
+    def on_epoch_end(self, record: dict) -> None:
+        """Append ``record`` (one epoch of history) and redraw the learning curves."""
+        self.history.append(dict(record))
+        learning_curves_png(self.history, self.curves_path)
+        if len(self.history) == 1 and self.echo is not None:
+            self.echo(f"{self.curves_path} (updated every epoch)")
+
+    def finish(self, model: Any, x: np.ndarray, y: np.ndarray | None = None, index: int = 0) -> list[str]:
+        """Write filters, feature maps, saliency and confusion matrix; return all paths written."""
+        rest = plot_model(model, self.out_dir, x, y, index=index, echo=self.echo)
+        return ([self.curves_path] if self.history else []) + rest
