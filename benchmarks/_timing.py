@@ -153,6 +153,47 @@ def gemm_rate(n: int = 2048, budget_s: float = 1.0, min_repeats: int = 3) -> dic
     return {"n": n, "dtype": "float32", **timing.to_dict(), "gflops": flops / timing.median / 1e9}
 
 
+class OtherLoad:
+    """CPU time that *other* processes used while a block ran, from ``/proc/stat``.
+
+    On 2 shared cores another job's CPU use makes BLAS threads wait for each other,
+    which can slow a measurement several-fold; this tells whether that happened.
+    ``fraction`` is the other processes' share of the machine's capacity during the
+    block (0 = the machine was ours alone); None where ``/proc/stat`` is missing.
+    """
+
+    def __init__(self) -> None:
+        self.fraction: float | None = None
+        self.other_cpu_s: float | None = None
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> "OtherLoad":
+        self._busy0 = self._busy_s()
+        t = os.times()
+        self._own0, self._wall0 = t.user + t.system, time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy1 = self._busy_s()
+        if self._busy0 is None or busy1 is None:
+            return
+        t = os.times()
+        wall = time.perf_counter() - self._wall0
+        own = t.user + t.system - self._own0
+        self.other_cpu_s = max(0.0, (busy1 - self._busy0) - own)
+        capacity = wall * (os.cpu_count() or 1)
+        self.fraction = min(1.0, self.other_cpu_s / capacity) if capacity > 0 else 0.0
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

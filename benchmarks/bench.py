@@ -55,6 +55,8 @@ TARGET_TORCH_GEOMEAN = 1.0
 TARGET_TORCH_MAX = 1.5
 TARGET_POOL_TORCH = 1.5
 TARGET_FWD_MEMORY = 1.5
+# Warn when other processes used more than this share of the CPUs during a case.
+BUSY_WARN = 0.10
 
 # float32 results are compared by their largest error relative to the largest
 # magnitude of the witness: summation order differs (BLAS blocking, loop order),
@@ -566,6 +568,14 @@ def render(report: dict[str, Any]) -> str:
     g = report["gemm"]
     out.append(f"float32 GEMM rate: {g['gflops']:.1f} GFLOP/s (numpy matmul {g['n']}x{g['n']}, "
                f"median {fmt_time(g['median_s'])})")
+    parts = [("GEMM probe", report["gemm"])] + [(c["name"], c) for c in report["cases"]]
+    if report.get("network"):
+        parts.append(("network", report["network"]))
+    busy = [(n, d["other_load"]) for n, d in parts if (d.get("other_load") or 0) > BUSY_WARN]
+    if busy:
+        out.append("WARNING: other processes used the CPUs during "
+                   + ", ".join(f"{n} ({100 * f:.0f}% of the machine)" for n, f in busy)
+                   + "; BLAS threads then wait for each other and those figures are unreliable")
     cases = report["cases"]
     ref_note = sorted({c["impls"]["reference"]["images"] for c in cases
                        if "images" in c["impls"].get("reference", {})})
@@ -713,31 +723,38 @@ def run(shapes: list[ConvShape | PoolShape], opts: Options,
     import convnet
     report["convnet"] = getattr(convnet, "__version__", None)
     log(f"measuring the float32 GEMM rate ({opts.gemm_n}x{opts.gemm_n}) ...")
-    report["gemm"] = _timing.gemm_rate(opts.gemm_n, budget_s=opts.budget_s,
-                                       min_repeats=max(3, opts.min_repeats))
+    with _timing.OtherLoad() as load:
+        report["gemm"] = _timing.gemm_rate(opts.gemm_n, budget_s=opts.budget_s,
+                                           min_repeats=max(3, opts.min_repeats))
+    report["gemm"]["other_load"] = load.fraction
     cases = []
     for shape in shapes:
         log(f"{shape.name}: {shape.describe()} ...")
         runner = CaseRunner(shape, opts, torch, report["gemm"]["gflops"], torch_reason)
         try:
-            cases.append(runner.run())
+            with _timing.OtherLoad() as load:
+                rec = runner.run()
         except Exception as exc:  # report it, go on with the other shapes, exit non-zero
             rec = runner.record
             rec["status"] = "ERROR"
             rec["error"] = f"{type(exc).__name__}: {exc}"
             rec["traceback"] = traceback.format_exc()
             log(rec["traceback"])
-            cases.append(rec)
+        rec["other_load"] = load.fraction
+        cases.append(rec)
     report["cases"] = cases
     if opts.network:
         log("whole network: one training epoch ...")
         try:
-            report["network"] = network_throughput(opts, torch)
+            with _timing.OtherLoad() as load:
+                report["network"] = network_throughput(opts, torch)
         except Exception as exc:
             report["network"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
                                  "traceback": traceback.format_exc()}
             log(report["network"]["traceback"])
+        report["network"]["other_load"] = load.fraction
     report["targets"] = evaluate_targets(cases)
+
     network_ok = report.get("network", {}).get("status") not in ("ERROR", "FAILED")
     report["ok"] = all(c.get("status") == "ok" for c in cases) and network_ok
     return report
