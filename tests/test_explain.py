@@ -183,3 +183,62 @@ def test_bad_files_are_rejected_with_clear_errors(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.ones((2, 2)))
     with pytest.raises(ValueError, match="not an .npz archive"):
         E.load_input(str(tmp_path / "x.npz"))
+
+
+# --------------------------------------------------------------------------- the command line
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from convnet.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_explain_parts(capsys):
+    code, out, err = cli(capsys, "explain")
+    assert code == 0 and err == ""
+    flat = squash(out)
+    assert "[[6,7,5],[3,-1,-1],[2,-1,4]]" in flat and "[[2,-5,-8],[1,-4,-4],[0,-5,-5]]" in flat
+    assert "[[6,8],[3,4]]" in flat and "[[5,7],[9,6]]" in flat
+    code, out, _ = cli(capsys, "explain", "pool")
+    assert code == 0 and "Convolution" not in out and "[[5,7],[9,6]]" in squash(out)
+
+
+def test_cli_explain_user_files(capsys, tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(36.0).reshape(6, 6) % 5)
+    np.savez(tmp_path / "w.npz", weight=np.array([[[[1.0, 0], [0, -1]]]]), stride=2)
+    code, out, _ = cli(capsys, "explain", "conv", "--input", str(tmp_path / "x.npy"),
+                       "--weights", str(tmp_path / "w.npz"))
+    assert code == 0
+    assert "height: (6 - 2 + 2*0)/2 + 1 = 4/2 + 1 = 3" in out
+    assert "featuremap0:[[-2,-2,3],[-2,3,-2],[3,-2,3]]" in squash(out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "--input", "{d}/x.npy"], "input has 1 channel(s) (shape (1, 6, 6)) but the filters expect 3"),
+    (["explain", "--input", "{d}/missing.npy"], "input file not found"),
+    (["explain", "--weights", "{d}/bad.npz"], "unknown key(s) ['kernel']"),
+    (["explain", "conv", "--weights", "{d}/big.npz"], "kernel height 9 is larger than the padded input height 7"),
+])
+def test_cli_explain_bad_files_one_line_nonzero(capsys, tmp_path, argv, message):
+    np.save(tmp_path / "x.npy", np.ones((6, 6)))
+    np.savez(tmp_path / "bad.npz", kernel=np.ones((1, 1, 2, 2)))
+    np.savez(tmp_path / "big.npz", weight=np.ones((1, 3, 9, 9)), padding=1)
+    code, out, err = cli(capsys, *[a.format(d=tmp_path) for a in argv])
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("convnet explain: error: ") and message in err
+
+
+def test_cli_explain_exits_nonzero_on_a_mismatch(capsys, monkeypatch):
+    real = R.max_pool2d
+    monkeypatch.setattr(R, "max_pool2d", lambda *a, **k: real(*a, **k) * 2)
+    code, out, _ = cli(capsys, "explain", "pool")
+    assert code == 1 and "!!! MISMATCH: max pooling" in out
+
+
+def test_cli_explain_rejects_an_unknown_part(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(capsys, "explain", "unpool")
+    assert exc.value.code == 2
+    assert "invalid choice: 'unpool'" in capsys.readouterr().err

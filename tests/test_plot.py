@@ -173,3 +173,61 @@ def test_plot_model_writes_the_stable_names_and_echoes_each(tmp_path, digits):
         assert png_size(p)[0] > 100
     with pytest.raises(ValueError, match=r"index must be an int in \[0, 11\]"):
         plot.plot_model(tiny_model(), tmp_path / "out", x, y, index=12, echo=None)
+
+
+# --------------------------------------------------------------------------- the command line
+
+NO_MPL = "import sys; sys.modules['matplotlib'] = None\nfrom convnet.cli import main\nsys.exit(main({argv!r}))"
+
+
+def run_cli(argv: list[str], cwd, block_matplotlib: bool = False) -> subprocess.CompletedProcess:
+    code = NO_MPL.format(argv=argv) if block_matplotlib else \
+        f"import sys\nfrom convnet.cli import main\nsys.exit(main({argv!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_train_with_plots_writes_curves_then_the_rest(tmp_path):
+    r = run_cli(["train", "--epochs", "2", "--limit", "200", "--val-split", "0.25", "--quiet",
+                 "--out", "m.npz", "--plots", "pics"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = ["learning_curves.png", "filters_conv1.png", "filters_conv2.png", "feature_maps.png", "saliency.png",
+             "confusion_matrix.png"]
+    printed = [line.split(" ")[0] for line in r.stdout.splitlines() if line.startswith("pics")]
+    assert printed == [os.path.join("pics", n) for n in names]
+    assert_png(str(tmp_path / "pics" / "learning_curves.png"), (1000, 400))
+    assert_png(str(tmp_path / "pics" / "confusion_matrix.png"), (700, 640))
+    # LeNet: input, conv(8), pool(8), conv(16), pool(16) -> 1 + 1 + 1 + 2 + 2 grid rows.
+    assert_png(str(tmp_path / "pics" / "feature_maps.png"), (8 * 90 + 140, 40 + 5 * 30 + 7 * 90))
+
+    r = run_cli(["plot", "m.npz", "--out", "again", "--index", "7"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [os.path.join("again", n) for n in names[1:]]
+    assert_png(str(tmp_path / "again" / "saliency.png"), (1050, 360))
+
+
+def test_cli_without_matplotlib_is_one_line_and_nonzero(tmp_path):
+    message = "matplotlib is not installed: pip install 'convnet[plot]'"
+    r = run_cli(["train", "--epochs", "1", "--limit", "50", "--out", "m.npz", "--plots", "pics"], tmp_path,
+                block_matplotlib=True)
+    assert r.returncode == 1
+    assert r.stderr == f"convnet train: error: {message}\n"
+    assert r.stdout == "" and os.listdir(tmp_path) == []  # failed before training or writing anything
+    r = run_cli(["plot", "m.npz", "--out", "pics"], tmp_path, block_matplotlib=True)
+    assert r.returncode == 1 and r.stderr == f"convnet plot: error: {message}\n"
+
+
+def test_cli_plot_bad_arguments(tmp_path):
+    from convnet.model import lenet
+
+    lenet(rng=0).save(str(tmp_path / "m.npz"))
+    (tmp_path / "file").write_text("x")
+    for argv, code, message in [
+        (["plot", "m.npz", "--out", "p", "--index", "1000"], 2, "--index must be below the number of test images"),
+        (["plot", "missing.npz", "--out", "p"], 1, "does not exist"),
+        (["plot", "m.npz", "--out", "file"], 2, "exists and is not a directory"),
+        (["plot", "m.npz"], 2, "the following arguments are required: --out"),
+    ]:
+        r = run_cli(argv, tmp_path)
+        assert r.returncode == code, (argv, r.stderr)
+        assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "p").exists()
