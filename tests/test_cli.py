@@ -1,0 +1,132 @@
+"""The `convnet` command end to end, through subprocesses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_datasets import write_mnist_dir
+
+SCRIPT = Path(sys.executable).parent / "convnet"
+
+
+def run(*args, script=True, cwd=None, timeout=120):
+    cmd = [str(SCRIPT)] if script else [sys.executable, "-m", "convnet"]
+    env = {k: v for k, v in os.environ.items() if k != "CONVNET_DEBUG"}
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(proc, code, *fragments):
+    assert proc.returncode == code, proc
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "error:" in lines[0]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short real run: 1 epoch on 300 digits."""
+    out = tmp_path_factory.mktemp("cli") / "model.npz"
+    proc = run("train", "--epochs", 1, "--limit", 300, "--batch-size", 16, "--lr", 0.003, "--out", out,
+               script=False)
+    return out, proc
+
+
+def test_console_script_is_installed():
+    assert SCRIPT.exists(), f"{SCRIPT} missing: install the package (pip install -e .)"
+    proc = run("--help")
+    assert proc.returncode == 0 and "train" in proc.stdout and "evaluate" in proc.stdout
+
+
+def test_train_short_run(trained):
+    out, proc = trained
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("training on 300 images from bundled MNIST digits")
+    assert lines[1].startswith("epoch 1/1: loss ")
+    assert lines[-2].startswith("test accuracy: ") and "/1000)" in lines[-2]
+    accuracy = float(lines[-2].split()[2].rstrip("%"))
+    assert 30 < accuracy <= 100  # 300 digits, one epoch: well above chance (10%)
+    assert lines[-1] == f"model saved to {out}" and out.exists()
+
+
+def test_evaluate_and_summary_of_the_trained_model(trained):
+    out, train = trained
+    proc = run("evaluate", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    train_acc = train.stdout.splitlines()[-2].split()[2]
+    assert lines[0].startswith(f"{out}: accuracy {train_acc}")  # same model, same test split
+    assert lines[3].split() == ["true"] + [str(i) for i in range(10)]
+    rows = [line.split() for line in lines[4:]]
+    assert len(rows) == 10 and [r[0] for r in rows] == [str(i) for i in range(10)]
+    counts = np.array([[int(v) for v in r[1:]] for r in rows])
+    assert counts.shape == (10, 10) and (counts.sum(axis=1) == 100).all()
+    correct = int(lines[0].split("(")[1].split("/")[0])
+    assert np.trace(counts) == correct
+
+    proc = run("summary", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Conv2d(1, 8, 5, padding=2)" in proc.stdout and "(N, 10)" in proc.stdout
+    assert "Total params: 29,738" in proc.stdout
+
+
+def test_quiet_train_on_idx_data_then_evaluate_with_data(tmp_path):
+    write_mnist_dir(tmp_path / "data", n_train=64, n_test=20)
+    out = tmp_path / "idx.npz"
+    proc = run("train", "--data", tmp_path / "data", "--epochs", 1, "--optimizer", "sgd", "--lr", "0.01",
+               "--seed", 3, "--quiet", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and "/20)" in lines[0] and lines[1] == f"model saved to {out}"
+    proc = run("evaluate", out, "--data", tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    assert "/20) on the" in proc.stdout
+
+
+def test_default_out_path_is_printed(tmp_path):
+    proc = run("train", "--epochs", 1, "--limit", 64, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "model saved to out/convnet_mnist.npz"
+    assert (tmp_path / "out" / "convnet_mnist.npz").exists()
+
+
+@pytest.mark.parametrize("args, code, fragments", [
+    (["train", "--epochs", "0"], 2, ["--epochs", "positive integer", "'0'"]),
+    (["train", "--lr", "fast"], 2, ["--lr", "'fast'"]),
+    (["train", "--optimizer", "rmsprop"], 2, ["--optimizer", "rmsprop"]),
+    (["train", "--bogus"], 2, ["unrecognized arguments: --bogus"]),
+    (["fly"], 2, ["invalid choice: 'fly'"]),
+    (["evaluate"], 2, ["MODEL"]),
+    (["evaluate", "missing.npz"], 1, ["missing.npz", "does not exist"]),
+    (["summary", "missing.npz"], 1, ["does not exist"]),
+    (["train", "--data", "no_such_dir", "--epochs", "1"], 1, ["no_such_dir", "does not exist"]),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, args, code, fragments):
+    assert_one_line_error(run(*args, cwd=tmp_path), code, *fragments)
+
+
+def test_bad_model_files_are_one_line_errors(tmp_path, trained):
+    out, _ = trained
+    (tmp_path / "trunc.npz").write_bytes(out.read_bytes()[:500])
+    assert_one_line_error(run("evaluate", tmp_path / "trunc.npz"), 1, "truncated or corrupted")
+    assert_one_line_error(run("summary", tmp_path), 1, "is a directory")
+    write_mnist_dir(tmp_path / "small", size=20)
+    assert_one_line_error(run("evaluate", out, "--data", tmp_path / "small"), 1,
+                          "expects inputs of shape (1, 28, 28)", "(1, 20, 20)")
+    (tmp_path / "small" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08 broken")
+    assert_one_line_error(run("train", "--data", tmp_path / "small", "--out", tmp_path / "x.npz"), 1,
+                          "corrupted or truncated gzip")
+
+
+def test_no_command_prints_help():
+    proc = run(script=False)
+    assert proc.returncode == 2 and "train" in proc.stderr

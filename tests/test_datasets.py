@@ -1,0 +1,135 @@
+"""Bundled digits and the IDX reader (on small IDX files built here)."""
+
+import gzip
+import struct
+from importlib import resources
+
+import numpy as np
+import pytest
+
+from convnet import datasets
+from convnet.datasets import IdxFormatError, load_idx, load_mnist_idx
+
+
+def idx_bytes(array: np.ndarray, code: int | None = None) -> bytes:
+    codes = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype("int16"): 0x0B,
+             np.dtype("int32"): 0x0C, np.dtype("float32"): 0x0D, np.dtype("float64"): 0x0E}
+    code = codes[array.dtype] if code is None else code
+    header = bytes([0, 0, code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def test_bundled_digits_split():
+    x_train, y_train, x_test, y_test = split = datasets.load_mnist_5k()
+    assert x_train.shape == (4000, 1, 28, 28) and x_test.shape == (1000, 1, 28, 28)
+    assert x_train.dtype == x_test.dtype == np.float32
+    assert y_train.dtype == y_test.dtype == np.int64
+    assert 0.0 == x_train.min() and x_train.max() == 1.0
+    assert np.bincount(y_train).tolist() == [400] * 10 and np.bincount(y_test).tolist() == [100] * 10
+    assert split.x_test is x_test
+    # shuffled: any prefix is a fair sample, not one class
+    assert len(np.unique(y_train[:100])) == 10
+    # fixed: same split every call; train and test together are exactly the bundled file
+    again = datasets.load_mnist_5k()
+    assert all(np.array_equal(a, b) for a, b in zip(split, again))
+    raw = np.load(resources.files("convnet") / "data" / "mnist_5k.npz")
+    key = lambda imgs, labels: sorted(  # noqa: E731
+        (int(lab), (img.reshape(-1) * 255).round().astype(np.uint8).tobytes()) for img, lab in zip(imgs, labels))
+    both = key(np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test]))
+    assert both == sorted((int(lab), img.tobytes()) for img, lab in zip(raw["images"], raw["labels"]))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4),
+    np.array([5, 0, 9], dtype=np.uint8),
+    np.array([[-3, 70000], [1, 2]], dtype=np.int32),
+    np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2),
+    np.array([-1.5, 2.25]),
+    np.array([-7, 8], dtype=np.int16),
+])
+@pytest.mark.parametrize("compress", [False, True])
+def test_load_idx_round_trip(tmp_path, array, compress):
+    data = idx_bytes(array)
+    path = tmp_path / ("a.idx.gz" if compress else "a.idx")
+    path.write_bytes(gzip.compress(data) if compress else data)
+    out = load_idx(path)
+    assert out.shape == array.shape and out.dtype == array.dtype and out.dtype.isnative
+    assert np.array_equal(out, array)
+
+
+def test_gzip_is_detected_by_content_not_name(tmp_path):
+    a = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    (tmp_path / "plain-but-named.gz").write_bytes(idx_bytes(a))
+    (tmp_path / "gzipped-no-suffix").write_bytes(gzip.compress(idx_bytes(a)))
+    assert np.array_equal(load_idx(tmp_path / "plain-but-named.gz"), a)
+    assert np.array_equal(load_idx(str(tmp_path / "gzipped-no-suffix")), a)
+
+
+GOOD = idx_bytes(np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"", "not an IDX file"),
+    (b"\x00\x00", "not an IDX file"),
+    (b"\x01\x00\x08\x01" + GOOD[4:], "bad magic number 0x01000801"),
+    (b"\x00\x00\x07\x03" + GOOD[4:], "bad magic number"),
+    (b"\x00\x00\x08\x00", "0 dimensions"),
+    (GOOD[:10], "truncated IDX header"),
+    (GOOD[:-1], r"truncated: header says shape \(2, 3, 4\) of uint8 \(40 bytes in all\), file has 39"),
+    (GOOD[:16], "truncated"),
+    (GOOD + b"\x00", "trailing bytes"),
+    (gzip.compress(GOOD)[:-12], "corrupted or truncated gzip"),
+    (b"\x1f\x8b garbage", "corrupted or truncated gzip"),
+])
+def test_load_idx_rejects_bad_files(tmp_path, data, match):
+    path = tmp_path / "bad"
+    path.write_bytes(data)
+    with pytest.raises(IdxFormatError, match=match):
+        load_idx(path)
+    assert issubclass(IdxFormatError, ValueError)
+
+
+def test_load_idx_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_idx(tmp_path / "nope")
+
+
+def write_mnist_dir(directory, n_train=30, n_test=10, gz=True, size=28, seed=0):
+    """Four standard MNIST files with random images; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, (name, a) in enumerate(arrays.items()):
+        compress = gz and i % 2 == 0  # a mix of raw and .gz files
+        (directory / (name + (".gz" if compress else ""))).write_bytes(
+            gzip.compress(idx_bytes(a)) if compress else idx_bytes(a))
+    return arrays
+
+
+def test_load_mnist_idx_directory(tmp_path):
+    arrays = write_mnist_dir(tmp_path / "mnist")
+    x_train, y_train, x_test, y_test = load_mnist_idx(tmp_path / "mnist")
+    assert x_train.shape == (30, 1, 28, 28) and x_train.dtype == np.float32
+    np.testing.assert_allclose(x_train[:, 0] * 255, arrays["train-images-idx3-ubyte"], atol=1e-4)
+    assert np.array_equal(y_test, arrays["t10k-labels-idx1-ubyte"]) and y_test.dtype == np.int64
+    assert x_test.shape == (10, 1, 28, 28)
+
+
+def test_load_mnist_idx_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_mnist_idx(tmp_path / "absent")
+    write_mnist_dir(tmp_path / "d")
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        load_mnist_idx(tmp_path / "d")
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(7, np.uint8)))
+    with pytest.raises(IdxFormatError, match="10 images .* 7 labels"):
+        load_mnist_idx(tmp_path / "d")
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros((10, 2), np.uint8)))
+    with pytest.raises(IdxFormatError, match="expected uint8 labels"):
+        load_mnist_idx(tmp_path / "d")
