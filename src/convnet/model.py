@@ -336,9 +336,10 @@ def load(path: str | os.PathLike) -> Sequential:
     if os.path.isdir(path):
         raise ModelFileError(f"{path}: is a directory, not a model file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ModelFileError(f"{path}: not a convnet model file (a plain .npy array, not an .npz archive)")
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ModelFileError(f"{path}: not a convnet model file (a plain .npy array, not an .npz archive)")
+        with data:
             names = set(data.files)
             if _ARCH_KEY not in names:
                 raise ModelFileError(f"{path}: not a convnet model file (no {_ARCH_KEY!r} entry; "
@@ -388,7 +389,7 @@ def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Se
         raise ModelFileError(f"{path}: {exc}") from None
 
     expected = {p.name: p for p in model.parameters()}
-    missing = sorted(set(expected) - set(arrays))
+    missing = [name for name in expected if name not in arrays]
     extra = sorted(set(arrays) - set(expected))
     if missing:
         raise ModelFileError(f"{path}: weights missing for {', '.join(missing)} (architecture needs them)")

@@ -166,7 +166,7 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         t0 = time.perf_counter()
         order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
         total_loss, correct = 0.0, 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=True,
                    file=sys.stderr, dynamic_ncols=True) if show else None
         try:
             for step in range(1, steps + 1):
