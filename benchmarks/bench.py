@@ -155,6 +155,7 @@ class Options:
     warmup: int = 1
     gemm_n: int = 2048
     memory: bool = True
+    profile: bool = False        # cProfile the vectorized forward + backward (where its time goes)
     seed: int = 0
 
     @classmethod
@@ -358,6 +359,8 @@ class CaseRunner:
 
         if opts.memory:
             rec["memory"] = self.memory(vec)
+        if opts.profile:
+            rec["profile"] = _timing.profile_top(vec[1], repeats=3)
         self.finish()
         return rec
 
@@ -631,6 +634,17 @@ def render(report: dict[str, Any]) -> str:
                          f"{fmt_mib(mm['forward_backward_peak_bytes'])} ({mm['forward_backward_ratio']:.2f}x)"])
         out.append(table(["shape", "baseline", "fwd peak", "fwd+bwd peak"], rows))
 
+    prof_cases = [c for c in cases if c.get("profile")]
+    if prof_cases:
+        out.append("")
+        out.append("Profile of the vectorized forward + backward (cProfile, own time per function; "
+                   "a BLAS call counts in the function that makes it)")
+        for c in prof_cases:
+            pr = c["profile"]
+            out.append(f"  {c['name']}: {fmt_time(pr['total_s'])} per call under the profiler")
+            for fn in pr["top"]:
+                out.append(f"    {100 * fn['share']:5.1f}%  {fn['calls']:6d} calls  {fn['function']}")
+
     out.append("")
     out.append("Result checks (max error / max |witness|):")
     for c in cases:
@@ -803,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time spent repeating each vectorized/torch measurement (1.5; --quick 0.2)")
     p.add_argument("--gemm-n", type=int, default=None, metavar="N",
                    help="matrix size of the GEMM-rate probe (2048; --quick 1024)")
+    p.add_argument("--profile", action="store_true",
+                   help="also cProfile the vectorized forward + backward of each shape and print "
+                        "where its time goes (BLAS calls count in the Python function that makes them)")
     p.add_argument("--json", default=DEFAULT_JSON, metavar="PATH",
                    help="where to write the JSON report (default benchmarks/results/latest.json)")
     return p
@@ -814,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.reference = not args.no_reference
     opts.torch = not args.no_torch
     opts.network = opts.network and not args.no_network
+    opts.profile = args.profile
     if args.ref_images is not None:
         if args.ref_images < 1:
             raise SystemExit(f"--ref-images must be >= 1, got {args.ref_images}")
