@@ -338,7 +338,7 @@ class CaseRunner:
 
         vec = self.vectorized(self.x, self.dy)
         vec_out = _numpy_result(vec[1]())
-        rec["checks"] += compare_all("vectorized conv2d vs conv2d_with_cache", ("y",),
+        rec["checks"] += compare_all("vectorized forward vs forward+backward", ("y",),
                                      (_numpy_result(vec[0]()),), vec_out[:1])
         rec["impls"]["vectorized"] = self._timed(vec, **kw)
 
