@@ -47,10 +47,22 @@ def scipy_conv(case):
     return out
 
 
+def algos_for(case) -> list[str]:
+    """Every correlation algorithm that applies to the case ("taps" needs stride 1)."""
+    return ["im2col", "taps"] if case.stride == (1, 1) else ["im2col"]
+
+
+ALGO = st.sampled_from(["im2col", "taps"])
+
+
+def pick(algo: str, case) -> str:
+    return algo if algo in algos_for(case) else "im2col"
+
+
 @PROPS
-@given(conv_cases())
-def test_conv_forward_matches_scipy_and_reference(case):
-    y = F.conv2d(case.x, case.weight, case.bias, **case.kwargs)
+@given(conv_cases(), ALGO)
+def test_conv_forward_matches_scipy_and_reference(case, algo):
+    y = F.conv2d(case.x, case.weight, case.bias, **case.kwargs, algo=pick(algo, case))
     assert y.dtype == case.x.dtype and y.shape == case.dy.shape
     np.testing.assert_allclose(y, scipy_conv(case), **tol(y.dtype))
     np.testing.assert_allclose(y, reference.conv2d(case.x, case.weight, case.bias, **case.kwargs),
@@ -58,9 +70,10 @@ def test_conv_forward_matches_scipy_and_reference(case):
 
 
 @PROPS
-@given(conv_cases(), st.sampled_from(["auto", "zero_insert", "col2im"]))
-def test_conv_backward_matches_reference(case, method):
-    got = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method)
+@given(conv_cases(), st.sampled_from(["auto", "zero_insert", "col2im"]), ALGO)
+def test_conv_backward_matches_reference(case, method, algo):
+    got = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method,
+                            algo=pick(algo, case))
     want = reference.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
     for name, g, r, a in zip(("dx", "dweight", "dbias"), got, want, (case.x, case.weight, case.bias)):
         assert g.dtype == case.x.dtype, name
@@ -69,44 +82,64 @@ def test_conv_backward_matches_reference(case, method):
 
 
 @PROPS
-@given(conv_cases())
-def test_zero_insertion_route_equals_col2im_route(case):
-    a = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method="zero_insert")
-    b = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method="col2im")
+@given(conv_cases(), ALGO)
+def test_zero_insertion_route_equals_col2im_route(case, algo):
+    kw = dict(case.kwargs, algo=pick(algo, case))
+    a = F.conv2d_backward(case.dy, case.x, case.weight, **kw, method="zero_insert")
+    b = F.conv2d_backward(case.dy, case.x, case.weight, **kw, method="col2im")
     for u, v in zip(a, b):
         np.testing.assert_allclose(u, v, **tol(u.dtype))
 
 
 @settings(max_examples=25, deadline=None)
-@given(conv_cases(dtypes=(np.float64,), max_hw=6, max_k=3, max_c=2))
-def test_conv_gradients_match_numerical(case):
-    dx, dw, db = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
+@given(conv_cases(dtypes=(np.float64,), max_hw=6, max_k=3, max_c=2), ALGO)
+def test_conv_gradients_match_numerical(case, algo):
+    kw = dict(case.kwargs, algo=pick(algo, case))
+    dx, dw, db = F.conv2d_backward(case.dy, case.x, case.weight, **kw)
     report = check_backward(
-        lambda x, weight, bias: F.conv2d(x, weight, bias, **case.kwargs),
+        lambda x, weight, bias: F.conv2d(x, weight, bias, **kw),
         {"x": case.x, "weight": case.weight, "bias": case.bias}, case.dy,
         {"x": dx, "weight": dw, "bias": db}, rtol=1e-5, atol=1e-6)
     assert report.ok, report
 
 
 @PROPS
-@given(conv_cases())
-def test_cached_backward_equals_uncached(case):
-    y, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **case.kwargs)
-    assert cache is not None
+@given(conv_cases(), ALGO)
+def test_cached_backward_equals_uncached(case, algo):
+    algo = pick(algo, case)
+    y, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **case.kwargs, algo=algo)
+    assert cache is not None and cache.algo == algo
     for u, v in zip(F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, cache=cache),
-                    F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)):
+                    F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, algo=algo)):
         np.testing.assert_array_equal(u, v)
 
 
-@settings(max_examples=20, deadline=None)
-@given(conv_cases(max_n=5), st.sampled_from(["zero_insert", "col2im"]))
-def test_chunked_batches_give_identical_results(case, method):
+@PROPS
+@given(conv_cases(max_c=20))
+def test_taps_and_im2col_agree_at_the_auto_threshold(case):
+    """Channel counts around TAPS_MIN_CHANNELS exercise both choices of "auto"."""
+    algos = algos_for(case)
+    outs = [F.conv2d(case.x, case.weight, case.bias, **case.kwargs, algo=a) for a in algos]
+    grads = [F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, algo=a) for a in algos]
+    auto = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
+    for y, g in zip(outs[1:], grads[1:]):
+        np.testing.assert_allclose(y, outs[0], **tol(y.dtype))
+        for u, v in zip(g, grads[0]):
+            np.testing.assert_allclose(u, v, **tol(u.dtype))
+    for u, v in zip(auto, grads[0]):
+        np.testing.assert_allclose(u, v, **tol(u.dtype))
+
+
+@settings(max_examples=30, deadline=None)
+@given(conv_cases(max_n=5), st.sampled_from(["zero_insert", "col2im"]), ALGO)
+def test_chunked_batches_give_identical_results(case, method, algo):
     """A tiny workspace limit forces one image per chunk; results must not change."""
-    y = F.conv2d(case.x, case.weight, case.bias, **case.kwargs)
-    grads = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method)
+    kw = dict(case.kwargs, algo=pick(algo, case))
+    y = F.conv2d(case.x, case.weight, case.bias, **kw)
+    grads = F.conv2d_backward(case.dy, case.x, case.weight, **kw, method=method)
     with core.workspace_limit(1):
-        y_c, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **case.kwargs)
-        grads_c = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method)
+        y_c, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **kw)
+        grads_c = F.conv2d_backward(case.dy, case.x, case.weight, **kw, method=method)
     assert cache is None or case.x.shape[0] == 1
     # BLAS may pick another kernel for a smaller matrix, so equality is up to rounding.
     np.testing.assert_allclose(y, y_c, **tol(y.dtype))
@@ -123,16 +156,18 @@ def test_stale_cache_is_rejected(rng):
         F.conv2d_backward(dy, x, w, padding=0, cache=cache)
 
 
+@pytest.mark.parametrize("algo", ["im2col", "taps"])
 @pytest.mark.parametrize("k, p", [((3, 3), "same"), ((2, 4), "same"), ((5, 2), "valid")])
-def test_string_padding(rng, k, p):
+def test_string_padding(rng, k, p, algo):
     x = rng.standard_normal((1, 2, 7, 6))
     w = rng.standard_normal((3, 2) + k)
-    y = F.conv2d(x, w, padding=p)
+    y = F.conv2d(x, w, padding=p, algo=algo)
     np.testing.assert_allclose(y, reference.conv2d(x, w, padding=p), rtol=1e-10, atol=1e-10)
     if p == "same":
         assert y.shape[2:] == x.shape[2:]
     dy = rng.standard_normal(y.shape)
-    for g, r in zip(F.conv2d_backward(dy, x, w, padding=p), reference.conv2d_backward(dy, x, w, padding=p)):
+    for g, r in zip(F.conv2d_backward(dy, x, w, padding=p, algo=algo),
+                    reference.conv2d_backward(dy, x, w, padding=p)):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-10)
 
 

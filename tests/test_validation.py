@@ -50,9 +50,20 @@ def test_conv2d_backward_rejects_bad_dy(mod):
         mod.conv2d_backward(np.zeros((2, 4, 6)), X, W)
 
 
-def test_conv2d_backward_rejects_unknown_method():
+def test_conv2d_backward_rejects_unknown_method_and_algo():
     with pytest.raises(ValueError, match=r"method must be .*'fft'"):
         F.conv2d_backward(np.zeros((2, 4, 6, 6)), X, W, method="fft")
+    with pytest.raises(ValueError, match=r"algo must be .*'winograd'"):
+        F.conv2d(X, W, algo="winograd")
+    with pytest.raises(ValueError, match=r"algo='taps' needs stride 1, got stride=\(2, 2\)"):
+        F.conv2d(X, W, stride=2, algo="taps")
+
+
+def test_leaky_relu_slope_is_validated():
+    with pytest.raises(TypeError, match=r"negative_slope must be a real number, got 'a'"):
+        F.leaky_relu(np.zeros(3), "a")
+    with pytest.raises(TypeError, match=r"negative_slope must be a real number"):
+        F.leaky_relu_backward(np.zeros(3), np.zeros(3), None)
 
 
 POOL_BAD = [

@@ -46,6 +46,8 @@ def padding_pads(padding: Padding, kernel: tuple[int, int], stride: tuple[int, i
     total padding ``D*(K-1)`` is odd, the extra row/column goes to the bottom/right,
     as in PyTorch.
     """
+    kernel, stride = pair(kernel, "kernel_size", 1), pair(stride, "stride", 1)
+    dilation = pair(dilation, "dilation", 1)
     if isinstance(padding, str):
         if padding == "valid":
             return ((0, 0), (0, 0))
@@ -60,6 +62,13 @@ def padding_pads(padding: Padding, kernel: tuple[int, int], stride: tuple[int, i
         raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
     ph, pw = pair(padding, "padding", 0)
     return ((ph, ph), (pw, pw))
+
+
+def real(value: object, name: str) -> float:
+    """Return ``value`` as a Python float (so it never upcasts a float32 array), or raise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def check_array(x: object, name: str, ndim: int, layout: str) -> np.ndarray:

@@ -11,8 +11,16 @@ dilation ``D`` and pads ``(P0, P1)``::
     OH = (H + P0 + P1 - D*(K-1) - 1) // S + 1          (the floor rule)
 
 Column layout: ``im2col`` returns ``(N*OH*OW, KH*KW*C)`` with columns ordered
-``(kh, kw, c)``; a weight ``(F, C, KH, KW)`` matches it as
-``weight.transpose(0, 2, 3, 1).reshape(F, -1)``.
+``(kh, kw, c)``; a weight ``(F, C, KH, KW)`` matches it as the *kernel matrix*
+``weight.transpose(2, 3, 1, 0).reshape(KH*KW*C, F)`` (see :func:`kernel_matrix`), so a
+correlation is ``im2col(x) @ kernel_matrix(w)``.
+
+Two algorithms compute that product. ``"im2col"`` builds the column matrix and calls one
+GEMM. ``"taps"`` (stride 1 only) never builds it: flattened to rows of C values, tap
+``(i, j)`` of every window on the padded grid is a contiguous block of rows shifted by
+``i*D*Wp + j*D``, so each of the ``KH*KW`` taps is one accumulating GEMM on a view.
+It computes outputs on the whole padded grid (``Hp*Wp`` instead of ``OH*OW`` per image)
+and keeps the valid corner; it wins when C is large enough to feed the GEMMs.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+from scipy.linalg import blas as _blas
 
 Pair = tuple[int, int]
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -244,3 +253,90 @@ def strided_window(xp: np.ndarray, i: int, j: int, stride: Pair, out_hw: Pair) -
     Pooling works tap by tap over these views, so no window array is ever built.
     """
     return xp[..., i:i + stride[0] * (out_hw[0] - 1) + 1:stride[0], j:j + stride[1] * (out_hw[1] - 1) + 1:stride[1]]
+
+
+def kernel_matrix(weight: np.ndarray) -> np.ndarray:
+    """Weights ``(F, C, KH, KW)`` as the ``(KH*KW*C, F)`` matrix matching im2col's columns."""
+    f, c, kh, kw = weight.shape
+    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(kh * kw * c, f)
+
+
+def flipped_kernel_matrix(weight: np.ndarray) -> np.ndarray:
+    """The 180-degree-flipped, channel-swapped filters of the input gradient, as a kernel matrix.
+
+    ``W'[c, f, u, v] = W[f, c, KH-1-u, KW-1-v]``; returns shape ``(KH*KW*F, C)``.
+    """
+    f, c, kh, kw = weight.shape
+    return np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(kh * kw * f, c)
+
+
+def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray, beta: float = 1.0) -> None:
+    """``c = a @ b + beta * c`` in place (C-contiguous 2-D arrays of one dtype).
+
+    numpy's matmul has no accumulate form; BLAS's ``beta`` saves a temporary and a pass
+    over ``c`` per call. Row-major ``c`` is column-major ``c.T``, hence the transposes.
+    """
+    gemm = _blas.sgemm if c.dtype == np.float32 else _blas.dgemm
+    res = gemm(1.0, b.T, a.T, beta=beta, c=c.T, overwrite_c=1)
+    if not np.may_share_memory(res, c):  # the wrapper had to copy: write the result back
+        c[...] = res.T
+
+
+def tap_offsets(kernel: Pair, dilation: Pair, row_len: int) -> list[int]:
+    """Row offset of each kernel tap ``(i, j)`` in a flattened padded grid of width ``row_len``."""
+    return [i * dilation[0] * row_len + j * dilation[1] for i in range(kernel[0]) for j in range(kernel[1])]
+
+
+def correlate_taps(xp: np.ndarray, wk: np.ndarray, kernel: Pair, dilation: Pair, out_hw: Pair) -> np.ndarray:
+    """Stride-1 correlation by one accumulating GEMM per kernel tap (no im2col matrix).
+
+    Parameters
+    ----------
+    xp : ndarray, shape (N, Hp, Wp, C), padded, C-contiguous
+    wk : ndarray, shape (KH*KW*C, F), the kernel matrix
+    kernel, dilation : (h, w)
+    out_hw : (OH, OW) valid outputs, ``OH = Hp - D*(KH-1)``
+
+    Returns
+    -------
+    ndarray view, shape (N, OH, OW, F), cut from the padded-grid result.
+    """
+    n, hp, wp, c = xp.shape
+    f = wk.shape[1]
+    flat = xp.reshape(-1, c)
+    offsets = tap_offsets(kernel, dilation, wp)
+    m = flat.shape[0] - offsets[-1]  # grid rows whose every tap stays inside the array
+    grid = np.empty((flat.shape[0], f), dtype=xp.dtype)
+    taps = wk.reshape(len(offsets), c, f)
+    for t, off in enumerate(offsets):
+        # beta=0 on the first tap: BLAS then ignores the uninitialised grid.
+        gemm_accumulate(grid[:m], flat[off:off + m], taps[t], beta=1.0 if t else 0.0)
+    return grid.reshape(n, hp, wp, f)[:, :out_hw[0], :out_hw[1], :]
+
+
+def weight_grad_taps(xp: np.ndarray, dy_nhwc: np.ndarray, kernel: Pair, dilation: Pair) -> np.ndarray:
+    """Filter gradient of a stride-1 correlation, one GEMM per tap: ``X_shifted.T @ dY``.
+
+    ``dy`` is laid on the padded grid with zeros at the positions that are not outputs,
+    so those positions add nothing.
+
+    Parameters
+    ----------
+    xp : ndarray, shape (N, Hp, Wp, C)
+    dy_nhwc : ndarray, shape (N, OH, OW, F)
+
+    Returns
+    -------
+    ndarray, shape (KH*KW*C, F): the gradient of the kernel matrix.
+    """
+    n, hp, wp, c = xp.shape
+    f = dy_nhwc.shape[3]
+    grid = np.zeros((n, hp, wp, f), dtype=xp.dtype)
+    grid[:, :dy_nhwc.shape[1], :dy_nhwc.shape[2], :] = dy_nhwc
+    flat, g = xp.reshape(-1, c), grid.reshape(-1, f)
+    offsets = tap_offsets(kernel, dilation, wp)
+    m = flat.shape[0] - offsets[-1]
+    out = np.empty((len(offsets), c, f), dtype=xp.dtype)
+    for t, off in enumerate(offsets):
+        np.matmul(flat[off:off + m].T, g[:m], out=out[t])
+    return out.reshape(-1, f)

@@ -33,33 +33,59 @@ BackwardMethod = Literal["auto", "zero_insert", "col2im"]
 # --------------------------------------------------------------------------- convolution
 
 class ConvCache(NamedTuple):
-    """What a conv forward keeps for its backward: the im2col matrix of the input.
+    """What a conv forward keeps for its backward, so backward does not rebuild it.
 
-    ``cols`` has shape (N*OH*OW, KH*KW*C); ``key`` identifies the input and geometry it
-    was built for, so a stale cache is rejected instead of silently used.
+    ``algo`` is ``"im2col"`` (``data`` is the column matrix, (N*OH*OW, KH*KW*C)) or
+    ``"taps"`` (``data`` is the padded channels-last input, (N, Hp, Wp, C)). ``key``
+    identifies the input and geometry, so a stale cache is rejected, not silently used.
     """
 
-    cols: np.ndarray
+    algo: str
+    data: np.ndarray
     key: tuple
+
+
+Algo = Literal["auto", "im2col", "taps"]
+# Measured (benchmarks/bench.py): per-tap GEMMs need enough input channels to beat the
+# im2col copy; below this many the im2col matrix is cheap and its single GEMM wins.
+TAPS_MIN_CHANNELS = 16
 
 
 def _cache_key(x: np.ndarray, weight: np.ndarray, stride, pads, dilation) -> tuple:
     return (x.shape, x.dtype.str, weight.shape, stride, pads, dilation)
 
 
-def _weight_matrix(weight: np.ndarray) -> np.ndarray:
-    """(F, C, KH, KW) -> (F, KH*KW*C), matching im2col's column order."""
-    f = weight.shape[0]
-    return weight.transpose(0, 2, 3, 1).reshape(f, -1)
+def _pick_algo(algo: str, stride: tuple[int, int], channels: int) -> str:
+    if algo not in ("auto", "im2col", "taps"):
+        raise ValueError(f"algo must be 'auto', 'im2col' or 'taps', got {algo!r}")
+    if algo == "auto":
+        return "taps" if stride == (1, 1) and channels >= TAPS_MIN_CHANNELS else "im2col"
+    if algo == "taps" and stride != (1, 1):
+        raise ValueError(f"algo='taps' needs stride 1, got stride={stride}")
+    return algo
+
+
+def _correlate(xp: np.ndarray, wk: np.ndarray, kernel, stride, dilation, out_hw, algo: str):
+    """Channels-last correlation; returns ``(y (N, OH, OW, F) view, cols or None)``."""
+    if algo == "taps":
+        return core.correlate_taps(xp, wk, kernel, dilation, out_hw), None
+    cols = core.im2col(xp, kernel, stride, dilation, out_hw)
+    return (cols @ wk).reshape(xp.shape[0], out_hw[0], out_hw[1], wk.shape[1]), cols
+
+
+def _workspace_per_image(algo: str, kernel, out_hw, padded_hw, c: int, f: int, itemsize: int) -> int:
+    if algo == "taps":
+        return padded_hw[0] * padded_hw[1] * (c + f) * itemsize
+    return out_hw[0] * out_hw[1] * kernel[0] * kernel[1] * c * itemsize
 
 
 def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-                      stride: IntOrPair = 1, padding: Padding = 0,
-                      dilation: IntOrPair = 1) -> tuple[np.ndarray, ConvCache | None]:
-    """2-D cross-correlation (a CNN "convolution"), keeping the im2col buffer for backward.
+                      stride: IntOrPair = 1, padding: Padding = 0, dilation: IntOrPair = 1,
+                      *, algo: Algo = "auto") -> tuple[np.ndarray, ConvCache | None]:
+    """2-D cross-correlation (a CNN "convolution"), keeping what backward needs.
 
     ``y[n, f, i, j] = b[f] + sum_{c, u, v} x_pad[n, c, i*S + u*D, j*S + v*D] * w[f, c, u, v]``,
-    computed as one matrix multiply ``im2col(x) @ W.T``.
+    computed as the matrix multiply ``im2col(x) @ kernel_matrix(w)``.
 
     Parameters
     ----------
@@ -68,62 +94,68 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     bias : ndarray, shape (F,), optional
     stride, dilation : int or (h, w), >= 1
     padding : int, (h, w), ``"valid"`` or ``"same"`` (stride 1)
+    algo : ``"auto"``, ``"im2col"`` or ``"taps"`` (stride 1); see :mod:`convnet.core`.
+        Both give the same result up to rounding; ``"auto"`` picks the faster.
 
     Returns
     -------
     y : ndarray, shape (N, F, OH, OW)
     cache : ConvCache or None
-        The im2col matrix, or None when the batch was processed in chunks because the
-        buffer exceeds :func:`convnet.core.get_workspace_limit`.
+        None when the batch was processed in chunks because its workspace exceeds
+        :func:`convnet.core.get_workspace_limit`.
     """
     s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
-    n, c = x.shape[:2]
+    n, c, h, w = x.shape
     f, _, kh, kw = weight.shape
-    w2 = _weight_matrix(weight)
+    algo = _pick_algo(algo, s, c)
+    wk = core.kernel_matrix(weight)
+    padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
     y = np.empty((n, f) + out_hw, dtype=x.dtype)
-    slices = core.chunks(n, out_hw[0] * out_hw[1] * kh * kw * c * x.itemsize)
-    cols = None
+    slices = core.chunks(n, _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, c, f, x.itemsize))
     for sl in slices:
-        cols = core.im2col(core.pad_nchw_to_nhwc(x[sl], pads), (kh, kw), s, d, out_hw)
-        out = cols @ w2.T  # (nb*OH*OW, F)
-        y[sl] = out.reshape(-1, out_hw[0], out_hw[1], f).transpose(0, 3, 1, 2)
+        xp = core.pad_nchw_to_nhwc(x[sl], pads)
+        y_nhwc, cols = _correlate(xp, wk, (kh, kw), s, d, out_hw, algo)
+        y[sl] = y_nhwc.transpose(0, 3, 1, 2)
     if bias is not None:
         y += bias.reshape(1, f, 1, 1)
-    cache = ConvCache(cols, _cache_key(x, weight, s, pads, d)) if len(slices) == 1 else None
+    cache = None
+    if len(slices) == 1:
+        cache = ConvCache(algo, cols if algo == "im2col" else xp, _cache_key(x, weight, s, pads, d))
     return y, cache
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: IntOrPair = 1,
-           padding: Padding = 0, dilation: IntOrPair = 1) -> np.ndarray:
+           padding: Padding = 0, dilation: IntOrPair = 1, *, algo: Algo = "auto") -> np.ndarray:
     """2-D cross-correlation; see :func:`conv2d_with_cache`.
 
     Returns
     -------
     y : ndarray, shape (N, F, OH, OW)
     """
-    return conv2d_with_cache(x, weight, bias, stride, padding, dilation)[0]
+    return conv2d_with_cache(x, weight, bias, stride, padding, dilation, algo=algo)[0]
 
 
 def _auto_method(stride: tuple[int, int]) -> str:
-    # Zero insertion multiplies the backward GEMM by SH*SW (it convolves mostly zeros),
-    # so strided layers take the col2im route.
+    # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
+    # zeros), so strided layers take the col2im route.
     return "zero_insert" if stride == (1, 1) else "col2im"
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
                     padding: Padding = 0, dilation: IntOrPair = 1, cache: ConvCache | None = None,
-                    method: BackwardMethod = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    method: BackwardMethod = "auto", *,
+                    algo: Algo = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`conv2d` with respect to its input, weight and bias.
 
     Two routes give the input gradient (the tutorial's *sensitivity map*):
 
     - ``"zero_insert"``, the tutorial's: insert ``S-1`` zeros between the entries of
-      ``dy``, pad it by ``D*(K-1) - P``, and correlate it with the 180-degree-flipped,
-      channel-swapped filters (one im2col and one GEMM);
+      ``dy``, pad it by ``D*(K-1) - P``, and correlate it (stride 1) with the
+      180-degree-flipped, channel-swapped filters;
     - ``"col2im"``: ``dcols = dy @ W`` then :func:`convnet.core.col2im`.
 
-    ``"auto"`` picks the cheaper one for the stride. The filter gradient is one GEMM
-    of ``dy`` against ``im2col(x)``; the bias gradient sums ``dy`` over N, H, W.
+    ``"auto"`` picks the cheaper for the stride. The filter gradient is ``im2col(x).T @ dy``
+    (one GEMM, or one per tap with ``algo="taps"``); the bias gradient sums ``dy`` over N, H, W.
 
     Parameters
     ----------
@@ -133,6 +165,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     stride, padding, dilation : as in the forward call
     cache : ConvCache, optional, from :func:`conv2d_with_cache` on the same ``x``
     method : "auto", "zero_insert" or "col2im"
+    algo : "auto", "im2col" or "taps", for the correlations (a cache fixes it)
 
     Returns
     -------
@@ -152,39 +185,52 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
                               or cache.key != _cache_key(x, weight, s, pads, d)):
         raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
+    algo = cache.algo if cache is not None else _pick_algo(algo, s, c)
     route = _auto_method(s) if method == "auto" else method
+    # The input gradient correlates F channels, so its own algorithm depends on F.
+    dx_algo = _pick_algo("auto", (1, 1), f) if route == "zero_insert" else None
 
-    w2 = _weight_matrix(weight)
-    dw2 = np.zeros_like(w2)
+    wk = core.kernel_matrix(weight)
+    dwk = np.zeros_like(wk)
     dx = np.empty_like(x)
-    slices = core.chunks(n, out_hw[0] * out_hw[1] * kh * kw * max(c, f) * x.itemsize)
-    if cache is not None and len(slices) > 1:
-        slices = [slice(0, n)]  # the caller already holds the whole buffer
+    padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
+    per_image = _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, max(c, f), f, x.itemsize)
+    slices = [slice(0, n)] if cache is not None else core.chunks(n, per_image)
     for sl in slices:
-        cols = cache.cols if cache is not None else core.im2col(
-            core.pad_nchw_to_nhwc(x[sl], pads), (kh, kw), s, d, out_hw)
-        dy_nhwc = dy[sl].transpose(0, 2, 3, 1)
-        dy2 = dy_nhwc.reshape(-1, f)  # copies once: (nb*OH*OW, F)
-        dw2 += dy2.T @ cols
-        if route == "col2im":
-            dx[sl] = _dx_col2im(dy2, w2, (len(x[sl]), c, h, w), pads, (kh, kw), s, d, out_hw)
+        if cache is not None:
+            data = cache.data
         else:
-            dx[sl] = _dx_zero_insert(dy_nhwc, weight, (h, w), pads, s, d)
-    dweight = np.ascontiguousarray(dw2.reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+            xp = core.pad_nchw_to_nhwc(x[sl], pads)
+            data = xp if algo == "taps" else core.im2col(xp, (kh, kw), s, d, out_hw)
+        dy_nhwc = dy[sl].transpose(0, 2, 3, 1)
+        dy2 = None
+        if algo == "taps":
+            dwk += core.weight_grad_taps(data, dy_nhwc, (kh, kw), d)
+        else:
+            dy2 = dy_nhwc.reshape(-1, f)  # copies once: (nb*OH*OW, F)
+            dwk += data.T @ dy2
+        if route == "col2im":
+            if dy2 is None:
+                dy2 = dy_nhwc.reshape(-1, f)
+            dx[sl] = _dx_col2im(dy2, wk, (dy2.shape[0] // (out_hw[0] * out_hw[1]), c, h, w),
+                                pads, (kh, kw), s, d, out_hw)
+        else:
+            dx[sl] = _dx_zero_insert(dy_nhwc, weight, (h, w), pads, s, d, dx_algo)
+    dweight = np.ascontiguousarray(dwk.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
     dbias = dy.sum(axis=(0, 2, 3))
     return dx, dweight, dbias
 
 
-def _dx_col2im(dy2, w2, x_shape, pads, kernel, s, d, out_hw) -> np.ndarray:
-    """Input gradient as ``col2im(dy @ W)``; returns NCHW."""
+def _dx_col2im(dy2, wk, x_shape, pads, kernel, s, d, out_hw) -> np.ndarray:
+    """Input gradient as ``col2im(dy @ W)``; returns an NCHW view."""
     n, c, h, w = x_shape
     (pt, pb), (pl, pr) = pads
-    dxp = core.col2im(dy2 @ w2, (n, h + pt + pb, w + pl + pr, c), kernel, s, d, out_hw)
+    dxp = core.col2im(dy2 @ wk.T, (n, h + pt + pb, w + pl + pr, c), kernel, s, d, out_hw)
     return dxp[:, pt:pt + h, pl:pl + w, :].transpose(0, 3, 1, 2)
 
 
-def _dx_zero_insert(dy_nhwc, weight, hw, pads, s, d) -> np.ndarray:
-    """Input gradient the tutorial's way; returns NCHW.
+def _dx_zero_insert(dy_nhwc, weight, hw, pads, s, d, algo) -> np.ndarray:
+    """Input gradient the tutorial's way; returns an NCHW view.
 
     The stride-expanded map is padded by ``D*(K-1) - P_before`` in front and by whatever
     makes its length ``H + D*(K-1)`` behind (negative = crop, for ``P > D*(K-1)`` or
@@ -193,15 +239,13 @@ def _dx_zero_insert(dy_nhwc, weight, hw, pads, s, d) -> np.ndarray:
     """
     h, w = hw
     f, c, kh, kw = weight.shape
-    n, oh, ow, _ = dy_nhwc.shape
+    oh, ow = dy_nhwc.shape[1:3]
     (pt, _), (pl, _) = pads
     ext = (d[0] * (kh - 1), d[1] * (kw - 1))
     zpads = ((ext[0] - pt, h + pt - (oh - 1) * s[0] - 1), (ext[1] - pl, w + pl - (ow - 1) * s[1] - 1))
     z = core.zero_insert(dy_nhwc, s, zpads)
-    # Flip 180 degrees and swap channels: (F, C, KH, KW) -> (C, KH*KW*F), columns (kh, kw, f).
-    wf = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)
-    cols = core.im2col(z, (kh, kw), (1, 1), d, (h, w))
-    return (cols @ wf.T).reshape(n, h, w, c).transpose(0, 3, 1, 2)
+    dx_nhwc, _ = _correlate(z, core.flipped_kernel_matrix(weight), (kh, kw), (1, 1), d, (h, w), algo)
+    return dx_nhwc.transpose(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -350,13 +394,15 @@ def relu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
 def leaky_relu(x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
     """``x`` where positive, ``negative_slope * x`` elsewhere."""
     _act_args(x)
-    return np.where(x > 0, x, x * x.dtype.type(negative_slope))
+    slope = _args.real(negative_slope, "negative_slope")
+    return np.where(x > 0, x, x * x.dtype.type(slope))
 
 
 def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
     """``dy`` where ``x > 0``, ``negative_slope * dy`` elsewhere."""
     _act_args(x, dy)
-    return np.where(x > 0, dy, dy * x.dtype.type(negative_slope))
+    slope = _args.real(negative_slope, "negative_slope")
+    return np.where(x > 0, dy, dy * x.dtype.type(slope))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
