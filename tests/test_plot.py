@@ -231,3 +231,12 @@ def test_cli_plot_bad_arguments(tmp_path):
         assert r.returncode == code, (argv, r.stderr)
         assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_pictures_get_the_users_umask_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = plot.learning_curves_png(HISTORY, tmp_path / "lc.png")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644

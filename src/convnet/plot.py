@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -91,9 +91,10 @@ def _save(fig: Any, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # open(..., "xb") rather than mkstemp: the picture gets the user's umask, not mode 0600.
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             fig.savefig(fh, format="png", dpi=DPI)
         os.replace(tmp, path)
     except BaseException:
@@ -497,7 +498,7 @@ def plot_model(model: Any, out_dir: str | os.PathLike, x: np.ndarray, y: np.ndar
         done(learning_curves_png(history, os.path.join(out_dir, LEARNING_CURVES)))
     convs = [(i, layer) for i, layer in enumerate(model.layers) if isinstance(layer, Conv2d)]
     for n, (i, layer) in enumerate(convs, start=1):
-        done(filters_png(layer.weight, os.path.join(out_dir, filters_name(n)), title=f"conv layer {i}"))
+        done(filters_png(layer.weight, os.path.join(out_dir, filters_name(n)), title=f"layer {i} (Conv2d)"))
     label = None if y is None else int(y[index])
     if convs or any(isinstance(layer, (MaxPool2d, AvgPool2d)) for layer in model.layers):
         done(feature_maps_png(model, x[index], os.path.join(out_dir, FEATURE_MAPS), label=label))
