@@ -583,9 +583,9 @@ def render(report: dict[str, Any]) -> str:
     ref_note = sorted({c["impls"]["reference"]["images"] for c in cases
                        if "images" in c["impls"].get("reference", {})})
     out.append("")
-    out.append("Times (median per batch). * = loop reference timed on "
-               + (" or ".join(map(str, ref_note)) if ref_note else "a few")
-               + " image(s) and scaled to the batch size.")
+    out.append("Times (median per batch). " + (
+        "* = loop reference timed on " + " or ".join(map(str, ref_note))
+        + " image(s) and scaled to the batch size." if ref_note else "Loop reference not run."))
     rows = []
     for c in cases:
         rows.append([c["name"], _time_cell(c, "reference", "forward"), _time_cell(c, "vectorized", "forward"),
