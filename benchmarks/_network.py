@@ -56,18 +56,22 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def check_one_batch(model: Any, tmodel: Any, x: np.ndarray, y: np.ndarray, torch: Any) -> dict[str, Any]:
-    """Loss, logits and every parameter gradient of one batch, convnet vs torch, same weights."""
+    """Loss, logits and every parameter gradient of one batch, convnet vs torch, same weights.
+
+    Both run in eval mode, where Dropout is the identity: the two libraries draw
+    different masks, and no other layer of these networks depends on the mode.
+    """
     from convnet.losses import CrossEntropyLoss
 
     loss = CrossEntropyLoss()
-    model.train()
+    model.eval()
     model.zero_grad()
     out = model.forward(x)
     value = loss(out, y)
     model.backward(loss.backward())
     model.clear_cache()
 
-    tmodel.train()
+    tmodel.eval()
     tmodel.zero_grad(set_to_none=True)
     tout = tmodel(torch.from_numpy(x))
     tloss = torch.nn.functional.cross_entropy(tout, torch.from_numpy(y))
@@ -80,6 +84,9 @@ def check_one_batch(model: Any, tmodel: Any, x: np.ndarray, y: np.ndarray, torch
             errs[f"{i}.{type(layer).__name__}.{name}.grad"] = _rel_err(
                 layer.grads[name], getattr(mod, name).grad.numpy())
     model.zero_grad()
+    model.train()
+    tmodel.zero_grad(set_to_none=True)
+    tmodel.train()
     worst = max(errs, key=errs.get)
     return {"pass": all(e <= TOLERANCE for e in errs.values()), "worst": worst,
             "worst_rel_err": errs[worst], "tol": TOLERANCE, "arrays": len(errs)}
