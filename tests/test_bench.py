@@ -150,3 +150,13 @@ def test_network_twin_agrees_and_a_wrong_twin_is_refused():
         twin[0].weight[0, 0, 2, 2] += 0.5
     check = _network.check_one_batch(model, twin, x, y, torch)
     assert not check["pass"] and check["worst_rel_err"] > _network.TOLERANCE
+
+
+def test_a_too_slow_reference_is_skipped_not_failed(tmp_path):
+    code, report = _run(tmp_path, ["--no-torch", "--ref-limit", "0.000001"])
+    assert code == 0 and report["ok"] is True
+    for case in report["cases"]:
+        ref = case["impls"]["reference"]
+        assert ref["status"] == "skipped" and "too slow" in ref["reason"]
+        assert case["ratios"]["forward"]["reference_over_vectorized"] is None
+    assert not any("loop reference" in t["target"] for t in report["targets"])
