@@ -27,6 +27,7 @@ __all__ = [
     "load_mnist_5k",
     "load_idx",
     "load_mnist_idx",
+    "random_shift",
     "MNIST_5K_SPLIT_SEED",
     "MNIST_5K_TEST_PER_CLASS",
 ]
@@ -241,3 +242,39 @@ def load_mnist_idx(directory: str | os.PathLike) -> Split:
         _images_to_float(arrays["x_test"]),
         arrays["y_test"].astype(np.int64),
     )
+
+
+def random_shift(x: np.ndarray, rng: np.random.Generator, max_shift: int = 1) -> np.ndarray:
+    """Shift each image by a random whole number of pixels, filling with zeros.
+
+    A cheap data augmentation for digits: each sample moves by ``dy, dx`` drawn
+    uniformly from ``[-max_shift, max_shift]``. Use it as ``fit(augment=random_shift)``,
+    or ``functools.partial(random_shift, max_shift=2)`` for larger moves.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W)
+    rng : numpy.random.Generator
+    max_shift : int >= 0, smaller than H and W
+
+    Returns
+    -------
+    ndarray (N, C, H, W), same dtype; ``x`` is not modified.
+    """
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        raise ValueError(f"x must be an (N, C, H, W) array, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    n, _, h, w = x.shape
+    if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) \
+            or not 0 <= max_shift < min(h, w):
+        raise ValueError(f"max_shift must be an int in [0, {min(h, w)}), got {max_shift!r}")
+    if max_shift == 0:
+        return x.copy()
+    s = int(max_shift)
+    padded = np.pad(x, ((0, 0), (0, 0), (s, s), (s, s)))
+    dy = rng.integers(0, 2 * s + 1, n)
+    dx = rng.integers(0, 2 * s + 1, n)
+    rows = (dy[:, None] + np.arange(h))[:, None, :, None]   # (N, 1, H, 1)
+    cols = (dx[:, None] + np.arange(w))[:, None, None, :]   # (N, 1, 1, W)
+    return padded[np.arange(n)[:, None, None, None], np.arange(x.shape[1])[None, :, None, None], rows, cols]

@@ -17,7 +17,7 @@ import numpy as np
 
 from .layers import Parameter
 
-__all__ = ["Optimizer", "SGD", "Adam", "OPTIMIZERS"]
+__all__ = ["Optimizer", "SGD", "Adam", "OPTIMIZERS", "cosine_schedule"]
 
 
 def _number(value, name: str, low: float, high: float | None = None, low_open: bool = False) -> float:
@@ -143,3 +143,20 @@ class Adam(Optimizer):
 
 #: Optimizers by lower-case name (used by the command line).
 OPTIMIZERS = {"sgd": SGD, "adam": Adam}
+
+
+def cosine_schedule(lr: float, epochs: int, min_lr: float = 0.0):
+    """Cosine learning-rate decay for ``fit(lr_schedule=...)``.
+
+    Returns ``f(epoch) = min_lr + (lr - min_lr) * (1 + cos(pi * (epoch - 1) / epochs)) / 2``
+    for 1-based epochs: ``lr`` in the first epoch, close to ``min_lr`` in the last.
+    """
+    lr = _number(lr, "lr", 0.0, low_open=True)
+    min_lr = _number(min_lr, "min_lr", 0.0)
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+
+    def schedule(epoch: int) -> float:
+        return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+    return schedule

@@ -8,11 +8,12 @@ Accuracies are None for non-classification losses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -20,7 +21,27 @@ from .losses import CrossEntropyLoss, Loss
 from .model import Sequential
 from .optim import Adam, Optimizer
 
-__all__ = ["fit", "evaluate", "confusion_matrix", "TrainingDivergedError"]
+__all__ = ["fit", "evaluate", "confusion_matrix", "limit_blas_threads", "TrainingDivergedError"]
+
+
+@contextlib.contextmanager
+def limit_blas_threads(threads: int | None) -> Iterator[None]:
+    """Limit the BLAS thread pool to ``threads`` inside the ``with`` block (None: leave it).
+
+    The GEMMs of a small CNN are thin (e.g. (25088, 25) @ (25, 8)); splitting them across
+    threads costs more than it saves, and on a busy machine spinning BLAS threads slow
+    training down by an order of magnitude. Uses ``threadpoolctl``; a no-op without it.
+    """
+    if threads is None:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional at run time: only speed depends on it
+        yield
+        return
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -67,7 +88,9 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         loss: Loss | None = None, optimizer: Optimizer | None = None, validation_split: float = 0.0,
         validation_data: tuple[np.ndarray, np.ndarray] | None = None, shuffle: bool = True,
         seed: int | None = 0, progress: bool | None = None, checkpoint: str | os.PathLike | None = None,
-        on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch_end: Callable[[dict], None] | None = None,
+        augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+        lr_schedule: Callable[[int], float] | None = None, blas_threads: int | None = 1) -> list[dict]:
     """Train ``model`` with mini-batch gradient descent.
 
     Parameters
@@ -95,6 +118,15 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         Save the model (atomically) after every epoch whose weights are all finite.
     on_epoch_end : callable, optional
         Called with each epoch's history dict.
+    augment : callable, optional
+        ``augment(x_batch, rng) -> x_batch`` transforms each training batch (same shape and
+        dtype), e.g. :func:`convnet.datasets.random_shift`; ``rng`` is seeded from ``seed``.
+    lr_schedule : callable, optional
+        ``lr_schedule(epoch) -> lr`` sets ``optimizer.lr`` at the start of each epoch
+        (1-based), e.g. :func:`convnet.optim.cosine_schedule`.
+    blas_threads : int or None
+        BLAS threads during training (default 1, fastest for small CNNs; see
+        :func:`limit_blas_threads`); None leaves the thread pool alone.
 
     Returns
     -------
@@ -127,13 +159,19 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
     if model.dtype is not None and x.dtype != model.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {model.dtype}; "
                         f"convert one of them (x.astype or model.astype)")
+    if augment is not None and not callable(augment):
+        raise TypeError(f"augment must be callable (x_batch, rng) -> x_batch, got {type(augment).__name__}")
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise TypeError(f"lr_schedule must be callable epoch -> lr, got {type(lr_schedule).__name__}")
+    if blas_threads is not None:
+        blas_threads = _positive_int(blas_threads, "blas_threads")
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         directory = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
 
-    split_seq, shuffle_seq = np.random.SeedSequence(seed).spawn(2)
+    split_seq, shuffle_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise TypeError("validation_data must be a pair (x_val, y_val)")
@@ -154,9 +192,16 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
     if model.input_shape is None:
         model.input_shape = tuple(x.shape[1:])
     show = sys.stderr.isatty() if progress is None else bool(progress)
+    with limit_blas_threads(blas_threads):
+        return _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle,
+                      np.random.default_rng(shuffle_seq), np.random.default_rng(augment_seq), augment,
+                      lr_schedule, show, checkpoint, on_epoch_end)
+
+
+def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle, shuffle_rng,
+           augment_rng, augment, lr_schedule, show, checkpoint, on_epoch_end) -> list[dict]:
     if show:
         from tqdm.auto import tqdm  # imported lazily: keeps `import convnet` cheap
-    shuffle_rng = np.random.default_rng(shuffle_seq)
     n = len(x_train)
     steps = math.ceil(n / batch_size)
     params = model.parameters()
@@ -164,6 +209,12 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
     model.train()
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
+        if lr_schedule is not None:
+            lr = lr_schedule(epoch)
+            if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not lr > 0 \
+                    or not math.isfinite(lr):
+                raise ValueError(f"lr_schedule({epoch}) must return a positive finite number, got {lr!r}")
+            optimizer.lr = float(lr)
         order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
         total_loss, correct = 0.0, 0
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=True,
@@ -172,6 +223,8 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
             for step in range(1, steps + 1):
                 idx = order[(step - 1) * batch_size: step * batch_size]
                 xb, yb = x_train[idx], y_train[idx]
+                if augment is not None:
+                    xb = _augmented(augment, xb, augment_rng)
                 model.zero_grad()
                 out = model.forward(xb)
                 value = loss(out, yb)
@@ -219,6 +272,14 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         if on_epoch_end is not None:
             on_epoch_end(record)
     return history
+
+
+def _augmented(augment, xb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = augment(xb, rng)
+    if not isinstance(out, np.ndarray) or out.shape != xb.shape or out.dtype != xb.dtype:
+        raise ValueError(f"augment must return an array of shape {xb.shape} and dtype {xb.dtype}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    return out
 
 
 def _checkpoint_note(checkpoint: str | None, history: list[dict]) -> str:
