@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 DEFAULT_OUT = os.path.join("out", "convnet_mnist.npz")
 # Default recipe for `convnet train` (see benchmarks/train_mnist.py for its measured time and accuracy).
-DEFAULT_EPOCHS = 8
+DEFAULT_EPOCHS = 15
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
 DEFAULT_SEED = 0
@@ -126,6 +126,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
                    help="directory with MNIST-format IDX files (train-images-idx3-ubyte, "
                         "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; "
                         "raw or .gz) instead of the bundled digits")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="do not shift training images by up to 1 pixel at random (on by default)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="train on only the first N training images (quick runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -141,8 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import model as model_mod
-    from .optim import SGD, Adam
-    from .training import evaluate, fit
+    from .datasets import random_shift
+    from .optim import SGD, Adam, cosine_schedule
+    from .training import evaluate, fit, limit_blas_threads
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
@@ -160,8 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"training on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
-        f"{num_classes} classes); {args.epochs} epochs, batch size {args.batch_size}, {args.optimizer} lr {lr:g}, "
-        f"seed {args.seed}", flush=True)
+        f"{num_classes} classes); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, batch size {args.batch_size}, {args.optimizer} lr {lr:g} "
+        f"with cosine decay, seed {args.seed}" + (", random 1-pixel shifts" if args.augment else ""), flush=True)
 
     def report(rec: dict) -> None:
         line = (f"epoch {rec['epoch']}/{args.epochs}: loss {rec['loss']:.4f}, "
@@ -173,10 +176,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     history = fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
                   validation_split=args.val_split, seed=args.seed, progress=False if args.quiet else None,
-                  checkpoint=args.out,
+                  checkpoint=args.out, lr_schedule=cosine_schedule(lr, args.epochs),
+                  augment=random_shift if args.augment else None,
                   on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
-    result = evaluate(model, x_test, y_test)
+    with limit_blas_threads(1):
+        result = evaluate(model, x_test, y_test)
     correct = int(np.count_nonzero(result["predictions"] == y_test))
     print(f"test accuracy: {100 * result['accuracy']:.2f}% ({correct}/{len(y_test)}), "
           f"test loss {result['loss']:.4f}; trained in {train_time:.1f}s")
@@ -219,12 +224,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .model import load
-    from .training import confusion_matrix, evaluate
+    from .training import confusion_matrix, evaluate, limit_blas_threads
 
     model = load(args.model)
     _, _, x_test, y_test = _load_data(args.data)[0]
     _check_model_fits(model, x_test, args.model)
-    result = evaluate(model, x_test, y_test, batch_size=args.batch_size)
+    with limit_blas_threads(1):
+        result = evaluate(model, x_test, y_test, batch_size=args.batch_size)
     num_classes = max(int(y_test.max()) + 1, int(result["predictions"].max()) + 1)
     matrix = confusion_matrix(y_test, result["predictions"], num_classes)
     correct = int(np.trace(matrix))

@@ -29,6 +29,7 @@ import numpy as np
 from .layers import (
     LAYER_TYPES,
     Conv2d,
+    Dropout,
     Flatten,
     Layer,
     Linear,
@@ -412,19 +413,21 @@ def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Se
 
 
 def lenet(num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), *, rng: RngLike = 0,
-          channels: tuple[int, int] = (8, 16), hidden: int = 64, dtype: Any = np.float32) -> Sequential:
+          channels: tuple[int, int] = (16, 32), hidden: int = 128, dropout: float = 0.25,
+          dtype: Any = np.float32) -> Sequential:
     """The LeNet-style network ``convnet train`` uses.
 
     conv 5x5 pad 2 -> ReLU -> maxpool 2 -> conv 5x5 -> ReLU -> maxpool 2 -> flatten ->
-    linear -> ReLU -> linear (logits).
+    dropout -> linear -> ReLU -> linear (logits).
 
     Parameters
     ----------
     num_classes : int
     input_shape : (C, H, W) of one sample; H and W at least 12.
-    rng : Generator, int seed or None; initial weights.
+    rng : Generator, int seed or None; initial weights and the dropout masks.
     channels : output channels of the two conv layers.
     hidden : width of the hidden linear layer.
+    dropout : dropout probability on the flattened features (0 for none).
     dtype : float32 (default) or float64.
     """
     gen = _as_rng(rng)
@@ -440,5 +443,7 @@ def lenet(num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), *, rn
         flat = Sequential(*features).predict(np.zeros((1, c, h, w), dtype=dtype)).shape[1]
     except ValueError:
         raise ValueError(f"input_shape {tuple(input_shape)} is too small for lenet (need H, W >= 12)") from None
-    head = [Linear(flat, hidden, rng=gen, dtype=dtype), ReLU(), Linear(hidden, num_classes, rng=gen, dtype=dtype)]
+    drop = [Dropout(dropout, rng=int(gen.integers(2**63)))] if dropout else []
+    head = [*drop, Linear(flat, hidden, rng=gen, dtype=dtype), ReLU(),
+            Linear(hidden, num_classes, rng=gen, dtype=dtype)]
     return Sequential(*features, *head, input_shape=(c, h, w))
