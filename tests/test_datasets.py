@@ -133,3 +133,35 @@ def test_load_mnist_idx_errors(tmp_path):
     (tmp_path / "d" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros((10, 2), np.uint8)))
     with pytest.raises(IdxFormatError, match="expected uint8 labels"):
         load_mnist_idx(tmp_path / "d")
+
+
+def test_random_shift_moves_whole_images_within_range():
+    rng = np.random.default_rng(0)
+    x = np.zeros((200, 2, 9, 9), np.float32)
+    x[:, 0, 4, 4] = 1.0  # a dot in the centre of channel 0, a different dot in channel 1
+    x[:, 1, 2, 6] = 2.0
+    out = datasets.random_shift(x, rng, max_shift=2)
+    assert out.shape == x.shape and out.dtype == np.float32 and x[:, 0, 4, 4].all()  # input untouched
+    moves = set()
+    for img in out:
+        (r0, c0), = np.argwhere(img[0] == 1.0)
+        (r1, c1), = np.argwhere(img[1] == 2.0)
+        dy, dx = r0 - 4, c0 - 4
+        assert (r1 - 2, c1 - 6) == (dy, dx)  # all channels move together
+        assert abs(dy) <= 2 and abs(dx) <= 2
+        moves.add((dy, dx))
+    assert len(moves) == 25  # every shift in [-2, 2]^2 occurs
+    edge = np.ones((1, 1, 5, 5), np.float32)
+    shifted = datasets.random_shift(edge, np.random.default_rng(3), 1)
+    assert shifted.sum() in (25, 20, 16)  # zeros fill the uncovered border
+    assert np.array_equal(datasets.random_shift(x, rng, 0), x)
+
+
+def test_random_shift_rejects_bad_arguments():
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="max_shift"):
+        datasets.random_shift(x, np.random.default_rng(), 4)
+    with pytest.raises(TypeError, match="rng"):
+        datasets.random_shift(x, 0)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        datasets.random_shift(x[0], np.random.default_rng())

@@ -102,9 +102,14 @@ def test_summary_lists_shapes_and_parameter_counts(capsys):
     model = convnet.lenet()
     text = model.summary()
     assert capsys.readouterr().out.strip() == text.strip()
-    assert "(N, 8, 28, 28)" in text and "(N, 400)" in text and "(N, 10)" in text
+    assert "(N, 16, 28, 28)" in text and "(N, 800)" in text and "(N, 10)" in text
     assert f"Total params: {model.num_parameters():,}" in text
-    assert model.num_parameters() == 8 * 25 + 8 + 16 * 8 * 25 + 16 + 400 * 64 + 64 + 64 * 10 + 10
+    assert model.num_parameters() == 16 * 25 + 16 + 32 * 16 * 25 + 32 + 800 * 128 + 128 + 128 * 10 + 10
+    small = convnet.lenet(num_classes=3, input_shape=(2, 16, 12), channels=(4, 6), hidden=8, dropout=0)
+    assert small.predict(np.zeros((2, 2, 16, 12), np.float32)).shape == (2, 3)
+    assert not any(isinstance(layer, L.Dropout) for layer in small)
+    with pytest.raises(ValueError, match="too small"):
+        convnet.lenet(input_shape=(1, 8, 8))
     bare = Sequential(L.Flatten(), L.Linear(4, 2))
     assert "?" in bare.summary(file=open(os.devnull, "w"))
     assert "(N, 2)" in bare.summary(input_shape=(2, 2), file=open(os.devnull, "w"))

@@ -12,8 +12,9 @@ from convnet.gradcheck import numerical_gradient
 from convnet.layers import Parameter
 from convnet.losses import CrossEntropyLoss, MSELoss
 from convnet.model import Sequential
-from convnet.optim import SGD, Adam
-from convnet.training import TrainingDivergedError, confusion_matrix, evaluate, fit
+from convnet.datasets import random_shift
+from convnet.optim import SGD, Adam, cosine_schedule
+from convnet.training import TrainingDivergedError, confusion_matrix, evaluate, fit, limit_blas_threads
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,60 @@ def test_same_seed_gives_bit_identical_weights(digits):
         runs.append([p.data.copy() for p in model.parameters()])
     assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1]))
     assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_augmentation_and_lr_schedule(digits):
+    x, y, _, _ = digits
+    seen_batches, lrs, opt = [], [], [None]
+
+    def augment(xb, rng):
+        seen_batches.append(len(xb))
+        lrs.append(opt[0].lr)
+        return random_shift(xb, rng)
+
+    runs = []
+    for _ in range(2):
+        model = small_cnn()
+        seen_batches.clear()
+        lrs.clear()
+        opt[0] = Adam(1e-3)
+        fit(model, x, y, epochs=3, batch_size=100, optimizer=opt[0], augment=augment,
+            lr_schedule=cosine_schedule(0.01, 3), progress=False)
+        runs.append([p.data.copy() for p in model.parameters()])
+    assert seen_batches == [100, 100, 40] * 3
+    assert lrs[0] == lrs[2] == 0.01 and lrs[3] == pytest.approx(0.0075) and lrs[6] == pytest.approx(0.0025)
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))  # augmentation randomness is seeded too
+    with pytest.raises(ValueError, match="augment must return an array of shape"):
+        fit(small_cnn(), x, y, augment=lambda xb, rng: xb[:, :, 1:], progress=False)
+    with pytest.raises(ValueError, match=r"lr_schedule\(1\) must return a positive"):
+        fit(small_cnn(), x, y, lr_schedule=lambda e: 0.0, progress=False)
+
+
+def test_cosine_schedule_values():
+    f = cosine_schedule(0.1, 4, min_lr=0.02)
+    assert [round(f(e), 6) for e in (1, 2, 3, 4)] == [0.1, round(0.02 + 0.08 * (1 + math.cos(math.pi / 4)) / 2, 6),
+                                                      0.06, round(0.02 + 0.08 * (1 + math.cos(3 * math.pi / 4)) / 2, 6)]
+    with pytest.raises(ValueError, match="epochs"):
+        cosine_schedule(0.1, 0)
+
+
+def test_blas_threads_are_limited_during_training(digits):
+    import threadpoolctl
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "numpy's BLAS should be visible to threadpoolctl"
+    during = []
+    x, y, _, _ = digits
+    fit(small_cnn(), x[:32], y[:32], epochs=1, batch_size=32, progress=False,
+        on_epoch_end=lambda rec: during.extend(blas_threads()))
+    assert set(during) == {1} and blas_threads() == before
+    with limit_blas_threads(None):
+        assert blas_threads() == before
+    with pytest.raises(ValueError, match="blas_threads"):
+        fit(small_cnn(), x, y, blas_threads=0, progress=False)
 
 
 def test_history_format_and_validation_split(digits):
