@@ -126,21 +126,38 @@ def _summary(history: list[dict[str, Any]], images: int) -> dict[str, Any]:
             "epochs": len(history), "loss": history[-1]["loss"], "accuracy": history[-1]["accuracy"]}
 
 
+def _fit_blas_threads() -> Any:
+    """The BLAS thread count ``convnet.fit`` trains with by default (None: it leaves the pool alone)."""
+    import inspect
+
+    import convnet
+    param = inspect.signature(convnet.fit).parameters.get("blas_threads")
+    return None if param is None else param.default
+
+
 def run_network(opts: Any, torch: Any) -> dict[str, Any]:
-    """Training throughput of the default network, convnet and (when available) torch."""
+    """Training throughput of the default network, convnet and (when available) torch.
+
+    convnet trains through ``convnet.fit`` with its own default BLAS threading; torch
+    is timed with the harness's thread count and with one thread, so the figure can be
+    read both as "each library as it comes" and like for like.
+    """
     import convnet
     from convnet.datasets import load_mnist_5k
     from convnet.optim import Adam
 
     x_train, y_train, _, _ = load_mnist_5k()
     batch_size, lr = _defaults()
+    fit_threads = _fit_blas_threads()
     result: dict[str, Any] = {"network": "convnet.lenet()", "images": int(len(x_train)),
-                              "batch_size": batch_size, "optimizer": f"Adam(lr={lr:g})", "status": "ok"}
+                              "batch_size": batch_size, "optimizer": f"Adam(lr={lr:g})", "status": "ok",
+                              "convnet_fit_blas_threads": fit_threads}
 
     model = convnet.lenet(rng=opts.seed)
-    tmodel = torch_twin(model, torch) if torch is not None else None
-    if tmodel is not None:
-        check = check_one_batch(model, tmodel, x_train[:batch_size], y_train[:batch_size], torch)
+    # Twins are built before training changes the weights, so all runs start alike.
+    twins = [torch_twin(model, torch), torch_twin(model, torch)] if torch is not None else []
+    if twins:
+        check = check_one_batch(model, twins[0], x_train[:batch_size], y_train[:batch_size], torch)
         result["check"] = check
         if not check["pass"]:
             result["status"] = "FAILED"
@@ -148,25 +165,33 @@ def run_network(opts: Any, torch: Any) -> dict[str, Any]:
                                 f"{check['worst_rel_err']:.2e} > {TOLERANCE:.0e}")
             return result
 
-    # Warm-up on throwaway copies, then one timed epoch each.
+    # Warm-up on a throwaway model, then the timed epochs.
     convnet.fit(convnet.lenet(rng=opts.seed + 1), x_train[:WARMUP_IMAGES], y_train[:WARMUP_IMAGES],
                 epochs=1, batch_size=batch_size, optimizer=Adam(lr=lr), progress=False, seed=opts.seed)
     history = convnet.fit(model, x_train, y_train, epochs=EPOCHS, batch_size=batch_size,
                           optimizer=Adam(lr=lr), progress=False, seed=opts.seed)
     result["convnet"] = _summary(history, len(x_train))
+    threads_note = "its default BLAS threads" if fit_threads is None else f"BLAS threads {fit_threads}"
     lines = [f"{result['network']}, {len(x_train)} images, batch {batch_size}, {result['optimizer']}; "
              f"median of {EPOCHS} epochs (loss and accuracy of the last)",
-             _line("convnet", result["convnet"])]
-    if tmodel is not None:
-        torch_fit(torch_twin(convnet.lenet(rng=opts.seed + 1), torch), x_train[:WARMUP_IMAGES],
-                  y_train[:WARMUP_IMAGES], batch_size, lr, torch, epochs=1, seed=opts.seed)
-        thist = torch_fit(tmodel, x_train, y_train, batch_size, lr, torch, epochs=EPOCHS, seed=opts.seed)
-        result["torch"] = _summary(thist, len(x_train))
-        result["convnet_time_over_torch"] = result["convnet"]["seconds"] / result["torch"]["seconds"]
-        lines.append(_line("torch", result["torch"]))
+             _line(f"convnet (fit, {threads_note})", result["convnet"])]
+    if twins:
+        harness_threads = torch.get_num_threads()
+        for key, threads, tmodel in (("torch", harness_threads, twins[0]), ("torch_1_thread", 1, twins[1])):
+            torch.set_num_threads(threads)
+            try:
+                torch_fit(torch_twin(convnet.lenet(rng=opts.seed + 1), torch), x_train[:WARMUP_IMAGES],
+                          y_train[:WARMUP_IMAGES], batch_size, lr, torch, epochs=1, seed=opts.seed)
+                thist = torch_fit(tmodel, x_train, y_train, batch_size, lr, torch, epochs=EPOCHS, seed=opts.seed)
+            finally:
+                torch.set_num_threads(harness_threads)
+            result[key] = {**_summary(thist, len(x_train)), "threads": threads}
+            result[f"convnet_time_over_{key}"] = result["convnet"]["seconds"] / result[key]["seconds"]
+            lines.append(_line(f"torch ({threads} thread{'s' if threads > 1 else ''})", result[key]))
         lines.append(f"convnet/torch epoch time: {result['convnet_time_over_torch']:.2f}x "
-                     f"(one-batch loss and gradients agree: worst rel err "
-                     f"{result['check']['worst_rel_err']:.1e} over {result['check']['arrays']} arrays)")
+                     f"({harness_threads} threads), {result['convnet_time_over_torch_1_thread']:.2f}x "
+                     f"(1 thread); one-batch loss and gradients agree: worst rel err "
+                     f"{result['check']['worst_rel_err']:.1e} over {result['check']['arrays']} arrays")
     else:
         result["torch"] = {"status": "skipped", "reason": "torch not available"}
         lines.append("torch: skipped (not available)")
@@ -175,5 +200,5 @@ def run_network(opts: Any, torch: Any) -> dict[str, Any]:
 
 
 def _line(name: str, r: dict[str, Any]) -> str:
-    return (f"{name:8s} {r['images_per_s']:8.0f} images/s  (epoch {r['seconds']:.2f} s, "
+    return (f"{name:30s} {r['images_per_s']:7.0f} images/s  (epoch {r['seconds']:.2f} s, "
             f"train loss {r['loss']:.3f}, accuracy {100 * r['accuracy']:.1f}%)")
