@@ -90,6 +90,17 @@ def test_blas_threads_are_limited_during_training(digits):
     assert set(during) == {1} and blas_threads() == before
     with limit_blas_threads(None):
         assert blas_threads() == before
+
+    class Spy(L.ReLU):
+        def forward(self, x):
+            during.append(blas_threads())
+            return super().forward(x)
+
+    during.clear()
+    model = Sequential(L.Flatten(), Spy())
+    model.predict(x[:2])
+    model.predict(x[:2], blas_threads=None)
+    assert during == [[1] * len(before), before]
     with pytest.raises(ValueError, match="blas_threads"):
         fit(small_cnn(), x, y, blas_threads=0, progress=False)
 

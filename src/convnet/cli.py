@@ -145,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import model as model_mod
     from .datasets import random_shift
     from .optim import SGD, Adam, cosine_schedule
-    from .training import evaluate, fit, limit_blas_threads
+    from .training import evaluate, fit
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
@@ -180,8 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   augment=random_shift if args.augment else None,
                   on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
-    with limit_blas_threads(1):
-        result = evaluate(model, x_test, y_test)
+    result = evaluate(model, x_test, y_test)
     correct = int(np.count_nonzero(result["predictions"] == y_test))
     print(f"test accuracy: {100 * result['accuracy']:.2f}% ({correct}/{len(y_test)}), "
           f"test loss {result['loss']:.4f}; trained in {train_time:.1f}s")
@@ -224,13 +223,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .model import load
-    from .training import confusion_matrix, evaluate, limit_blas_threads
+    from .training import confusion_matrix, evaluate
 
     model = load(args.model)
     _, _, x_test, y_test = _load_data(args.data)[0]
     _check_model_fits(model, x_test, args.model)
-    with limit_blas_threads(1):
-        result = evaluate(model, x_test, y_test, batch_size=args.batch_size)
+    result = evaluate(model, x_test, y_test, batch_size=args.batch_size)
     num_classes = max(int(y_test.max()) + 1, int(result["predictions"].max()) + 1)
     matrix = confusion_matrix(y_test, result["predictions"], num_classes)
     correct = int(np.trace(matrix))

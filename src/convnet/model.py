@@ -144,10 +144,12 @@ class Sequential:
                 raise type(exc)(f"{_layer_label(i, layer)} backward, gradient shape {shape}: {exc}") from exc
         return dy
 
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | None = 1) -> np.ndarray:
         """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.
 
-        The model's train/eval mode is restored afterwards.
+        The model's train/eval mode is restored afterwards. ``blas_threads`` limits the
+        BLAS thread pool meanwhile (see :func:`convnet.training.limit_blas_threads`;
+        None leaves it alone).
 
         Returns
         -------
@@ -160,10 +162,13 @@ class Sequential:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
+        from .training import limit_blas_threads  # deferred: training imports this module
+
         was_training = self.training
         self.eval()
         try:
-            outs = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            with limit_blas_threads(blas_threads):
+                outs = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         finally:
             self.clear_cache()
             self.train(was_training)

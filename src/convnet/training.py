@@ -291,8 +291,10 @@ def _checkpoint_note(checkpoint: str | None, history: list[dict]) -> str:
 
 
 def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, *, loss: Loss | None = None,
-             batch_size: int = 256) -> dict:
+             batch_size: int = 256, blas_threads: int | None = 1) -> dict:
     """Loss and accuracy of ``model`` on ``(x, y)`` in eval mode.
+
+    ``blas_threads`` is passed to ``model.predict`` (1 by default; None leaves BLAS alone).
 
     Returns
     -------
@@ -306,7 +308,7 @@ def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, *, loss: Loss | No
     if not isinstance(loss, Loss):
         raise TypeError(f"loss must be a convnet.losses.Loss, got {type(loss).__name__}")
     _check_xy(x, y, loss, "evaluation")
-    out = model.predict(x, batch_size=batch_size)
+    out = model.predict(x, batch_size=batch_size, blas_threads=blas_threads)
     if loss.classification and y.max() >= out.shape[1]:
         raise ValueError(f"labels go up to {y.max()} but the model has only {out.shape[1]} outputs")
     value = loss.forward(out, y)
