@@ -59,6 +59,21 @@ def test_train_short_run(trained):
     assert lines[-1] == f"model saved to {out}" and out.exists()
 
 
+def test_same_seed_same_model(trained, tmp_path):
+    import convnet
+
+    out, first = trained
+    again = tmp_path / "again.npz"
+    proc = run("train", "--epochs", 1, "--limit", 500, "--batch-size", 10, "--lr", 0.002, "--out", again)
+    assert proc.returncode == 0, proc.stderr
+    def result(stdout):  # "test accuracy: ...% (n/1000), test loss ..." without the timing
+        return stdout.splitlines()[-2].split("; trained")[0]
+
+    assert result(proc.stdout) == result(first.stdout)
+    a, b = convnet.load(out), convnet.load(again)
+    assert all(np.array_equal(p.data, q.data) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_evaluate_and_summary_of_the_trained_model(trained):
     out, train = trained
     proc = run("evaluate", out)

@@ -14,7 +14,8 @@ from convnet.losses import CrossEntropyLoss, MSELoss
 from convnet.model import Sequential
 from convnet.datasets import random_shift
 from convnet.optim import SGD, Adam, cosine_schedule
-from convnet.training import TrainingDivergedError, confusion_matrix, evaluate, fit, limit_blas_threads
+from convnet.training import (TrainingDivergedError, confusion_matrix, evaluate, fit, format_epoch,
+                               limit_blas_threads)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,15 @@ def test_progress_bar_only_when_asked(digits, capsys):
     assert capsys.readouterr().err == ""
     fit(small_cnn(), x[:64], y[:64], epochs=1, batch_size=16, progress=True)
     err = capsys.readouterr().err
-    assert "epoch 1/1" in err and "4/4" in err
+    assert "epoch 1/1:" in err and "0/4" in err  # the bar
+    assert err.rstrip().splitlines()[-1].startswith("epoch 1/1: loss ")  # the epoch's line stays
+
+
+def test_format_epoch():
+    rec = {"epoch": 3, "loss": 0.21444, "accuracy": 0.9345, "val_loss": None, "val_accuracy": None, "time": 2.21}
+    assert format_epoch(rec, 15) == "epoch 3/15: loss 0.2144, accuracy 93.45% (2.2s)"
+    rec.update(val_loss=0.3, val_accuracy=0.9, accuracy=None)
+    assert format_epoch(rec) == "epoch 3: loss 0.2144, val_loss 0.3000, val_accuracy 90.00% (2.2s)"
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -145,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import model as model_mod
     from .datasets import random_shift
     from .optim import SGD, Adam, cosine_schedule
-    from .training import evaluate, fit
+    from .training import evaluate, fit, format_epoch
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
@@ -166,16 +166,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{num_classes} classes); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, batch size {args.batch_size}, {args.optimizer} lr {lr:g} "
         f"with cosine decay, seed {args.seed}" + (", random 1-pixel shifts" if args.augment else ""), flush=True)
 
+    # On a terminal, fit draws a progress bar and prints each epoch's line on stderr;
+    # otherwise (logs, pipes) the epoch lines go to stdout.
+    progress = not args.quiet and sys.stderr.isatty()
+
     def report(rec: dict) -> None:
-        line = (f"epoch {rec['epoch']}/{args.epochs}: loss {rec['loss']:.4f}, "
-                f"accuracy {100 * rec['accuracy']:.2f}%")
-        if rec["val_loss"] is not None:
-            line += f", val_loss {rec['val_loss']:.4f}, val_accuracy {100 * rec['val_accuracy']:.2f}%"
-        say(line + f" ({rec['time']:.1f}s)", flush=True)
+        if not progress:
+            say(format_epoch(rec, args.epochs), flush=True)
 
     t0 = time.perf_counter()
     history = fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
-                  validation_split=args.val_split, seed=args.seed, progress=False if args.quiet else None,
+                  validation_split=args.val_split, seed=args.seed, progress=progress,
                   checkpoint=args.out, lr_schedule=cosine_schedule(lr, args.epochs),
                   augment=random_shift if args.augment else None,
                   on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))

@@ -21,7 +21,7 @@ from .losses import CrossEntropyLoss, Loss
 from .model import Sequential
 from .optim import Adam, Optimizer
 
-__all__ = ["fit", "evaluate", "confusion_matrix", "limit_blas_threads", "TrainingDivergedError"]
+__all__ = ["fit", "evaluate", "confusion_matrix", "format_epoch", "limit_blas_threads", "TrainingDivergedError"]
 
 
 @contextlib.contextmanager
@@ -112,8 +112,8 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         Seeds the validation split and shuffling. With the same seed, the same initial
         weights and seeded Dropout layers, training gives bit-identical weights.
     progress : bool or None
-        Show a tqdm progress bar on stderr; None (default) shows it only when stderr is
-        a terminal.
+        Show a tqdm progress bar on stderr during each epoch, then the epoch's line
+        (:func:`format_epoch`); None (default) shows them only when stderr is a terminal.
     checkpoint : path, optional
         Save the model (atomically) after every epoch whose weights are all finite.
     on_epoch_end : callable, optional
@@ -217,7 +217,7 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
             optimizer.lr = float(lr)
         order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
         total_loss, correct = 0.0, 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=True,
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                    file=sys.stderr, dynamic_ncols=True) if show else None
         try:
             for step in range(1, steps + 1):
@@ -267,11 +267,25 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
             model.train()
         record["time"] = time.perf_counter() - t0
         history.append(record)
+        if show:
+            tqdm.write(format_epoch(record, epochs), file=sys.stderr)
         if checkpoint is not None:
             model.save(checkpoint)
         if on_epoch_end is not None:
             on_epoch_end(record)
     return history
+
+
+def format_epoch(record: dict, epochs: int | None = None) -> str:
+    """One line for a history record, e.g. ``epoch 3/15: loss 0.2144, accuracy 93.45% (2.2s)``."""
+    line = f"epoch {record['epoch']}" + (f"/{epochs}" if epochs else "") + f": loss {record['loss']:.4f}"
+    if record.get("accuracy") is not None:
+        line += f", accuracy {100 * record['accuracy']:.2f}%"
+    if record.get("val_loss") is not None:
+        line += f", val_loss {record['val_loss']:.4f}"
+    if record.get("val_accuracy") is not None:
+        line += f", val_accuracy {100 * record['val_accuracy']:.2f}%"
+    return line + f" ({record['time']:.1f}s)"
 
 
 def _augmented(augment, xb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
