@@ -110,6 +110,8 @@ def test_summary_lists_shapes_and_parameter_counts(capsys):
     assert not any(isinstance(layer, L.Dropout) for layer in small)
     with pytest.raises(ValueError, match="too small"):
         convnet.lenet(input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        convnet.lenet(input_shape=(28, 28))
     bare = Sequential(L.Flatten(), L.Linear(4, 2))
     assert "?" in bare.summary(file=open(os.devnull, "w"))
     assert "(N, 2)" in bare.summary(input_shape=(2, 2), file=open(os.devnull, "w"))

@@ -436,9 +436,10 @@ def lenet(num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), *, rn
     dtype : float32 (default) or float64.
     """
     gen = _as_rng(rng)
-    c, h, w = Sequential._check_input_shape(input_shape) or (0, 0, 0)
-    if len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    shape = Sequential._check_input_shape(input_shape)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+    c, h, w = shape
     features = [
         Conv2d(c, channels[0], 5, padding=2, rng=gen, dtype=dtype), ReLU(), MaxPool2d(2),
         Conv2d(channels[0], channels[1], 5, rng=gen, dtype=dtype), ReLU(), MaxPool2d(2), Flatten(),
