@@ -104,7 +104,7 @@ def _load_data(data_dir: str | None):
 def _add_train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a LeNet-style CNN and save it",
-        description="Train a LeNet-style CNN (conv-relu-pool x2, two linear layers) on the bundled "
+        description="Train a LeNet-style CNN (conv-relu-pool x2, dropout, two linear layers) on the bundled "
                     "5,000 MNIST digits (4,000 train / 1,000 test) or, with --data, on full MNIST / "
                     "Fashion-MNIST IDX files; print test accuracy and save the model.")
     p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
@@ -112,7 +112,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"mini-batch size (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate (default 0.001 for adam, 0.05 for sgd)")
+                   help="initial learning rate, decayed towards 0 over the epochs on a cosine curve "
+                        "(default 0.001 for adam, 0.05 for sgd)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="adam (default) or sgd (with momentum 0.9)")
     p.add_argument("--seed", type=_non_negative_int, default=DEFAULT_SEED,
