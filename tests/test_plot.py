@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from convnet import plot
 from convnet import layers as L
 from convnet.gradcheck import numerical_gradient
-from convnet.model import Sequential
+from convnet.model import Sequential, lenet
 
 # matplotlib is in the [test] extra: a missing one fails here loudly instead of skipping.
 import matplotlib.image as mpimg  # noqa: E402
@@ -196,8 +197,10 @@ def test_cli_train_with_plots_writes_curves_then_the_rest(tmp_path):
     assert printed == [os.path.join("pics", n) for n in names]
     assert_png(str(tmp_path / "pics" / "learning_curves.png"), (1000, 400))
     assert_png(str(tmp_path / "pics" / "confusion_matrix.png"), (700, 640))
-    # LeNet: input, conv(8), pool(8), conv(16), pool(16) -> 1 + 1 + 1 + 2 + 2 grid rows.
-    assert_png(str(tmp_path / "pics" / "feature_maps.png"), (8 * 90 + 140, 40 + 5 * 30 + 7 * 90))
+    # The default network: the input, then each conv and pool output, in rows of 8 maps.
+    c1, c2 = (layer.out_channels for layer in lenet().layers if isinstance(layer, L.Conv2d))
+    rows = 1 + 2 * math.ceil(c1 / 8) + 2 * math.ceil(c2 / 8)
+    assert_png(str(tmp_path / "pics" / "feature_maps.png"), (8 * 90 + 140, 40 + 5 * 30 + rows * 90))
 
     r = run_cli(["plot", "m.npz", "--out", "again", "--index", "7"], tmp_path)
     assert r.returncode == 0, r.stderr
