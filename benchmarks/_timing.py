@@ -135,6 +135,25 @@ def profile_top(fn: Callable[[], Any], repeats: int = 3, top: int = 8) -> dict[s
     return {"total_s": total, "top": rows}
 
 
+@contextlib.contextmanager
+def blas_threads(threads: int | None) -> Iterator[str | None]:
+    """Limit numpy's BLAS to ``threads`` threads inside the block (None: leave it).
+
+    Yields a note for the report when the limit could not be applied (no
+    threadpoolctl), else None.
+    """
+    if threads is None:
+        yield None
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield f"numpy BLAS threads NOT set to {threads}: threadpoolctl is not installed"
+        return
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield None
+
+
 class TimeLimitExceeded(Exception):
     """Raised inside a ``time_limit`` block that ran out of time."""
 

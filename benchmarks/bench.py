@@ -156,6 +156,7 @@ class Options:
     gemm_n: int = 2048
     memory: bool = True
     profile: bool = False        # cProfile the vectorized forward + backward (where its time goes)
+    threads: int | None = None   # BLAS and torch threads (None: torch gets every core, BLAS as set)
     seed: int = 0
 
     @classmethod
@@ -168,13 +169,13 @@ class Options:
 
 # --------------------------------------------------------------------------- torch
 
-def load_torch() -> tuple[Any, str | None]:
-    """Import torch and give it every core; return (module or None, reason it is missing)."""
+def load_torch(threads: int | None = None) -> tuple[Any, str | None]:
+    """Import torch with ``threads`` threads (default: every core); return (module or None, why not)."""
     try:
         import torch
     except Exception as exc:  # ImportError, or a broken install
         return None, f"torch not importable ({type(exc).__name__}: {exc})"
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     return torch, None
 
 
@@ -564,7 +565,7 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"  {pool.get('user_api', 'pool')}: {desc}")
     thr = report["threads"]
     out.append(f"threads: numpy BLAS {thr['numpy_blas']}, torch {thr['torch']} "
-               f"(os.cpu_count() = {thr['cpu_count']})")
+               f"(os.cpu_count() = {thr['cpu_count']})" + (f"; {thr['note']}" if thr.get("note") else ""))
     if m["env"]:
         out.append("env: " + " ".join(f"{k}={v}" for k, v in m["env"].items()))
     out.append(f"torch: {report['torch']}")
@@ -719,10 +720,27 @@ def _blas_threads(machine: dict[str, Any]) -> int | None:
     return None
 
 
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def run(shapes: list[ConvShape | PoolShape], opts: Options,
-        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
-    """Measure ``shapes``; return the report (``report["ok"]`` is False on a wrong result or error)."""
-    torch, torch_reason = (load_torch() if opts.torch else (None, "--no-torch"))
+        log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Measure ``shapes``; return the report (``report["ok"]`` is False on a wrong result or error).
+
+    With ``opts.threads`` set, numpy's BLAS (through threadpoolctl) and torch both
+    use that many threads for the whole run; otherwise torch gets every core and
+    BLAS keeps its own setting (both are printed).
+    """
+    with _timing.blas_threads(opts.threads) as blas_note:
+        report = _run(shapes, opts, log)
+    if blas_note:
+        report["threads"]["note"] = blas_note
+    return report
+
+
+def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
+    torch, torch_reason = (load_torch(opts.threads) if opts.torch else (None, "--no-torch"))
     machine = _timing.machine_info()
     report: dict[str, Any] = {
         "schema": 1,
@@ -817,6 +835,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time spent repeating each vectorized/torch measurement (1.5; --quick 0.2)")
     p.add_argument("--gemm-n", type=int, default=None, metavar="N",
                    help="matrix size of the GEMM-rate probe (2048; --quick 1024)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for numpy's BLAS (needs threadpoolctl) and torch alike; default: torch "
+                        "gets every core and BLAS keeps its own setting. 1 gives steadier figures on a "
+                        "busy machine")
     p.add_argument("--profile", action="store_true",
                    help="also cProfile the vectorized forward + backward of each shape and print "
                         "where its time goes (BLAS calls count in the Python function that makes them)")
@@ -832,6 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     opts.torch = not args.no_torch
     opts.network = opts.network and not args.no_network
     opts.profile = args.profile
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        opts.threads = args.threads
     if args.ref_images is not None:
         if args.ref_images < 1:
             raise SystemExit(f"--ref-images must be >= 1, got {args.ref_images}")

@@ -152,9 +152,15 @@ def test_network_twin_agrees_and_a_wrong_twin_is_refused():
     assert not check["pass"] and check["worst_rel_err"] > _network.TOLERANCE
 
 
-def test_a_too_slow_reference_is_skipped_not_failed(tmp_path):
-    code, report = _run(tmp_path, ["--no-torch", "--ref-limit", "0.000001"])
+def test_a_too_slow_reference_is_skipped_not_failed_and_threads_are_set(tmp_path):
+    code, report = _run(tmp_path, ["--no-torch", "--ref-limit", "0.000001", "--threads", "1"])
     assert code == 0 and report["ok"] is True
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        assert "NOT set" in report["threads"]["note"]
+    else:
+        assert report["threads"]["numpy_blas"] == 1
     for case in report["cases"]:
         ref = case["impls"]["reference"]
         assert ref["status"] == "skipped" and "too slow" in ref["reason"]
