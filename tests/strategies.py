@@ -36,11 +36,11 @@ def readonly(a: np.ndarray) -> np.ndarray:
 
 @st.composite
 def conv_cases(draw, dtypes=(np.float64, np.float32), max_hw: int = 9, max_k: int = 4,
-               max_c: int = 3, max_n: int = 2) -> ConvCase:
+               max_c: int = 3, max_n: int = 2, max_f: int = 3) -> ConvCase:
     """Draw N, C, F, H, W, rectangular KH x KW, stride, padding (P >= K included), dilation, dtype."""
     n = draw(st.integers(1, max_n))
     c = draw(st.integers(1, max_c))
-    f = draw(st.integers(1, 3))
+    f = draw(st.integers(1, max_f))
     kh, kw = draw(st.integers(1, max_k)), draw(st.integers(1, max_k))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))

@@ -70,7 +70,8 @@ def test_conv_forward_matches_scipy_and_reference(case, algo):
 
 
 @PROPS
-@given(conv_cases(), st.sampled_from(["auto", "zero_insert", "col2im"]), ALGO)
+@given(st.one_of(conv_cases(), conv_cases(max_c=12, max_f=12, max_hw=7)),  # both column layouts
+       st.sampled_from(["auto", "zero_insert", "col2im"]), ALGO)
 def test_conv_backward_matches_reference(case, method, algo):
     got = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method,
                             algo=pick(algo, case))
@@ -115,7 +116,7 @@ def test_cached_backward_equals_uncached(case, algo):
 
 
 @PROPS
-@given(conv_cases(max_c=20))
+@given(conv_cases(max_c=20, max_f=20, max_hw=7))
 def test_taps_and_im2col_agree_at_the_auto_threshold(case):
     """Channel counts around TAPS_MIN_CHANNELS exercise both choices of "auto"."""
     algos = algos_for(case)

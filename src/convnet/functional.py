@@ -56,6 +56,7 @@ def _cache_key(x: np.ndarray, weight: np.ndarray, stride, pads, dilation) -> tup
 
 
 def _pick_algo(algo: str, stride: tuple[int, int], channels: int) -> str:
+    """Resolve ``algo``; "auto" takes taps where they measured faster (stride 1, many channels)."""
     if algo not in ("auto", "im2col", "taps"):
         raise ValueError(f"algo must be 'auto', 'im2col' or 'taps', got {algo!r}")
     if algo == "auto":
@@ -95,7 +96,9 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     stride, dilation : int or (h, w), >= 1
     padding : int, (h, w), ``"valid"`` or ``"same"`` (stride 1)
     algo : ``"auto"``, ``"im2col"`` or ``"taps"`` (stride 1); see :mod:`convnet.core`.
-        Both give the same result up to rounding; ``"auto"`` picks the faster.
+        Both give the same result up to rounding. ``"auto"`` means ``"im2col"`` here,
+        because backward's filter gradient reuses the column matrix (forward + backward
+        measured faster that way); :func:`conv2d`, which keeps nothing, may use taps.
 
     Returns
     -------
@@ -104,6 +107,10 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
         None when the batch was processed in chunks because its workspace exceeds
         :func:`convnet.core.get_workspace_limit`.
     """
+    return _conv2d(x, weight, bias, stride, padding, dilation, "im2col" if algo == "auto" else algo, True)
+
+
+def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
     s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
     n, c, h, w = x.shape
     f, _, kh, kw = weight.shape
@@ -115,30 +122,32 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     for sl in slices:
         xp = core.pad_nchw_to_nhwc(x[sl], pads)
         y_nhwc, cols = _correlate(xp, wk, (kh, kw), s, d, out_hw, algo)
-        y[sl] = y_nhwc.transpose(0, 3, 1, 2)
-    if bias is not None:
-        y += bias.reshape(1, f, 1, 1)
+        if bias is None:
+            y[sl] = y_nhwc.transpose(0, 3, 1, 2)
+        else:  # the bias rides along with the layout change: one pass over y, not two
+            np.add(y_nhwc.transpose(0, 3, 1, 2), bias.reshape(1, f, 1, 1), out=y[sl])
     cache = None
-    if len(slices) == 1:
+    if keep and len(slices) == 1:
         cache = ConvCache(algo, cols if algo == "im2col" else xp, _cache_key(x, weight, s, pads, d))
     return y, cache
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: IntOrPair = 1,
            padding: Padding = 0, dilation: IntOrPair = 1, *, algo: Algo = "auto") -> np.ndarray:
-    """2-D cross-correlation; see :func:`conv2d_with_cache`.
+    """2-D cross-correlation; see :func:`conv2d_with_cache` (``algo="auto"`` may use taps here).
 
     Returns
     -------
     y : ndarray, shape (N, F, OH, OW)
     """
-    return conv2d_with_cache(x, weight, bias, stride, padding, dilation, algo=algo)[0]
+    return _conv2d(x, weight, bias, stride, padding, dilation, algo, False)[0]
 
 
-def _auto_method(stride: tuple[int, int]) -> str:
+def _auto_method(stride: tuple[int, int], filters: int) -> str:
     # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
-    # zeros), so strided layers take the col2im route.
-    return "zero_insert" if stride == (1, 1) else "col2im"
+    # zeros), so strided layers take the col2im route; so do layers with few filters,
+    # whose zero-inserted map is too thin for the tap GEMMs (measured on LeNet's first layer).
+    return "zero_insert" if stride == (1, 1) and filters >= TAPS_MIN_CHANNELS else "col2im"
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
@@ -154,8 +163,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
       180-degree-flipped, channel-swapped filters;
     - ``"col2im"``: ``dcols = dy @ W`` then :func:`convnet.core.col2im`.
 
-    ``"auto"`` picks the cheaper for the stride. The filter gradient is ``im2col(x).T @ dy``
-    (one GEMM, or one per tap with ``algo="taps"``); the bias gradient sums ``dy`` over N, H, W.
+    ``"auto"`` picks the cheaper for the stride. The filter gradient is the one GEMM
+    ``im2col(x).T @ dy`` (reusing forward's column matrix when cached); the bias gradient
+    sums ``dy`` over N, H, W.
 
     Parameters
     ----------
@@ -186,7 +196,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
     algo = cache.algo if cache is not None else _pick_algo(algo, s, c)
-    route = _auto_method(s) if method == "auto" else method
+    route = _auto_method(s, f) if method == "auto" else method
     # The input gradient correlates F channels, so its own algorithm depends on F.
     dx_algo = _pick_algo("auto", (1, 1), f) if route == "zero_insert" else None
 
@@ -194,24 +204,23 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     dwk = np.zeros_like(wk)
     dx = np.empty_like(x)
     padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
-    per_image = _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, max(c, f), f, x.itemsize)
+    per_image = _workspace_per_image("im2col", (kh, kw), out_hw, padded_hw, max(c, f), f, x.itemsize)
     slices = [slice(0, n)] if cache is not None else core.chunks(n, per_image)
     for sl in slices:
-        if cache is not None:
-            data = cache.data
+        if cache is not None and cache.algo == "im2col":
+            cols = cache.data
         else:
-            xp = core.pad_nchw_to_nhwc(x[sl], pads)
-            data = xp if algo == "taps" else core.im2col(xp, (kh, kw), s, d, out_hw)
+            # The filter gradient is one GEMM on the column matrix even after a "taps"
+            # forward: per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
+            xp = cache.data if cache is not None else core.pad_nchw_to_nhwc(x[sl], pads)
+            cols = core.im2col(xp, (kh, kw), s, d, out_hw)
         dy_nhwc = dy[sl].transpose(0, 2, 3, 1)
-        dy2 = None
-        if algo == "taps":
-            dwk += core.weight_grad_taps(data, dy_nhwc, (kh, kw), d)
-        else:
-            dy2 = dy_nhwc.reshape(-1, f)  # copies once: (nb*OH*OW, F)
-            dwk += data.T @ dy2
+        dy2 = np.empty(dy_nhwc.shape, dtype=dy.dtype)
+        core.assign_channels_last(dy2, dy_nhwc)
+        dy2 = dy2.reshape(-1, f)  # (nb*OH*OW, F)
+        dwk += cols.T @ dy2
+        del cols  # free the column matrix before the input gradient builds its own
         if route == "col2im":
-            if dy2 is None:
-                dy2 = dy_nhwc.reshape(-1, f)
             dx[sl] = _dx_col2im(dy2, wk, (dy2.shape[0] // (out_hw[0] * out_hw[1]), c, h, w),
                                 pads, (kh, kw), s, d, out_hw)
         else:
@@ -225,7 +234,9 @@ def _dx_col2im(dy2, wk, x_shape, pads, kernel, s, d, out_hw) -> np.ndarray:
     """Input gradient as ``col2im(dy @ W)``; returns an NCHW view."""
     n, c, h, w = x_shape
     (pt, pb), (pl, pr) = pads
-    dxp = core.col2im(dy2 @ wk.T, (n, h + pt + pb, w + pl + pr, c), kernel, s, d, out_hw)
+    # Few channels: build dcols transposed, the layout col2im then reads tap by tap.
+    dcols = (wk @ dy2.T).T if c < core.SMALL_CHANNELS else dy2 @ wk.T
+    dxp = core.col2im(dcols, (n, h + pt + pb, w + pl + pr, c), kernel, s, d, out_hw)
     return dxp[:, pt:pt + h, pl:pl + w, :].transpose(0, 3, 1, 2)
 
 
