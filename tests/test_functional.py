@@ -131,6 +131,23 @@ def test_taps_and_im2col_agree_at_the_auto_threshold(case):
         np.testing.assert_allclose(u, v, **tol(u.dtype))
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(conv_cases(), conv_cases(max_c=12, max_f=12, max_hw=7)))
+def test_per_image_gemms_match_the_batched_gemm(case):
+    """Large layers run one GEMM per image straight into NCHW; force that path on small ones."""
+    want = (F.conv2d(case.x, case.weight, case.bias, **case.kwargs, algo="im2col"),
+            *F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, algo="im2col"))
+    saved = core.PER_IMAGE_GEMM_MIN
+    core.PER_IMAGE_GEMM_MIN = 0
+    try:
+        got = (F.conv2d(case.x, case.weight, case.bias, **case.kwargs, algo="im2col"),
+               *F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, algo="im2col"))
+    finally:
+        core.PER_IMAGE_GEMM_MIN = saved
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **tol(g.dtype))
+
+
 @settings(max_examples=30, deadline=None)
 @given(conv_cases(max_n=5), st.sampled_from(["zero_insert", "col2im"]), ALGO)
 def test_chunked_batches_give_identical_results(case, method, algo):
@@ -225,6 +242,18 @@ def test_overlapping_max_pool_accumulates_and_breaks_ties_first():
     np.testing.assert_array_equal(dx[0, 0], [[0, 2, 1, 0], [0, 0, 0, 0]])
     ties = F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 2, 2)), 2)
     np.testing.assert_array_equal(ties[0, 0], [[1, 0], [0, 0]])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_routes_non_finite_errors_only_to_the_arg_max(stride):
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    y = F.max_pool2d(x, 2, stride)
+    dy = np.full(y.shape, np.inf)
+    dy[0, 0, 0, 0] = np.nan
+    dx = F.max_pool2d_backward(dy, x, 2, stride)
+    winners = F.max_pool2d_backward(np.ones_like(y), x, 2, stride) > 0
+    assert np.all(dx[~winners] == 0)
+    assert np.isnan(dx[0, 0, 1, 1]) and np.all(np.isinf(dx[winners & ~np.isnan(dx)]))
 
 
 @settings(max_examples=20, deadline=None)
