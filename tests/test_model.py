@@ -147,6 +147,14 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype):
     assert arch["format"] == "convnet.Sequential" and len(arch["layers"]) == len(model)
 
 
+def test_saved_file_gets_the_usual_permissions(tmp_path):
+    """The atomic save goes through a private temp file, but the result is not left 0600."""
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    _all_layers_model().save(tmp_path / "m.npz")
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_trained_lenet_round_trip_keeps_input_shape(tmp_path):
     model = convnet.lenet(rng=5)
     x = np.random.default_rng(1).random((4, 1, 28, 28), dtype=np.float32)
