@@ -4,7 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench venv clean
+# torch is optional (the harness compares against it when importable); override TORCH to
+# pick another build, or set TORCH= to skip it.
+TORCH ?= torch==2.13.0
+# OpenBLAS reads these to force a CPU kernel; benchmarks let it pick the one for this CPU.
+BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
+
+.PHONY: test demo bench bench-train venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +27,12 @@ demo: $(STAMP)
 	$(VENV)/bin/convnet train
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py
+	@$(PY) -c "import torch" 2>/dev/null || [ -z "$(TORCH)" ] || $(PY) -m pip install --quiet '$(TORCH)' \
+		|| echo "torch could not be installed: benchmarking without it"
+	$(BENCH_ENV) $(PY) benchmarks/bench.py $(ARGS)
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/train_mnist.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
