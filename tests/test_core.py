@@ -30,7 +30,7 @@ def test_im2col_matches_index_oracle(geo, seed):
     c, n = shape[:2]
     x = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
     cols = core.im2col(x, k, s, d, out_hw)
-    assert cols.dtype == dtype and cols.flags.c_contiguous
+    assert cols.dtype == dtype and cols.strides[1] == cols.itemsize
     assert cols.shape == (k[0] * k[1] * c, n * out_hw[0] * out_hw[1])
     # Every entry, by its definition: row (u, v, ch), column (m, i, j) reads
     # x[ch, m, i*S + u*D, j*S + v*D].
@@ -75,6 +75,28 @@ def test_correlate_taps_matches_kernel_matrix_times_im2col(geo, f, seed):
     want = (wm @ core.im2col(x, k, (1, 1), d, out_hw)).reshape((f, shape[1]) + out_hw)
     assert got.dtype == dtype and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometry(), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_transposed_taps_matches_col2im_of_the_gemm(geo, f, seed):
+    shape, k, s, d, out_hw, dtype = geo
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal((f, shape[1]) + out_hw).astype(dtype)
+    wm = rng.standard_normal((f, k[0] * k[1] * shape[0])).astype(dtype)
+    got = core.transposed_taps(dy, wm, shape[2:], k, s, d)
+    want = core.col2im(wm.T @ dy.reshape(f, -1), shape, k, s, d, out_hw)
+    assert got.dtype == dtype and got.shape == shape
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+
+
+def test_row_buffer_pads_aliasing_row_strides():
+    a = core.row_buffer((3, 16, 16), np.float32)  # 256 floats = 1 KiB per row: padded
+    assert a.shape == (3, 16, 16) and a.strides[0] > 256 * 4
+    m = core.as_matrix(a)
+    m[...] = 1.0  # a view: writes reach the buffer
+    assert np.all(a == 1.0)
+    assert core.row_buffer((2, 5), np.float64, fill=0.0).strides == (40, 8)
 
 
 def test_kernel_matrices_order_rows_like_im2col():

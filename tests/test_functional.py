@@ -131,6 +131,25 @@ def test_taps_and_im2col_agree_at_the_auto_threshold(case):
         np.testing.assert_allclose(u, v, **tol(u.dtype))
 
 
+@settings(max_examples=40, deadline=None)
+@given(conv_cases(), st.sampled_from(["zero_insert", "col2im"]))
+def test_input_gradient_algorithms_agree(case, method):
+    """Both algorithms of each input-gradient route, forced through the thresholds."""
+    grads = []
+    saved = F.TAPS_MIN_CHANNELS, F.TRANSPOSED_TAPS_MIN_CHANNELS
+    try:
+        for limit in (0, 10**9):  # every layer takes taps, then none does
+            F.TAPS_MIN_CHANNELS = F.TRANSPOSED_TAPS_MIN_CHANNELS = limit
+            grads.append(F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method,
+                                           algo="im2col"))
+    finally:
+        F.TAPS_MIN_CHANNELS, F.TRANSPOSED_TAPS_MIN_CHANNELS = saved
+    want = reference.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
+    for got in grads:
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, **tol(g.dtype))
+
+
 @settings(max_examples=30, deadline=None)
 @given(conv_cases(max_n=5), st.sampled_from(["zero_insert", "col2im"]), ALGO)
 def test_chunked_batches_give_identical_results(case, method, algo):

@@ -46,10 +46,16 @@ class ConvCache(NamedTuple):
 
 
 Algo = Literal["auto", "im2col", "taps"]
-# Measured (/work/speed3.py-style fwd+bwd timings, CNHW engine): per-tap GEMMs need
-# enough input channels to beat the im2col copy; below this many the im2col matrix is
-# cheap and its single GEMM wins.
-TAPS_MIN_CHANNELS = 16
+# Measured (fwd-only sweeps over C at LeNet/CIFAR sizes, CNHW engine): the per-tap GEMMs
+# of a stride-1 correlation beat im2col + one GEMM from about 6 input channels on.
+TAPS_MIN_CHANNELS = 6
+# The input gradient's col2im route by per-tap GEMMs (core.transposed_taps) writes C rows;
+# it beat dcols + col2im on C=128 (stride 2) and lost on C=1 and C=6.
+TRANSPOSED_TAPS_MIN_CHANNELS = 16
+# At stride 1, zero insertion measured faster (fwd + bwd) when both sides are wide (C, F >= 16:
+# CIFAR, VGG) and for a single input channel (LeNet's first layer, where col2im scatters
+# a thin (KH*KW, N*OH*OW) matrix); LeNet's second layer (C=6, F=16) was faster by col2im.
+ZERO_INSERT_MIN_CHANNELS = 16
 
 
 def _cache_key(x: np.ndarray, weight: np.ndarray, stride, pads, dilation) -> tuple:
@@ -76,7 +82,9 @@ def _correlate(xp: np.ndarray, wm: np.ndarray, kernel, stride, dilation, out_hw,
     if algo == "taps":
         return core.correlate_taps(xp, wm, kernel, dilation, out_hw), None
     cols = core.im2col(xp, kernel, stride, dilation, out_hw)
-    return (wm @ cols).reshape((wm.shape[0], xp.shape[1]) + tuple(out_hw)), cols
+    y = core.row_buffer((wm.shape[0], xp.shape[1]) + tuple(out_hw), xp.dtype)
+    _blas.gemm(wm, cols, core.as_matrix(y), beta=0.0)
+    return y, cols
 
 
 def _workspace_per_image(algo: str, kernel, out_hw, padded_hw, c: int, f: int, itemsize: int) -> int:
@@ -129,7 +137,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
         if algo == "im2col":
             cols = core.im2col(xp, (kh, kw), s, d, out_hw)
             del xp  # only the column matrix is needed from here on: free the padded copy
-            y_cnhw = (wm @ cols).reshape((f, sl.stop - sl.start) + out_hw)
+            y_cnhw = core.row_buffer((f, sl.stop - sl.start) + out_hw, x.dtype)
+            _blas.gemm(wm, cols, core.as_matrix(y_cnhw), beta=0.0)
         else:
             y_cnhw, cols = core.correlate_taps(xp, wm, (kh, kw), d, out_hw), None
         core.cnhw_to_nchw(y_cnhw, y[sl], bias)
@@ -151,11 +160,19 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, st
     return _conv2d(x, weight, bias, stride, padding, dilation, algo, False)[0]
 
 
-def _auto_method(stride: tuple[int, int], filters: int) -> str:
+def _auto_method(stride: tuple[int, int], channels: int, filters: int) -> str:
     # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
-    # zeros), so strided layers take the col2im route; so do layers with few filters,
-    # whose zero-inserted map is too thin for the tap GEMMs (measured on LeNet's first layer).
-    return "zero_insert" if stride == (1, 1) and filters >= TAPS_MIN_CHANNELS else "col2im"
+    # zeros), so strided layers take the col2im route; so do narrow layers (see
+    # ZERO_INSERT_MIN_CHANNELS).
+    wide = min(channels, filters) >= ZERO_INSERT_MIN_CHANNELS
+    return "zero_insert" if stride == (1, 1) and (wide or channels == 1) else "col2im"
+
+
+def _dx_algo(route: str, channels: int, filters: int) -> str:
+    """Algorithm of the input gradient's correlation ("im2col" or "taps") for a route."""
+    if route == "zero_insert":  # a stride-1 correlation with F input channels
+        return _pick_algo("auto", (1, 1), filters)
+    return "taps" if channels >= TRANSPOSED_TAPS_MIN_CHANNELS else "im2col"
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
@@ -169,7 +186,8 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     - ``"zero_insert"``, the tutorial's: insert ``S-1`` zeros between the entries of
       ``dy``, pad it by ``D*(K-1) - P``, and correlate it (stride 1) with the
       180-degree-flipped, channel-swapped filters;
-    - ``"col2im"``: ``dcols = W.T @ dy`` then :func:`convnet.core.col2im`.
+    - ``"col2im"``: ``dcols = W.T @ dy`` then :func:`convnet.core.col2im` (or, for many
+      input channels, the same sums tap by tap: :func:`convnet.core.transposed_taps`).
 
     ``"auto"`` picks the cheaper for the shape. The filter gradient is the one GEMM
     ``dy @ im2col(x).T`` on CNHW ``dy`` (reusing forward's column matrix when cached);
@@ -204,9 +222,8 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
     algo = cache.algo if cache is not None else _pick_algo(algo, s, c)
-    route = _auto_method(s, f) if method == "auto" else method
-    # The input gradient correlates F channels, so its own algorithm depends on F.
-    dx_algo = _pick_algo("auto", (1, 1), f) if route == "zero_insert" else None
+    route = _auto_method(s, c, f) if method == "auto" else method
+    dx_algo = _dx_algo(route, c, f)
 
     wm = core.kernel_matrix(weight)
     dwm_t = np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T measured faster
@@ -224,10 +241,10 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
             cols = core.im2col(xp, (kh, kw), s, d, out_hw)
             del xp
         dy_cnhw = core.nchw_to_cnhw(dy[sl])  # (F, n, OH, OW): whole planes moved
-        _blas.gemm(cols, dy_cnhw.reshape(f, -1).T, dwm_t, beta=1.0)
+        _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
         del cols  # free the column matrix before the input gradient builds its own
         if route == "col2im":
-            dx_cnhw = _dx_col2im(dy_cnhw, wm, (c, h, w), pads, (kh, kw), s, d)
+            dx_cnhw = _dx_col2im(dy_cnhw, wm, (c, h, w), pads, (kh, kw), s, d, dx_algo)
         else:
             dx_cnhw = _dx_zero_insert(dy_cnhw, weight, (h, w), pads, s, d, dx_algo)
         dx[sl] = dx_cnhw.transpose(1, 0, 2, 3)
@@ -236,13 +253,19 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     return dx, dweight, dbias
 
 
-def _dx_col2im(dy_cnhw, wm, chw, pads, kernel, s, d) -> np.ndarray:
-    """Input gradient as ``col2im(W.T @ dy)``; returns a CNHW view (C, N, H, W)."""
+def _dx_col2im(dy_cnhw, wm, chw, pads, kernel, s, d, algo) -> np.ndarray:
+    """Input gradient as ``col2im(W.T @ dy)``; returns a CNHW view (C, N, H, W).
+
+    ``algo="taps"`` computes the same sums by per-tap GEMMs, without the column matrix.
+    """
     c, h, w = chw
-    f, n = dy_cnhw.shape[:2]
     (pt, pb), (pl, pr) = pads
-    dcols = wm.T @ dy_cnhw.reshape(f, -1)
-    dxp = core.col2im(dcols, (c, n, h + pt + pb, w + pl + pr), kernel, s, d, dy_cnhw.shape[2:])
+    padded_hw = (h + pt + pb, w + pl + pr)
+    if algo == "taps":
+        return core.transposed_taps(dy_cnhw, wm, padded_hw, kernel, s, d)[:, :, pt:pt + h, pl:pl + w]
+    dcols = core.as_matrix(core.row_buffer((wm.shape[1],) + dy_cnhw.shape[1:], wm.dtype))
+    _blas.gemm(wm.T, core.as_matrix(dy_cnhw), dcols, beta=0.0)
+    dxp = core.col2im(dcols, (c, dy_cnhw.shape[1]) + padded_hw, kernel, s, d, dy_cnhw.shape[2:])
     return dxp[:, :, pt:pt + h, pl:pl + w]
 
 
