@@ -1,4 +1,4 @@
-"""The im2col core against independent index arithmetic."""
+"""The CNHW im2col core against independent index arithmetic."""
 
 import numpy as np
 import pytest
@@ -12,8 +12,7 @@ from strategies import out_len
 
 @st.composite
 def geometry(draw):
-    # Channel counts on both sides of SMALL_CHANNELS, which switches the column layout.
-    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2 * core.SMALL_CHANNELS))
+    c, n = draw(st.integers(1, 5)), draw(st.integers(1, 3))
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -21,25 +20,25 @@ def geometry(draw):
     wp = draw(st.integers(dw * (kw - 1) + 1, 10))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     oh, ow = out_len(hp, kh, sh, 0, dh), out_len(wp, kw, sw, 0, dw)
-    return (n, hp, wp, c), (kh, kw), (sh, sw), (dh, dw), (oh, ow), dtype
+    return (c, n, hp, wp), (kh, kw), (sh, sw), (dh, dw), (oh, ow), dtype
 
 
 @settings(max_examples=60, deadline=None)
 @given(geometry(), st.integers(0, 2**32 - 1))
 def test_im2col_matches_index_oracle(geo, seed):
     shape, k, s, d, out_hw, dtype = geo
+    c, n = shape[:2]
     x = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
     cols = core.im2col(x, k, s, d, out_hw)
-    assert cols.dtype == dtype
-    assert cols.shape == (shape[0] * out_hw[0] * out_hw[1], k[0] * k[1] * shape[3])
-    blocks = cols.reshape(shape[0], out_hw[0], out_hw[1], k[0], k[1], shape[3])
-    # Every entry, by its definition: window (i, j), tap (u, v) reads x[i*S + u*D, j*S + v*D].
-    for i in range(out_hw[0]):
-        for j in range(out_hw[1]):
-            for u in range(k[0]):
-                for v in range(k[1]):
-                    np.testing.assert_array_equal(
-                        blocks[:, i, j, u, v, :], x[:, i * s[0] + u * d[0], j * s[1] + v * d[1], :])
+    assert cols.dtype == dtype and cols.strides[1] == cols.itemsize
+    assert cols.shape == (k[0] * k[1] * c, n * out_hw[0] * out_hw[1])
+    # Every entry, by its definition: row (u, v, ch), column (m, i, j) reads
+    # x[ch, m, i*S + u*D, j*S + v*D].
+    for row in range(cols.shape[0]):
+        u, v, ch = row // (k[1] * c), row // c % k[1], row % c
+        for col in range(cols.shape[1]):
+            m, i, j = col // (out_hw[0] * out_hw[1]), col // out_hw[1] % out_hw[0], col % out_hw[1]
+            assert cols[row, col] == x[ch, m, i * s[0] + u * d[0], j * s[1] + v * d[1]]
 
 
 @settings(max_examples=60, deadline=None)
@@ -49,7 +48,7 @@ def test_col2im_is_the_adjoint_of_im2col(geo, seed):
     shape, k, s, d, out_hw, dtype = geo
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
-    c = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], k[0] * k[1] * shape[3]))
+    c = rng.standard_normal((k[0] * k[1] * shape[0], shape[1] * out_hw[0] * out_hw[1]))
     lhs = np.vdot(core.im2col(x, k, s, d, out_hw), c)
     rhs = np.vdot(x, core.col2im(c, shape, k, s, d, out_hw))
     assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
@@ -59,43 +58,98 @@ def test_col2im_is_the_adjoint_of_im2col(geo, seed):
 def test_col2im_accumulates_overlaps():
     # 1x3 input, kernel 2, stride 1: the middle pixel belongs to both windows.
     cols = np.ones((2, 2), dtype=np.float32)
-    out = core.col2im(cols, (1, 1, 3, 1), (1, 2), (1, 1), (1, 1), (1, 2))
+    out = core.col2im(cols, (1, 1, 1, 3), (1, 2), (1, 1), (1, 1), (1, 2))
     np.testing.assert_array_equal(out.ravel(), [1, 2, 1])
     assert out.dtype == np.float32
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometry(), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_correlate_taps_matches_kernel_matrix_times_im2col(geo, f, seed):
+    shape, k, _, d, _, dtype = geo
+    out_hw = (shape[2] - d[0] * (k[0] - 1), shape[3] - d[1] * (k[1] - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    wm = rng.standard_normal((f, k[0] * k[1] * shape[0])).astype(dtype)
+    got = core.correlate_taps(x, wm, k, d, out_hw)
+    want = (wm @ core.im2col(x, k, (1, 1), d, out_hw)).reshape((f, shape[1]) + out_hw)
+    assert got.dtype == dtype and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometry(), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_transposed_taps_matches_col2im_of_the_gemm(geo, f, seed):
+    shape, k, s, d, out_hw, dtype = geo
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal((f, shape[1]) + out_hw).astype(dtype)
+    wm = rng.standard_normal((f, k[0] * k[1] * shape[0])).astype(dtype)
+    got = core.transposed_taps(dy, wm, shape[2:], k, s, d)
+    want = core.col2im(wm.T @ dy.reshape(f, -1), shape, k, s, d, out_hw)
+    assert got.dtype == dtype and got.shape == shape
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+
+
+def test_row_buffer_pads_aliasing_row_strides():
+    a = core.row_buffer((3, 16, 16), np.float32)  # 256 floats = 1 KiB per row: padded
+    assert a.shape == (3, 16, 16) and a.strides[0] > 256 * 4
+    m = core.as_matrix(a)
+    m[...] = 1.0  # a view: writes reach the buffer
+    assert np.all(a == 1.0)
+    assert core.row_buffer((2, 5), np.float64, fill=0.0).strides == (40, 8)
+
+
+def test_kernel_matrices_order_rows_like_im2col():
+    w = np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2)  # (F, C, KH, KW)
+    wm = core.kernel_matrix(w)
+    assert wm.shape == (2, 2 * 2 * 3)
+    for f, u, v, c in np.ndindex(2, 2, 2, 3):
+        assert wm[f, (u * 2 + v) * 3 + c] == w[f, c, u, v]
+    flipped = core.flipped_kernel_matrix(w)
+    assert flipped.shape == (3, 2 * 2 * 2)
+    for c, u, v, f in np.ndindex(3, 2, 2, 2):
+        assert flipped[c, (u * 2 + v) * 2 + f] == w[f, c, 1 - u, 1 - v]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
        st.integers(-3, 3), st.integers(-3, 3), st.integers(-3, 3), st.integers(-3, 3))
 def test_zero_insert_matches_definition(oh, ow, sh, sw, pt, pb, pl, pr):
-    dy = np.arange(1, oh * ow + 1, dtype=np.float32).reshape(1, oh, ow, 1)
+    dy = np.arange(1, oh * ow + 1, dtype=np.float32).reshape(1, 1, oh, ow)
     eh, ew = (oh - 1) * sh + 1, (ow - 1) * sw + 1
     if eh + pt + pb < 1 or ew + pl + pr < 1:
         return
     z = core.zero_insert(dy, (sh, sw), ((pt, pb), (pl, pr)))
-    assert z.shape == (1, eh + pt + pb, ew + pl + pr, 1) and z.dtype == np.float32
+    assert z.shape == (1, 1, eh + pt + pb, ew + pl + pr) and z.dtype == np.float32
     expected = np.zeros(z.shape, dtype=np.float32)
     for i in range(oh):
         for j in range(ow):
             r, c = pt + i * sh, pl + j * sw
-            if 0 <= r < z.shape[1] and 0 <= c < z.shape[2]:
-                expected[0, r, c, 0] = dy[0, i, j, 0]
+            if 0 <= r < z.shape[2] and 0 <= c < z.shape[3]:
+                expected[0, 0, r, c] = dy[0, 0, i, j]
     np.testing.assert_array_equal(z, expected)
 
 
 def test_zero_insert_stride_two_example():
-    dy = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
-    z = core.zero_insert(dy, (2, 2), ((1, 1), (1, 1)))[0, :, :, 0]
+    dy = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
+    z = core.zero_insert(dy, (2, 2), ((1, 1), (1, 1)))[0, 0]
     np.testing.assert_array_equal(z, [[0, 0, 0, 0, 0], [0, 1, 0, 2, 0], [0, 0, 0, 0, 0],
                                       [0, 3, 0, 4, 0], [0, 0, 0, 0, 0]])
 
 
-def test_pad_nchw_to_nhwc_pads_and_transposes():
+def test_nchw_to_cnhw_pads_and_swaps_leading_axes():
     x = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
-    out = core.pad_nchw_to_nhwc(x, ((1, 0), (0, 2)), value=-np.inf)
-    assert out.shape == (2, 3, 4, 3) and out.dtype == np.float32
-    np.testing.assert_array_equal(out[:, 1:, :2, :], x.transpose(0, 2, 3, 1))
-    assert np.all(out[:, 0] == -np.inf) and np.all(out[:, :, 2:] == -np.inf)
+    out = core.nchw_to_cnhw(x, ((1, 0), (0, 2)))
+    assert out.shape == (3, 2, 3, 4) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out[:, :, 1:, :2], x.transpose(1, 0, 2, 3))
+    assert np.all(out[:, :, 0] == 0) and np.all(out[:, :, :, 2:] == 0)
+
+
+def test_cnhw_to_nchw_adds_the_bias():
+    y = np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2)  # (F, N, OH, OW)
+    out = np.empty((3, 2, 2, 2))
+    core.cnhw_to_nchw(y, out, np.array([10.0, 20.0]))
+    np.testing.assert_array_equal(out, y.transpose(1, 0, 2, 3) + np.array([10.0, 20.0])[:, None, None])
 
 
 def test_output_size_floor_rule():

@@ -70,7 +70,7 @@ def test_conv_forward_matches_scipy_and_reference(case, algo):
 
 
 @PROPS
-@given(st.one_of(conv_cases(), conv_cases(max_c=12, max_f=12, max_hw=7)),  # both column layouts
+@given(st.one_of(conv_cases(), conv_cases(max_c=12, max_f=12, max_hw=7)),  # wider layers
        st.sampled_from(["auto", "zero_insert", "col2im"]), ALGO)
 def test_conv_backward_matches_reference(case, method, algo):
     got = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method,
@@ -132,20 +132,22 @@ def test_taps_and_im2col_agree_at_the_auto_threshold(case):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.one_of(conv_cases(), conv_cases(max_c=12, max_f=12, max_hw=7)))
-def test_per_image_gemms_match_the_batched_gemm(case):
-    """Large layers run one GEMM per image straight into NCHW; force that path on small ones."""
-    want = (F.conv2d(case.x, case.weight, case.bias, **case.kwargs, algo="im2col"),
-            *F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, algo="im2col"))
-    saved = core.PER_IMAGE_GEMM_MIN
-    core.PER_IMAGE_GEMM_MIN = 0
+@given(conv_cases(), st.sampled_from(["zero_insert", "col2im"]))
+def test_input_gradient_algorithms_agree(case, method):
+    """Both algorithms of each input-gradient route, forced through the thresholds."""
+    grads = []
+    saved = F.TAPS_MIN_CHANNELS, F.TRANSPOSED_TAPS_MIN_CHANNELS
     try:
-        got = (F.conv2d(case.x, case.weight, case.bias, **case.kwargs, algo="im2col"),
-               *F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, algo="im2col"))
+        for limit in (0, 10**9):  # every layer takes taps, then none does
+            F.TAPS_MIN_CHANNELS = F.TRANSPOSED_TAPS_MIN_CHANNELS = limit
+            grads.append(F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, method=method,
+                                           algo="im2col"))
     finally:
-        core.PER_IMAGE_GEMM_MIN = saved
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, **tol(g.dtype))
+        F.TAPS_MIN_CHANNELS, F.TRANSPOSED_TAPS_MIN_CHANNELS = saved
+    want = reference.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
+    for got in grads:
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, **tol(g.dtype))
 
 
 @settings(max_examples=30, deadline=None)

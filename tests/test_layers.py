@@ -124,7 +124,7 @@ def test_conv_backward_reuses_the_forward_im2col_cache(monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, 2, 5, 5)).astype(np.float32)
     y = layer.forward(x)
     cache = layer._cache
-    assert isinstance(cache, F.ConvCache) and cache.algo == "im2col" and cache.data.shape[0] == 2 * 5 * 5
+    assert isinstance(cache, F.ConvCache) and cache.algo == "im2col" and cache.data.shape == (3 * 3 * 2, 2 * 5 * 5)
     seen = {}
     real = F.conv2d_backward
 

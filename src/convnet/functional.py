@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from . import _args, core
+from . import _args, _blas, core
 from ._args import IntOrPair, Padding
 
 __all__ = [
@@ -35,9 +35,9 @@ BackwardMethod = Literal["auto", "zero_insert", "col2im"]
 class ConvCache(NamedTuple):
     """What a conv forward keeps for its backward, so backward does not rebuild it.
 
-    ``algo`` is ``"im2col"`` (``data`` is the column matrix, (N*OH*OW, KH*KW*C)) or
-    ``"taps"`` (``data`` is the padded channels-last input, (N, Hp, Wp, C)). ``key``
-    identifies the input and geometry, so a stale cache is rejected, not silently used.
+    ``algo`` is ``"im2col"`` (``data`` is the column matrix, (KH*KW*C, N*OH*OW)) or
+    ``"taps"`` (``data`` is the padded CNHW input, (C, N, Hp, Wp)). ``key`` identifies
+    the input and geometry, so a stale cache is rejected, not silently used.
     """
 
     algo: str
@@ -46,9 +46,16 @@ class ConvCache(NamedTuple):
 
 
 Algo = Literal["auto", "im2col", "taps"]
-# Measured (benchmarks/bench.py): per-tap GEMMs need enough input channels to beat the
-# im2col copy; below this many the im2col matrix is cheap and its single GEMM wins.
-TAPS_MIN_CHANNELS = 16
+# Measured (fwd-only sweeps over C at LeNet/CIFAR sizes, CNHW engine): the per-tap GEMMs
+# of a stride-1 correlation beat im2col + one GEMM from about 6 input channels on.
+TAPS_MIN_CHANNELS = 6
+# The input gradient's col2im route by per-tap GEMMs (core.transposed_taps) writes C rows;
+# it beat dcols + col2im on C=128 (stride 2) and lost on C=1 and C=6.
+TRANSPOSED_TAPS_MIN_CHANNELS = 16
+# At stride 1, zero insertion measured faster (fwd + bwd) when both sides are wide (C, F >= 16:
+# CIFAR, VGG) and for a single input channel (LeNet's first layer, where col2im scatters
+# a thin (KH*KW, N*OH*OW) matrix); LeNet's second layer (C=6, F=16) was faster by col2im.
+ZERO_INSERT_MIN_CHANNELS = 16
 
 
 def _cache_key(x: np.ndarray, weight: np.ndarray, stride, pads, dilation) -> tuple:
@@ -66,12 +73,18 @@ def _pick_algo(algo: str, stride: tuple[int, int], channels: int) -> str:
     return algo
 
 
-def _correlate(xp: np.ndarray, wk: np.ndarray, kernel, stride, dilation, out_hw, algo: str):
-    """Channels-last correlation; returns ``(y (N, OH, OW, F) view, cols or None)``."""
+def _correlate(xp: np.ndarray, wm: np.ndarray, kernel, stride, dilation, out_hw, algo: str):
+    """CNHW correlation of ``xp`` (C, N, Hp, Wp) with the kernel matrix ``wm`` (F, KH*KW*C).
+
+    Returns ``(y, cols)``: ``y`` is (F, N, OH, OW) (a view for taps), ``cols`` the column
+    matrix or None.
+    """
     if algo == "taps":
-        return core.correlate_taps(xp, wk, kernel, dilation, out_hw), None
+        return core.correlate_taps(xp, wm, kernel, dilation, out_hw), None
     cols = core.im2col(xp, kernel, stride, dilation, out_hw)
-    return (cols @ wk).reshape(xp.shape[0], out_hw[0], out_hw[1], wk.shape[1]), cols
+    y = core.row_buffer((wm.shape[0], xp.shape[1]) + tuple(out_hw), xp.dtype)
+    _blas.gemm(wm, cols, core.as_matrix(y), beta=0.0)
+    return y, cols
 
 
 def _workspace_per_image(algo: str, kernel, out_hw, padded_hw, c: int, f: int, itemsize: int) -> int:
@@ -86,7 +99,7 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     """2-D cross-correlation (a CNN "convolution"), keeping what backward needs.
 
     ``y[n, f, i, j] = b[f] + sum_{c, u, v} x_pad[n, c, i*S + u*D, j*S + v*D] * w[f, c, u, v]``,
-    computed as the matrix multiply ``im2col(x) @ kernel_matrix(w)``.
+    computed as the matrix multiply ``kernel_matrix(w) @ im2col(x)`` on the CNHW layout.
 
     Parameters
     ----------
@@ -115,23 +128,23 @@ def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
     n, c, h, w = x.shape
     f, _, kh, kw = weight.shape
     algo = _pick_algo(algo, s, c)
-    wk = core.kernel_matrix(weight)
+    wm = core.kernel_matrix(weight)
     padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
-    y = np.empty((n, f) + out_hw, dtype=x.dtype)
+    y = None  # allocated once the padded input is freed: lowers the peak by one output
     slices = core.chunks(n, _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, c, f, x.itemsize))
     for sl in slices:
-        xp = core.pad_nchw_to_nhwc(x[sl], pads)
+        xp = core.nchw_to_cnhw(x[sl], pads)
         if algo == "im2col":
-            # Start from the bias and let the per-image GEMMs accumulate into NCHW directly.
-            y[sl] = 0 if bias is None else bias.reshape(1, f, 1, 1)
             cols = core.im2col(xp, (kh, kw), s, d, out_hw)
-            core.gemm_into_nchw(cols, wk, y[sl])
-            continue
-        y_nhwc, cols = _correlate(xp, wk, (kh, kw), s, d, out_hw, algo)
-        if bias is None:
-            y[sl] = y_nhwc.transpose(0, 3, 1, 2)
-        else:  # the bias rides along with the layout change: one pass over y, not two
-            np.add(y_nhwc.transpose(0, 3, 1, 2), bias.reshape(1, f, 1, 1), out=y[sl])
+            del xp  # only the column matrix is needed from here on: free the padded copy
+            y_cnhw = core.row_buffer((f, sl.stop - sl.start) + out_hw, x.dtype)
+            _blas.gemm(wm, cols, core.as_matrix(y_cnhw), beta=0.0)
+        else:
+            y_cnhw, cols = core.correlate_taps(xp, wm, (kh, kw), d, out_hw), None
+        if y is None:
+            y = np.empty((n, f) + out_hw, dtype=x.dtype)
+        core.cnhw_to_nchw(y_cnhw, y[sl], bias)
+        del y_cnhw
     cache = None
     if keep and len(slices) == 1:
         cache = ConvCache(algo, cols if algo == "im2col" else xp, _cache_key(x, weight, s, pads, d))
@@ -149,11 +162,19 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, st
     return _conv2d(x, weight, bias, stride, padding, dilation, algo, False)[0]
 
 
-def _auto_method(stride: tuple[int, int], filters: int) -> str:
+def _auto_method(stride: tuple[int, int], channels: int, filters: int) -> str:
     # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
-    # zeros), so strided layers take the col2im route; so do layers with few filters,
-    # whose zero-inserted map is too thin for the tap GEMMs (measured on LeNet's first layer).
-    return "zero_insert" if stride == (1, 1) and filters >= TAPS_MIN_CHANNELS else "col2im"
+    # zeros), so strided layers take the col2im route; so do narrow layers (see
+    # ZERO_INSERT_MIN_CHANNELS).
+    wide = min(channels, filters) >= ZERO_INSERT_MIN_CHANNELS
+    return "zero_insert" if stride == (1, 1) and (wide or channels == 1) else "col2im"
+
+
+def _dx_algo(route: str, channels: int, filters: int) -> str:
+    """Algorithm of the input gradient's correlation ("im2col" or "taps") for a route."""
+    if route == "zero_insert":  # a stride-1 correlation with F input channels
+        return _pick_algo("auto", (1, 1), filters)
+    return "taps" if channels >= TRANSPOSED_TAPS_MIN_CHANNELS else "im2col"
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
@@ -167,11 +188,12 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     - ``"zero_insert"``, the tutorial's: insert ``S-1`` zeros between the entries of
       ``dy``, pad it by ``D*(K-1) - P``, and correlate it (stride 1) with the
       180-degree-flipped, channel-swapped filters;
-    - ``"col2im"``: ``dcols = dy @ W`` then :func:`convnet.core.col2im`.
+    - ``"col2im"``: ``dcols = W.T @ dy`` then :func:`convnet.core.col2im` (or, for many
+      input channels, the same sums tap by tap: :func:`convnet.core.transposed_taps`).
 
-    ``"auto"`` picks the cheaper for the stride. The filter gradient is the one GEMM
-    ``im2col(x).T @ dy`` (reusing forward's column matrix when cached); the bias gradient
-    sums ``dy`` over N, H, W.
+    ``"auto"`` picks the cheaper for the shape. The filter gradient is the one GEMM
+    ``dy @ im2col(x).T`` on CNHW ``dy`` (reusing forward's column matrix when cached);
+    the bias gradient sums ``dy`` over N, H, W.
 
     Parameters
     ----------
@@ -202,12 +224,11 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
     algo = cache.algo if cache is not None else _pick_algo(algo, s, c)
-    route = _auto_method(s, f) if method == "auto" else method
-    # The input gradient correlates F channels, so its own algorithm depends on F.
-    dx_algo = _pick_algo("auto", (1, 1), f) if route == "zero_insert" else None
+    route = _auto_method(s, c, f) if method == "auto" else method
+    dx_algo = _dx_algo(route, c, f)
 
-    wk = core.kernel_matrix(weight)
-    dwk = np.zeros_like(wk)
+    wm = core.kernel_matrix(weight)
+    dwm_t = np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T measured faster
     dx = np.empty_like(x)
     padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
     per_image = _workspace_per_image("im2col", (kh, kw), out_hw, padded_hw, max(c, f), f, x.itemsize)
@@ -218,34 +239,40 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         else:
             # The filter gradient is one GEMM on the column matrix even after a "taps"
             # forward: per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
-            xp = cache.data if cache is not None else core.pad_nchw_to_nhwc(x[sl], pads)
+            xp = cache.data if cache is not None else core.nchw_to_cnhw(x[sl], pads)
             cols = core.im2col(xp, (kh, kw), s, d, out_hw)
-        core.kernel_grad_nchw(cols, dy[sl], dwk)
+            del xp
+        dy_cnhw = core.nchw_to_cnhw(dy[sl])  # (F, n, OH, OW): whole planes moved
+        _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
         del cols  # free the column matrix before the input gradient builds its own
-        dy_nhwc = dy[sl].transpose(0, 2, 3, 1)
         if route == "col2im":
-            dy2 = np.empty(dy_nhwc.shape, dtype=dy.dtype)
-            core.assign_channels_last(dy2, dy_nhwc)
-            dx[sl] = _dx_col2im(dy2.reshape(-1, f), wk, (len(dy2), c, h, w), pads, (kh, kw), s, d, out_hw)
+            dx_cnhw = _dx_col2im(dy_cnhw, wm, (c, h, w), pads, (kh, kw), s, d, dx_algo)
         else:
-            dx[sl] = _dx_zero_insert(dy_nhwc, weight, (h, w), pads, s, d, dx_algo)
-    dweight = np.ascontiguousarray(dwk.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+            dx_cnhw = _dx_zero_insert(dy_cnhw, weight, (h, w), pads, s, d, dx_algo)
+        dx[sl] = dx_cnhw.transpose(1, 0, 2, 3)
+    dweight = np.ascontiguousarray(dwm_t.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
     dbias = dy.sum(axis=(0, 2, 3))
     return dx, dweight, dbias
 
 
-def _dx_col2im(dy2, wk, x_shape, pads, kernel, s, d, out_hw) -> np.ndarray:
-    """Input gradient as ``col2im(dy @ W)``; returns an NCHW view."""
-    n, c, h, w = x_shape
+def _dx_col2im(dy_cnhw, wm, chw, pads, kernel, s, d, algo) -> np.ndarray:
+    """Input gradient as ``col2im(W.T @ dy)``; returns a CNHW view (C, N, H, W).
+
+    ``algo="taps"`` computes the same sums by per-tap GEMMs, without the column matrix.
+    """
+    c, h, w = chw
     (pt, pb), (pl, pr) = pads
-    # Few channels: build dcols transposed, the layout col2im then reads tap by tap.
-    dcols = (wk @ dy2.T).T if c < core.SMALL_CHANNELS else dy2 @ wk.T
-    dxp = core.col2im(dcols, (n, h + pt + pb, w + pl + pr, c), kernel, s, d, out_hw)
-    return dxp[:, pt:pt + h, pl:pl + w, :].transpose(0, 3, 1, 2)
+    padded_hw = (h + pt + pb, w + pl + pr)
+    if algo == "taps":
+        return core.transposed_taps(dy_cnhw, wm, padded_hw, kernel, s, d)[:, :, pt:pt + h, pl:pl + w]
+    dcols = core.as_matrix(core.row_buffer((wm.shape[1],) + dy_cnhw.shape[1:], wm.dtype))
+    _blas.gemm(wm.T, core.as_matrix(dy_cnhw), dcols, beta=0.0)
+    dxp = core.col2im(dcols, (c, dy_cnhw.shape[1]) + padded_hw, kernel, s, d, dy_cnhw.shape[2:])
+    return dxp[:, :, pt:pt + h, pl:pl + w]
 
 
-def _dx_zero_insert(dy_nhwc, weight, hw, pads, s, d, algo) -> np.ndarray:
-    """Input gradient the tutorial's way; returns an NCHW view.
+def _dx_zero_insert(dy_cnhw, weight, hw, pads, s, d, algo) -> np.ndarray:
+    """Input gradient the tutorial's way; returns a CNHW array (C, N, H, W) or view.
 
     The stride-expanded map is padded by ``D*(K-1) - P_before`` in front and by whatever
     makes its length ``H + D*(K-1)`` behind (negative = crop, for ``P > D*(K-1)`` or
@@ -254,13 +281,13 @@ def _dx_zero_insert(dy_nhwc, weight, hw, pads, s, d, algo) -> np.ndarray:
     """
     h, w = hw
     f, c, kh, kw = weight.shape
-    oh, ow = dy_nhwc.shape[1:3]
+    oh, ow = dy_cnhw.shape[2:]
     (pt, _), (pl, _) = pads
     ext = (d[0] * (kh - 1), d[1] * (kw - 1))
     zpads = ((ext[0] - pt, h + pt - (oh - 1) * s[0] - 1), (ext[1] - pl, w + pl - (ow - 1) * s[1] - 1))
-    z = core.zero_insert(dy_nhwc, s, zpads)
-    dx_nhwc, _ = _correlate(z, core.flipped_kernel_matrix(weight), (kh, kw), (1, 1), d, (h, w), algo)
-    return dx_nhwc.transpose(0, 3, 1, 2)
+    z = core.zero_insert(dy_cnhw, s, zpads)
+    dx_cnhw, _ = _correlate(z, core.flipped_kernel_matrix(weight), (kh, kw), (1, 1), d, (h, w), algo)
+    return dx_cnhw
 
 
 # --------------------------------------------------------------------------- pooling
