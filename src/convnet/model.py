@@ -144,7 +144,7 @@ class Sequential:
                 raise type(exc)(f"{_layer_label(i, layer)} backward, gradient shape {shape}: {exc}") from exc
         return dy
 
-    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | None = 1) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | None = None) -> np.ndarray:
         """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.
 
         The model's train/eval mode is restored afterwards. ``blas_threads`` limits the
