@@ -176,8 +176,10 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     2. **Error term** (the tutorial's ``delta^{l-1} = sum_d delta^l_d * rot180(W_d)``,
        a full convolution): zero-pad the expanded map by ``D*(K-1) - P`` on
        each side (cropping where this is negative, i.e. ``P > D*(K-1)``) and
-       cross-correlate it with the 180-degree-rotated filters, channel-swapped
-       so that input channel ``c`` collects from every filter ``f``::
+       cross-correlate it with the 180-degree-rotated filters. As the tutorial
+       does for N filters, each filter ``f`` gives a partial sensitivity map of
+       every input channel ``c`` (its channel-``c`` weights, rotated), and the
+       N partial maps are added element by element::
 
            dx[n, c] = sum_f correlate(pad(delta[n, f]), rot180(w[f, c]))
 
@@ -227,11 +229,13 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     flipped = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, F, KH, KW)
     dx = np.zeros_like(x)
     for n in range(n_images):
-        for c in range(n_channels):
-            for i in range(h):
-                for j in range(w):
-                    patch = delta_padded[n, :, i:i + span_h:dh, j:j + span_w:dw]  # (F, KH, KW)
-                    dx[n, c, i, j] = np.sum(patch * flipped[c])
+        for f in range(n_filters):
+            for c in range(n_channels):
+                # Filter f's partial sensitivity map of channel c, added to the others.
+                for i in range(h):
+                    for j in range(w):
+                        patch = delta_padded[n, f, i:i + span_h:dh, j:j + span_w:dw]  # (KH, KW)
+                        dx[n, c, i, j] += np.sum(patch * flipped[c, f])
 
     # 3. Weight gradient: correlate the padded input with the expanded map.
     xp = _zero_pad(x, pads)
