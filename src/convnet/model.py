@@ -20,12 +20,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ._io import atomic_open
 from .layers import (
     LAYER_TYPES,
     Conv2d,
@@ -304,23 +304,8 @@ def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save model to {path!r}: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; give the saved model the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path) as fh:
+        np.savez(fh, **arrays)
 
 
 def load(path: str | os.PathLike) -> Sequential:

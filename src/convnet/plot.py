@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._io import atomic_open
 from .layers import AvgPool2d, Conv2d, MaxPool2d
 
 __all__ = [
@@ -91,18 +91,8 @@ def _save(fig: Any, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    # open(..., "xb") rather than mkstemp: the picture gets the user's umask, not mode 0600.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=DPI)
     return path
 
 
