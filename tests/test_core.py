@@ -168,3 +168,31 @@ def test_workspace_limit_rejects_bad_values_and_restores():
         assert [(s.start, s.stop) for s in core.chunks(5, 400)] == [(0, 2), (2, 4), (4, 5)]
         assert [(s.start, s.stop) for s in core.chunks(3, 5000)] == [(0, 1), (1, 2), (2, 3)]
     assert core.get_workspace_limit() == old
+
+
+def test_scratch_arrays_are_reused_per_name_and_released():
+    core.release_scratch()
+    a = core.row_buffer((4, 3, 5), np.float32, reuse="t.a")
+    b = core.row_buffer((2, 3, 5), np.float32, fill=0.0, reuse="t.a")  # smaller: same memory
+    c = core.row_buffer((4, 3, 5), np.float32, reuse="t.c")
+    d = core.row_buffer((4, 3, 5), np.float64, reuse="t.a")  # other dtype: its own array
+    assert np.shares_memory(a, b) and not np.shares_memory(a, c) and not np.shares_memory(a, d)
+    assert np.all(b == 0) and b.shape == (2, 3, 5)
+    assert core.scratch_bytes() >= a.nbytes + c.nbytes + d.nbytes
+    core.release_scratch()
+    assert core.scratch_bytes() == 0
+    assert not np.shares_memory(core.row_buffer((4, 3, 5), np.float32, reuse="t.a"), a)
+    core.release_scratch()
+
+
+def test_scratch_is_per_thread():
+    import threading
+
+    core.release_scratch()
+    mine = core.row_buffer((8,), np.float32, reuse="t.thread")
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.append(core.row_buffer((8,), np.float32, reuse="t.thread")))
+    t.start()
+    t.join()
+    assert not np.shares_memory(mine, theirs[0])
+    core.release_scratch()

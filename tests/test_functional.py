@@ -159,6 +159,23 @@ def test_chunked_batches_give_identical_results(case, method, algo):
         np.testing.assert_allclose(g, g_c, **tol(y.dtype))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 4, 3, 1, 1), (2, 20, 8, 8, 18, 3, 1, 1), (2, 4, 9, 9, 5, 3, 2, 1)])
+def test_results_never_share_scratch_memory(rng, shape):
+    """Outputs of one call survive the next call, which reuses the scratch arrays."""
+    n, c, h, w, f, k, s, p = shape
+    x, wt = rng.standard_normal((n, c, h, w)), rng.standard_normal((f, c, k, k))
+    y, cache = F.conv2d_with_cache(x, wt, None, s, p)
+    dy = rng.standard_normal(y.shape)
+    first = [a.copy() for a in (y, *F.conv2d_backward(dy, x, wt, s, p, cache=cache))]
+    y2, cache2 = F.conv2d_with_cache(2 * x, 3 * wt, None, s, p)
+    F.conv2d_backward(5 * dy, 2 * x, 3 * wt, s, p, cache=cache2)
+    F.conv2d(x + 1, wt, None, s, p)
+    again = [y, *F.conv2d_backward(dy, x, wt, s, p, cache=cache)]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(y2, 6 * y, rtol=1e-12, atol=1e-12)
+
+
 def test_stale_cache_is_rejected(rng):
     x = rng.standard_normal((2, 3, 8, 8))
     w = rng.standard_normal((4, 3, 3, 3))

@@ -46,6 +46,10 @@ class ConvCache(NamedTuple):
 
 
 Algo = Literal["auto", "im2col", "taps"]
+# With a cache, backward rebuilds the column matrix from a taps forward's padded input; that
+# still won from 16 channels (CIFAR 40-44 vs 43-45 ms, VGG 50-52 vs 55-56 ms fwd + bwd) but
+# lost on LeNet's second layer (C=6: 2.2 vs 1.9 ms).
+CACHED_TAPS_MIN_CHANNELS = 16
 # Measured (fwd-only sweeps over C at LeNet/CIFAR sizes, CNHW engine): the per-tap GEMMs
 # of a stride-1 correlation beat im2col + one GEMM from about 6 input channels on.
 TAPS_MIN_CHANNELS = 6
@@ -53,8 +57,8 @@ TAPS_MIN_CHANNELS = 6
 # it beat dcols + col2im on C=128 (stride 2) and lost on C=1 and C=6.
 TRANSPOSED_TAPS_MIN_CHANNELS = 16
 # At stride 1, zero insertion measured faster (fwd + bwd) when both sides are wide (C, F >= 16:
-# CIFAR, VGG) and for a single input channel (LeNet's first layer, where col2im scatters
-# a thin (KH*KW, N*OH*OW) matrix); LeNet's second layer (C=6, F=16) was faster by col2im.
+# CIFAR, VGG); both LeNet layers (C=1, F=6 and C=6, F=16) were faster by col2im
+# (1.9 vs 2.1 ms and 1.8 vs 2.4 ms once scratch arrays removed the page-fault cost).
 ZERO_INSERT_MIN_CHANNELS = 16
 
 
@@ -77,12 +81,12 @@ def _correlate(xp: np.ndarray, wm: np.ndarray, kernel, stride, dilation, out_hw,
     """CNHW correlation of ``xp`` (C, N, Hp, Wp) with the kernel matrix ``wm`` (F, KH*KW*C).
 
     Returns ``(y, cols)``: ``y`` is (F, N, OH, OW) (a view for taps), ``cols`` the column
-    matrix or None.
+    matrix or None; both are scratch arrays, dead once the caller has copied ``y`` out.
     """
     if algo == "taps":
-        return core.correlate_taps(xp, wm, kernel, dilation, out_hw), None
-    cols = core.im2col(xp, kernel, stride, dilation, out_hw)
-    y = core.row_buffer((wm.shape[0], xp.shape[1]) + tuple(out_hw), xp.dtype)
+        return core.correlate_taps(xp, wm, kernel, dilation, out_hw, reuse="corr.y"), None
+    cols = core.im2col(xp, kernel, stride, dilation, out_hw, reuse="corr.cols")
+    y = core.row_buffer((wm.shape[0], xp.shape[1]) + tuple(out_hw), xp.dtype, reuse="corr.y")
     _blas.gemm(wm, cols, core.as_matrix(y), beta=0.0)
     return y, cols
 
@@ -109,9 +113,8 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     stride, dilation : int or (h, w), >= 1
     padding : int, (h, w), ``"valid"`` or ``"same"`` (stride 1)
     algo : ``"auto"``, ``"im2col"`` or ``"taps"`` (stride 1); see :mod:`convnet.core`.
-        Both give the same result up to rounding. ``"auto"`` means ``"im2col"`` here,
-        because backward's filter gradient reuses the column matrix (forward + backward
-        measured faster that way); :func:`conv2d`, which keeps nothing, may use taps.
+        Both give the same result up to rounding. ``"auto"`` picks by the forward +
+        backward time measured per layer shape (``CACHED_TAPS_MIN_CHANNELS``).
 
     Returns
     -------
@@ -120,7 +123,11 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
         None when the batch was processed in chunks because its workspace exceeds
         :func:`convnet.core.get_workspace_limit`.
     """
-    return _conv2d(x, weight, bias, stride, padding, dilation, "im2col" if algo == "auto" else algo, True)
+    if algo == "auto":
+        s = _args.pair(stride, "stride", 1)
+        c = x.shape[1] if isinstance(x, np.ndarray) and x.ndim == 4 else 0  # else: _conv2d raises
+        algo = "taps" if s == (1, 1) and c >= CACHED_TAPS_MIN_CHANNELS else "im2col"
+    return _conv2d(x, weight, bias, stride, padding, dilation, algo, True)
 
 
 def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
@@ -137,10 +144,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
         if algo == "im2col":
             cols = core.im2col(xp, (kh, kw), s, d, out_hw)
             del xp  # only the column matrix is needed from here on: free the padded copy
-            y_cnhw = core.row_buffer((f, sl.stop - sl.start) + out_hw, x.dtype)
+            y_cnhw = core.row_buffer((f, sl.stop - sl.start) + out_hw, x.dtype, reuse="fwd.y")
             _blas.gemm(wm, cols, core.as_matrix(y_cnhw), beta=0.0)
         else:
-            y_cnhw, cols = core.correlate_taps(xp, wm, (kh, kw), d, out_hw), None
+            y_cnhw, cols = core.correlate_taps(xp, wm, (kh, kw), d, out_hw, reuse="fwd.y"), None
         if y is None:
             y = np.empty((n, f) + out_hw, dtype=x.dtype)
         core.cnhw_to_nchw(y_cnhw, y[sl], bias)
@@ -167,7 +174,7 @@ def _auto_method(stride: tuple[int, int], channels: int, filters: int) -> str:
     # zeros), so strided layers take the col2im route; so do narrow layers (see
     # ZERO_INSERT_MIN_CHANNELS).
     wide = min(channels, filters) >= ZERO_INSERT_MIN_CHANNELS
-    return "zero_insert" if stride == (1, 1) and (wide or channels == 1) else "col2im"
+    return "zero_insert" if stride == (1, 1) and wide else "col2im"
 
 
 def _dx_algo(route: str, channels: int, filters: int) -> str:
@@ -243,10 +250,10 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         else:
             # The filter gradient is one GEMM on the column matrix even after a "taps"
             # forward: per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
-            xp = cache.data if cache is not None else core.nchw_to_cnhw(x[sl], pads)
-            cols = core.im2col(xp, (kh, kw), s, d, out_hw)
+            xp = cache.data if cache is not None else core.nchw_to_cnhw(x[sl], pads, reuse="bwd.x")
+            cols = core.im2col(xp, (kh, kw), s, d, out_hw, reuse="bwd.cols")
             del xp
-        dy_cnhw = core.nchw_to_cnhw(dy[sl])  # (F, n, OH, OW): whole planes moved
+        dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse="bwd.dy")  # (F, n, OH, OW): whole planes moved
         _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
         del cols  # free the column matrix before the input gradient builds its own
         if route == "col2im":
@@ -268,10 +275,12 @@ def _dx_col2im(dy_cnhw, wm, chw, pads, kernel, s, d, algo) -> np.ndarray:
     (pt, pb), (pl, pr) = pads
     padded_hw = (h + pt + pb, w + pl + pr)
     if algo == "taps":
-        return core.transposed_taps(dy_cnhw, wm, padded_hw, kernel, s, d)[:, :, pt:pt + h, pl:pl + w]
-    dcols = core.as_matrix(core.row_buffer((wm.shape[1],) + dy_cnhw.shape[1:], wm.dtype))
+        return core.transposed_taps(dy_cnhw, wm, padded_hw, kernel, s, d,
+                                    reuse="bwd.tt")[:, :, pt:pt + h, pl:pl + w]
+    dcols = core.as_matrix(core.row_buffer((wm.shape[1],) + dy_cnhw.shape[1:], wm.dtype, reuse="bwd.dcols"))
     _blas.gemm(wm.T, core.as_matrix(dy_cnhw), dcols, beta=0.0)
-    dxp = core.col2im(dcols, (c, dy_cnhw.shape[1]) + padded_hw, kernel, s, d, dy_cnhw.shape[2:])
+    dxp = core.col2im(dcols, (c, dy_cnhw.shape[1]) + padded_hw, kernel, s, d, dy_cnhw.shape[2:],
+                      reuse="bwd.dxp")
     return dxp[:, :, pt:pt + h, pl:pl + w]
 
 
@@ -289,7 +298,7 @@ def _dx_zero_insert(dy_cnhw, weight, hw, pads, s, d, algo) -> np.ndarray:
     (pt, _), (pl, _) = pads
     ext = (d[0] * (kh - 1), d[1] * (kw - 1))
     zpads = ((ext[0] - pt, h + pt - (oh - 1) * s[0] - 1), (ext[1] - pl, w + pl - (ow - 1) * s[1] - 1))
-    z = core.zero_insert(dy_cnhw, s, zpads)
+    z = core.zero_insert(dy_cnhw, s, zpads, reuse="bwd.z")
     dx_cnhw, _ = _correlate(z, core.flipped_kernel_matrix(weight), (kh, kw), (1, 1), d, (h, w), algo)
     return dx_cnhw
 
