@@ -419,7 +419,11 @@ class CaseRunner:
         sh = self.shape
         ref_bytes = sh.im2col_bytes() if sh.kind == "conv" else sh.input_bytes()
         mem = {"baseline": "im2col" if sh.kind == "conv" else "input", "baseline_bytes": ref_bytes}
+        from convnet import core
+
         for phase, fn in zip(("forward", "forward_backward"), vec):
+            # Scratch arrays persist between calls: free them so this call's peak counts them.
+            core.release_scratch()
             peak = _timing.peak_extra_bytes(fn)
             mem[f"{phase}_peak_bytes"] = peak
             mem[f"{phase}_ratio"] = peak / ref_bytes

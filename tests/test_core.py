@@ -196,3 +196,25 @@ def test_scratch_is_per_thread():
     t.join()
     assert not np.shares_memory(mine, theirs[0])
     core.release_scratch()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 7), st.integers(1, 7),
+       st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
+       st.integers(1, 2), st.integers(1, 2), st.integers(0, 5), st.integers(0, 5), st.integers(0, 3),
+       st.integers(0, 3), st.sampled_from([np.float32, np.float64]))
+def test_im2col_from_nchw_equals_im2col_of_the_padded_copy(n, c, h, w, kh, kw, sh, sw, dh, dw,
+                                                             pt, pl, pb, pr, dtype):
+    """Reading NCHW directly (padding as zeroed borders, P >= K included) changes nothing."""
+    pads = ((pt, pb), (pl, pr))
+    oh, ow = core.output_size(h, kh, sh, pads[0], dh), core.output_size(w, kw, sw, pads[1], dw)
+    if oh < 1 or ow < 1:
+        return
+    x = np.random.default_rng(h * 10 + w).standard_normal((n, c, h, w)).astype(dtype)
+    args = ((kh, kw), (sh, sw), (dh, dw), (oh, ow))
+    want = core.im2col(core.nchw_to_cnhw(x, pads), *args)
+    core.row_buffer((want.size + 7,), dtype, fill=np.nan, reuse="t.nan")  # dirty scratch memory
+    got = core.im2col_nchw(x, pads, *args, reuse="t.nan")
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+    core.release_scratch()

@@ -208,6 +208,33 @@ def cnhw_to_nchw(y: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None)
         np.add(src, bias.reshape(1, -1, 1, 1), out=out)
 
 
+def gemm_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None,
+                   blocks: int = 8) -> None:
+    """``out = wm @ cols`` laid out NCHW (plus ``bias``), in ``blocks`` groups of images.
+
+    The GEMM yields CNHW rows; going through a group of images at a time keeps that
+    temporary at ``1/blocks`` of the output (the forward's peak memory), at the cost of
+    a few more, still large, GEMM calls.
+
+    Parameters
+    ----------
+    wm : ndarray, shape (F, K), the kernel matrix
+    cols : ndarray, shape (K, N*OH*OW), the column matrix
+    out : ndarray, shape (N, F, OH, OW), written
+    bias : ndarray, shape (F,), optional
+    blocks : number of image groups
+    """
+    n, f, oh, ow = out.shape
+    ohw = oh * ow
+    step = -(-n // blocks)
+    tmp = row_buffer((f, step, oh, ow), out.dtype, reuse="gemm_into_nchw")
+    for i in range(0, n, step):
+        nb = min(step, n - i)
+        t = tmp[:, :nb]
+        _blas.gemm(wm, cols[:, i * ohw:(i + nb) * ohw], as_matrix(t), beta=0.0)
+        cnhw_to_nchw(t, out[i:i + nb], bias)
+
+
 def window_view(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair) -> np.ndarray:
     """Read-only strided view of all windows of a padded CNHW array, taps first.
 
@@ -251,6 +278,57 @@ def im2col(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: P
     (oh, ow), (kh, kw) = out_hw, kernel
     cols = row_buffer((kh * kw * c, n, oh, ow), xp.dtype, reuse=reuse)
     np.copyto(cols.reshape(kh, kw, c, n, oh, ow), window_view(xp, kernel, stride, dilation, out_hw))
+    return as_matrix(cols)
+
+
+def _valid_outputs(size: int, pad_before: int, out_len: int, tap: int, s: int, d: int) -> tuple[int, int, int]:
+    """Outputs ``[lo, hi)`` whose tap reads inside the unpadded input, and the first input index.
+
+    Output ``o`` reads input ``o*S + tap*D - P``; the rest of the axis reads padding.
+    """
+    first = tap * d - pad_before
+    lo = min(out_len, max(0, -(first // s)))  # ceil(-first / s), clipped
+    hi = max(lo, min(out_len, (size - 1 - first) // s + 1))
+    return lo, hi, lo * s + first
+
+
+def im2col_nchw(x: np.ndarray, pads: Pads, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair,
+                reuse: str | None = None) -> np.ndarray:
+    """:func:`im2col` of the zero-padded CNHW input, read straight from unpadded NCHW ``x``.
+
+    Skips the padded copy (a pass over the input and its memory): each tap copies the
+    in-bounds part of its strided planes and zeroes the border that would read padding.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    pads : ((top, bottom), (left, right)), non-negative
+    kernel, stride, dilation : (h, w) pairs
+    out_hw : (OH, OW)
+    reuse : str, optional
+        Scratch name for the result's memory (see :func:`row_buffer`); default fresh.
+
+    Returns
+    -------
+    cols : ndarray, shape (KH*KW*C, N*OH*OW), equal to ``im2col(nchw_to_cnhw(x, pads), ...)``.
+    """
+    n, c, h, w = x.shape
+    (oh, ow), (kh, kw) = out_hw, kernel
+    cols = row_buffer((kh * kw * c, n, oh, ow), x.dtype, reuse=reuse)
+    taps = cols.reshape(kh, kw, c, n, oh, ow)
+    src = x.transpose(1, 0, 2, 3)
+    for i in range(kh):
+        r0, r1, hs = _valid_outputs(h, pads[0][0], oh, i, stride[0], dilation[0])
+        for j in range(kw):
+            c0, c1, ws = _valid_outputs(w, pads[1][0], ow, j, stride[1], dilation[1])
+            dst = taps[i, j]
+            dst[:, :, :r0] = 0
+            dst[:, :, r1:] = 0
+            dst[:, :, r0:r1, :c0] = 0
+            dst[:, :, r0:r1, c1:] = 0
+            if r1 > r0 and c1 > c0:
+                dst[:, :, r0:r1, c0:c1] = src[:, :, hs:hs + (r1 - r0 - 1) * stride[0] + 1:stride[0],
+                                              ws:ws + (c1 - c0 - 1) * stride[1] + 1:stride[1]]
     return as_matrix(cols)
 
 

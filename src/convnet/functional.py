@@ -91,6 +91,15 @@ def _correlate(xp: np.ndarray, wm: np.ndarray, kernel, stride, dilation, out_hw,
     return y, cols
 
 
+def _columns(x: np.ndarray, pads, kernel, stride, dilation, out_hw, reuse: str | None) -> np.ndarray:
+    """The column matrix of NCHW ``x``. Strided layers read ``x`` directly (measured 3.1 vs
+    4.0 ms on the ResNet layer, and no padded copy in memory); at stride 1 im2col of a
+    padded CNHW copy was faster (4.0 vs 4.9 ms on the CIFAR layer)."""
+    if stride != (1, 1):
+        return core.im2col_nchw(x, pads, kernel, stride, dilation, out_hw, reuse=reuse)
+    return core.im2col(core.nchw_to_cnhw(x, pads, reuse="cols.x"), kernel, stride, dilation, out_hw, reuse=reuse)
+
+
 def _workspace_per_image(algo: str, kernel, out_hw, padded_hw, c: int, f: int, itemsize: int) -> int:
     if algo == "taps":
         return padded_hw[0] * padded_hw[1] * (c + f) * itemsize
@@ -137,21 +146,17 @@ def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
     algo = _pick_algo(algo, s, c)
     wm = core.kernel_matrix(weight)
     padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
-    y = None  # allocated once the padded input is freed: lowers the peak by one output
+    y = np.empty((n, f) + out_hw, dtype=x.dtype)
     slices = core.chunks(n, _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, c, f, x.itemsize))
     for sl in slices:
-        xp = core.nchw_to_cnhw(x[sl], pads)
         if algo == "im2col":
-            cols = core.im2col(xp, (kh, kw), s, d, out_hw)
-            del xp  # only the column matrix is needed from here on: free the padded copy
-            y_cnhw = core.row_buffer((f, sl.stop - sl.start) + out_hw, x.dtype, reuse="fwd.y")
-            _blas.gemm(wm, cols, core.as_matrix(y_cnhw), beta=0.0)
+            cols, xp = _columns(x[sl], pads, (kh, kw), s, d, out_hw, reuse=None), None
+            core.gemm_into_nchw(wm, cols, y[sl], bias)
         else:
+            xp = core.nchw_to_cnhw(x[sl], pads)
             y_cnhw, cols = core.correlate_taps(xp, wm, (kh, kw), d, out_hw, reuse="fwd.y"), None
-        if y is None:
-            y = np.empty((n, f) + out_hw, dtype=x.dtype)
-        core.cnhw_to_nchw(y_cnhw, y[sl], bias)
-        del y_cnhw
+            core.cnhw_to_nchw(y_cnhw, y[sl], bias)
+            del y_cnhw
     cache = None
     if keep and len(slices) == 1:
         cache = ConvCache(algo, cols if algo == "im2col" else xp, _cache_key(x, weight, s, pads, d))
@@ -250,9 +255,10 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         else:
             # The filter gradient is one GEMM on the column matrix even after a "taps"
             # forward: per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
-            xp = cache.data if cache is not None else core.nchw_to_cnhw(x[sl], pads, reuse="bwd.x")
-            cols = core.im2col(xp, (kh, kw), s, d, out_hw, reuse="bwd.cols")
-            del xp
+            if cache is not None:  # a taps forward kept the padded input
+                cols = core.im2col(cache.data, (kh, kw), s, d, out_hw, reuse="bwd.cols")
+            else:
+                cols = _columns(x[sl], pads, (kh, kw), s, d, out_hw, reuse="bwd.cols")
         dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse="bwd.dy")  # (F, n, OH, OW): whole planes moved
         _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
         del cols  # free the column matrix before the input gradient builds its own
