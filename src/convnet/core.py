@@ -209,7 +209,7 @@ def cnhw_to_nchw(y: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None)
 
 
 def gemm_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None,
-                   blocks: int = 8) -> None:
+                   blocks: int = 4) -> None:
     """``out = wm @ cols`` laid out NCHW (plus ``bias``), in ``blocks`` groups of images.
 
     The GEMM yields CNHW rows; going through a group of images at a time keeps that
