@@ -50,12 +50,16 @@ Algo = Literal["auto", "im2col", "taps"]
 # still won from 16 channels (CIFAR 40-44 vs 43-45 ms, VGG 50-52 vs 55-56 ms fwd + bwd) but
 # lost on LeNet's second layer (C=6: 2.2 vs 1.9 ms).
 CACHED_TAPS_MIN_CHANNELS = 16
+# Taps compute every point of the padded grid; where it is much larger than the output they
+# lose even with many channels (the default LeNet's second conv in training, 14x14 -> 10x10
+# with C=16, F=32: 2.7 ms by im2col and col2im vs 3.1 ms by taps and zero insertion, fwd + bwd).
+MAX_TAPS_GRID_WASTE = 1.3
 # Measured (fwd-only sweeps over C at LeNet/CIFAR sizes, CNHW engine): the per-tap GEMMs
 # of a stride-1 correlation beat im2col + one GEMM from about 6 input channels on.
 TAPS_MIN_CHANNELS = 6
 # The input gradient's col2im route by per-tap GEMMs (core.transposed_taps) writes C rows;
-# it beat dcols + col2im on C=128 (stride 2) and lost on C=1 and C=6.
-TRANSPOSED_TAPS_MIN_CHANNELS = 16
+# it beat dcols + col2im on C=128 (stride 2) and lost on C=1, 6 and 16 (LeNet: 2.8 vs 2.7 ms).
+TRANSPOSED_TAPS_MIN_CHANNELS = 32
 # At stride 1, zero insertion measured faster (fwd + bwd) when both sides are wide (C, F >= 16:
 # CIFAR, VGG); both LeNet layers (C=1, F=6 and C=6, F=16) were faster by col2im
 # (1.9 vs 2.1 ms and 1.8 vs 2.4 ms once scratch arrays removed the page-fault cost).
@@ -132,20 +136,24 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
         None when the batch was processed in chunks because its workspace exceeds
         :func:`convnet.core.get_workspace_limit`.
     """
-    if algo == "auto":
-        s = _args.pair(stride, "stride", 1)
-        c = x.shape[1] if isinstance(x, np.ndarray) and x.ndim == 4 else 0  # else: _conv2d raises
-        algo = "taps" if s == (1, 1) and c >= CACHED_TAPS_MIN_CHANNELS else "im2col"
     return _conv2d(x, weight, bias, stride, padding, dilation, algo, True)
+
+
+def _grid_waste(grid_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
+    """How many more points a taps correlation computes than it keeps."""
+    return grid_hw[0] * grid_hw[1] / (out_hw[0] * out_hw[1])
 
 
 def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
     s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
     n, c, h, w = x.shape
     f, _, kh, kw = weight.shape
+    padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
+    if algo == "auto" and keep:  # forward + backward: see CACHED_TAPS_MIN_CHANNELS
+        wide = c >= CACHED_TAPS_MIN_CHANNELS and _grid_waste(padded_hw, out_hw) <= MAX_TAPS_GRID_WASTE
+        algo = "taps" if s == (1, 1) and wide else "im2col"
     algo = _pick_algo(algo, s, c)
     wm = core.kernel_matrix(weight)
-    padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
     y = np.empty((n, f) + out_hw, dtype=x.dtype)
     slices = core.chunks(n, _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, c, f, x.itemsize))
     for sl in slices:
@@ -174,12 +182,15 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, st
     return _conv2d(x, weight, bias, stride, padding, dilation, algo, False)[0]
 
 
-def _auto_method(stride: tuple[int, int], channels: int, filters: int) -> str:
+def _auto_method(stride: tuple[int, int], channels: int, filters: int, hw, kernel, dilation) -> str:
     # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
     # zeros), so strided layers take the col2im route; so do narrow layers (see
-    # ZERO_INSERT_MIN_CHANNELS).
+    # ZERO_INSERT_MIN_CHANNELS) and small maps, whose padded map is much larger than the
+    # input (see MAX_TAPS_GRID_WASTE).
     wide = min(channels, filters) >= ZERO_INSERT_MIN_CHANNELS
-    return "zero_insert" if stride == (1, 1) and wide else "col2im"
+    grid = (hw[0] + dilation[0] * (kernel[0] - 1), hw[1] + dilation[1] * (kernel[1] - 1))
+    small_waste = _grid_waste(grid, hw) <= MAX_TAPS_GRID_WASTE
+    return "zero_insert" if stride == (1, 1) and wide and small_waste else "col2im"
 
 
 def _dx_algo(route: str, channels: int, filters: int) -> str:
@@ -240,7 +251,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
     if algo not in ("auto", "im2col", "taps"):
         raise ValueError(f"algo must be 'auto', 'im2col' or 'taps', got {algo!r}")
-    route = _auto_method(s, c, f) if method == "auto" else method
+    route = _auto_method(s, c, f, (h, w), (kh, kw), d) if method == "auto" else method
     dx_algo = _dx_algo(route, c, f) if algo == "auto" else algo
 
     wm = core.kernel_matrix(weight)
