@@ -147,18 +147,6 @@ def as_matrix(a: np.ndarray) -> np.ndarray:
     return np.reshape(a, (a.shape[0], -1), copy=False)
 
 
-def _axis_slices(src_len: int, pads: tuple[int, int]) -> tuple[slice, slice]:
-    """Destination and source slices that place a length-``src_len`` axis after padding.
-
-    Negative pads crop instead of pad, which the stride-expanded sensitivity map needs
-    when ``P > D*(K-1)``.
-    """
-    lo, hi = pads
-    dst = slice(max(lo, 0), max(lo, 0) + src_len - max(-lo, 0) - max(-hi, 0))
-    src = slice(max(-lo, 0), src_len - max(-hi, 0))
-    return dst, src
-
-
 def nchw_to_cnhw(x: np.ndarray, pads: Pads = ((0, 0), (0, 0)), reuse: str | None = None) -> np.ndarray:
     """Pad an NCHW array with zeros and return it as CNHW, in a single plane-wise copy.
 
