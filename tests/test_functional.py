@@ -176,6 +176,16 @@ def test_results_never_share_scratch_memory(rng, shape):
     np.testing.assert_allclose(y2, 6 * y, rtol=1e-12, atol=1e-12)
 
 
+@PROPS
+@given(conv_cases())
+def test_skipping_the_input_gradient_keeps_the_others(case):
+    dx, dw, db = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs)
+    none, dw2, db2 = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(dw, dw2)
+    np.testing.assert_array_equal(db, db2)
+
+
 def test_stale_cache_is_rejected(rng):
     x = rng.standard_normal((2, 3, 8, 8))
     w = rng.standard_normal((4, 3, 3, 3))

@@ -51,6 +51,25 @@ def test_sequential_backward_matches_numerical_gradient_of_the_loss():
     assert report.ok, str(report)
 
 
+def test_backward_without_input_gradient_keeps_parameter_gradients():
+    """Training skips d(loss)/d(input): below the first parametrised layer nothing runs."""
+    model = Sequential(L.ReLU(), L.Conv2d(2, 3, 3, padding=1, rng=0), L.ReLU(), L.Flatten(),
+                       L.Linear(3 * 4 * 4, 5, rng=1))
+    x = np.random.default_rng(0).standard_normal((2, 2, 4, 4))
+    model = model.astype(np.float64)
+    dy = np.random.default_rng(1).standard_normal((2, 5))
+    model.forward(x)
+    dx = model.backward(dy)
+    full = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    model.forward(x)
+    model.layers[0].backward = None  # must not be reached
+    assert model.backward(dy, input_grad=False) is None
+    assert dx.shape == x.shape
+    for a, b in zip(full, (p.grad for p in model.parameters())):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_small_network_overfits_a_tiny_batch():
     x_train, y_train, _, _ = convnet.datasets.load_mnist_5k()
     x, y = x_train[:20], y_train[:20]

@@ -202,8 +202,8 @@ def _dx_algo(route: str, channels: int, filters: int) -> str:
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
                     padding: Padding = 0, dilation: IntOrPair = 1, cache: ConvCache | None = None,
-                    method: BackwardMethod = "auto", *,
-                    algo: Algo = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    method: BackwardMethod = "auto", *, algo: Algo = "auto",
+                    input_grad: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of :func:`conv2d` with respect to its input, weight and bias.
 
     Two routes give the input gradient (the tutorial's *sensitivity map*):
@@ -230,10 +230,12 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         matrix and one GEMM, or by one GEMM per kernel tap (any stride here). The filter
         gradient always uses the column matrix (per-tap GEMMs with a batch-long reduction
         measured 2x slower).
+    input_grad : False skips the input gradient (``dx`` is None): a network's first layer
+        needs only its filter and bias gradients.
 
     Returns
     -------
-    dx : ndarray, shape (N, C, H, W)
+    dx : ndarray, shape (N, C, H, W), or None with ``input_grad=False``
     dweight : ndarray, shape (F, C, KH, KW)
     dbias : ndarray, shape (F,)
     """
@@ -256,7 +258,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
 
     wm = core.kernel_matrix(weight)
     dwm_t = np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T measured faster
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if input_grad else None
     padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
     per_image = _workspace_per_image("im2col", (kh, kw), out_hw, padded_hw, max(c, f), f, x.itemsize)
     slices = [slice(0, n)] if cache is not None else core.chunks(n, per_image)
@@ -273,6 +275,8 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse="bwd.dy")  # (F, n, OH, OW): whole planes moved
         _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
         del cols  # free the column matrix before the input gradient builds its own
+        if dx is None:
+            continue
         if route == "col2im":
             dx_cnhw = _dx_col2im(dy_cnhw, wm, (c, h, w), pads, (kh, kw), s, d, dx_algo)
         else:
@@ -631,19 +635,19 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y
 
 
-def linear_backward(dy: np.ndarray, x: np.ndarray,
-                    weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of :func:`linear`.
+def linear_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
+                    input_grad: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Gradients of :func:`linear`; ``input_grad=False`` skips ``dx`` (None).
 
     Returns
     -------
-    dx : (N, in), dweight : (out, in), dbias : (out,)
+    dx : (N, in) or None, dweight : (out, in), dbias : (out,)
     """
     _linear_args(x, weight, None)
     _args.check_array(dy, "dy", 2, "(N, out_features)")
     _args.check_shape(dy, "dy", (x.shape[0], weight.shape[0]))
     _args.check_same_dtype(dy=dy, x=x)
-    return dy @ weight, dy.T @ x, dy.sum(axis=0)
+    return (dy @ weight if input_grad else None), dy.T @ x, dy.sum(axis=0)
 
 
 def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -295,10 +295,11 @@ class Conv2d(Layer):
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Accumulate the parameter gradients; return ``dx`` (None with ``input_grad=False``)."""
         x = self._cached("_x")
         dx, dw, db = F.conv2d_backward(dy, x, self.weight, self.stride, self.padding, self.dilation,
-                                       cache=self._cache)
+                                       cache=self._cache, input_grad=input_grad)
         self.grads["weight"] += dw
         if self.has_bias:
             self.grads["bias"] += db
@@ -359,9 +360,10 @@ class Linear(Layer):
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Accumulate the parameter gradients; return ``dx`` (None with ``input_grad=False``)."""
         x = self._cached("_x")
-        dx, dw, db = F.linear_backward(dy, x, self.weight)
+        dx, dw, db = F.linear_backward(dy, x, self.weight, input_grad)
         self.grads["weight"] += dw
         if self.has_bias:
             self.grads["bias"] += db

@@ -132,17 +132,24 @@ class Sequential:
 
     __call__ = forward
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Backpropagate ``dy`` (gradient of the loss w.r.t. the output); accumulates
-        parameter gradients and returns the gradient w.r.t. the input."""
-        for i in range(len(self.layers) - 1, -1, -1):
+        parameter gradients and returns the gradient w.r.t. the input.
+
+        With ``input_grad=False`` (training) nothing below the first layer with parameters
+        is computed: that layer skips its input gradient and None is returned.
+        """
+        first = 0
+        if not input_grad:
+            first = next((i for i, layer in enumerate(self.layers) if layer.parameters()), len(self.layers))
+        for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
             shape = getattr(dy, "shape", None)
             try:
-                dy = layer.backward(dy)
+                dy = layer.backward(dy, input_grad=False) if not input_grad and i == first else layer.backward(dy)
             except (ValueError, TypeError, RuntimeError) as exc:
                 raise type(exc)(f"{_layer_label(i, layer)} backward, gradient shape {shape}: {exc}") from exc
-        return dy
+        return dy if input_grad else None
 
     def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | None = None) -> np.ndarray:
         """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.

@@ -232,7 +232,7 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
                     raise TrainingDivergedError(
                         f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps} "
                         f"(try a lower learning rate)" + _checkpoint_note(checkpoint, history), epoch, step)
-                model.backward(loss.backward())
+                model.backward(loss.backward(), input_grad=False)  # nothing needs d(loss)/d(images)
                 optimizer.step(params)
                 total_loss += value * len(idx)
                 if loss.classification:
