@@ -158,7 +158,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
     slices = core.chunks(n, _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, c, f, x.itemsize))
     for sl in slices:
         if algo == "im2col":
-            cols, xp = _columns(x[sl], pads, (kh, kw), s, d, out_hw, reuse=None), None
+            # Kept columns go to the cache and need their own memory; otherwise scratch.
+            cols, xp = _columns(x[sl], pads, (kh, kw), s, d, out_hw, reuse=None if keep else "fwd.cols"), None
             core.gemm_into_nchw(wm, cols, y[sl], bias)
         else:
             xp = core.nchw_to_cnhw(x[sl], pads)
