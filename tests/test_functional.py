@@ -186,6 +186,23 @@ def test_skipping_the_input_gradient_keeps_the_others(case):
     np.testing.assert_array_equal(db, db2)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 20])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_strided_and_fortran_ordered_inputs(rng, channels, order):
+    """Views (every other row, a column window, flipped filters) give the reference's results."""
+    x = np.asarray(rng.standard_normal((3, channels, 14, 9))[:, :, ::2, 1:8], order=order)
+    w = np.asarray(rng.standard_normal((4, channels, 3, 3)), order=order)[:, :, ::-1, :]
+    b = rng.standard_normal(8)[::2]
+    y, cache = F.conv2d_with_cache(x, w, b, 1, 1)
+    dy = rng.standard_normal(y.shape + (2,))[..., 0]
+    plain = [np.ascontiguousarray(a) for a in (dy, x, w, b)]
+    np.testing.assert_allclose(y, reference.conv2d(plain[1], plain[2], plain[3], 1, 1), rtol=1e-10, atol=1e-10)
+    for g, r in zip(F.conv2d_backward(dy, x, w, 1, 1, cache=cache), reference.conv2d_backward(*plain[:3], 1, 1)):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-10)
+    for fwd, bwd in POOLS_FB:
+        np.testing.assert_array_equal(bwd(fwd(x, 2), x, 2), bwd(fwd(plain[1], 2), plain[1], 2))
+
+
 def test_stale_cache_is_rejected(rng):
     x = rng.standard_normal((2, 3, 8, 8))
     w = rng.standard_normal((4, 3, 3, 3))
@@ -223,6 +240,7 @@ def test_rows_no_window_reaches_get_zero_gradient(rng):
 
 # ----------------------------------------------------------------------------- pooling
 
+POOLS_FB = [(F.max_pool2d, F.max_pool2d_backward), (F.avg_pool2d, F.avg_pool2d_backward)]
 POOLS = [(F.max_pool2d, F.max_pool2d_backward, reference.max_pool2d, reference.max_pool2d_backward),
          (F.avg_pool2d, F.avg_pool2d_backward, reference.avg_pool2d, reference.avg_pool2d_backward)]
 
