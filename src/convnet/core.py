@@ -172,7 +172,7 @@ def nchw_to_cnhw(x: np.ndarray, pads: Pads = ((0, 0), (0, 0)), reuse: str | None
 
 def _zero_border(out: np.ndarray, pads: Pads) -> None:
     """Zero the ``pads`` border of the last two axes (what an interior copy will not write)."""
-    (pt, pb), (pl, pr) = (max(p, 0) for p in pads[0]), (max(p, 0) for p in pads[1])
+    (pt, pb), (pl, pr) = pads
     hp, wp = out.shape[-2:]
     out[..., :pt, :] = 0
     out[..., hp - pb:, :] = 0

@@ -70,12 +70,24 @@ def _cache_key(x: np.ndarray, weight: np.ndarray, stride, pads, dilation) -> tup
     return (x.shape, x.dtype.str, weight.shape, stride, pads, dilation)
 
 
-def _pick_algo(algo: str, stride: tuple[int, int], channels: int) -> str:
-    """Resolve ``algo``; "auto" takes taps where they measured faster (stride 1, many channels)."""
-    if algo not in ("auto", "im2col", "taps"):
-        raise ValueError(f"algo must be 'auto', 'im2col' or 'taps', got {algo!r}")
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{name} must be {options}, got {value!r}")
+
+
+def _pick_algo(algo: str, stride: tuple[int, int], channels: int, waste: float = 1.0,
+               keep: bool = False) -> str:
+    """Resolve ``algo``; "auto" takes taps where they measured faster: stride 1, enough
+    channels and, when backward follows (``keep``), a padded grid not much larger than the
+    output (``waste``, see :func:`_grid_waste`)."""
+    _check_choice("algo", algo, ("auto", "im2col", "taps"))
     if algo == "auto":
-        return "taps" if stride == (1, 1) and channels >= TAPS_MIN_CHANNELS else "im2col"
+        if keep:
+            wide = channels >= CACHED_TAPS_MIN_CHANNELS and waste <= MAX_TAPS_GRID_WASTE
+        else:
+            wide = channels >= TAPS_MIN_CHANNELS
+        return "taps" if stride == (1, 1) and wide else "im2col"
     if algo == "taps" and stride != (1, 1):
         raise ValueError(f"algo='taps' needs stride 1, got stride={stride}")
     return algo
@@ -149,10 +161,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
     n, c, h, w = x.shape
     f, _, kh, kw = weight.shape
     padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
-    if algo == "auto" and keep:  # forward + backward: see CACHED_TAPS_MIN_CHANNELS
-        wide = c >= CACHED_TAPS_MIN_CHANNELS and _grid_waste(padded_hw, out_hw) <= MAX_TAPS_GRID_WASTE
-        algo = "taps" if s == (1, 1) and wide else "im2col"
-    algo = _pick_algo(algo, s, c)
+    algo = _pick_algo(algo, s, c, _grid_waste(padded_hw, out_hw), keep)
     wm = core.kernel_matrix(weight)
     y = np.empty((n, f) + out_hw, dtype=x.dtype)
     slices = core.chunks(n, _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, c, f, x.itemsize))
@@ -246,14 +255,12 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     f, _, kh, kw = weight.shape
     _args.check_shape(dy, "dy", (n, f) + out_hw)
     _args.check_same_dtype(dy=dy, x=x, weight=weight)
-    if method not in ("auto", "zero_insert", "col2im"):
-        raise ValueError(f"method must be 'auto', 'zero_insert' or 'col2im', got {method!r}")
+    _check_choice("method", method, ("auto", "zero_insert", "col2im"))
+    _check_choice("algo", algo, ("auto", "im2col", "taps"))
     if cache is not None and (not isinstance(cache, ConvCache)
                               or cache.key != _cache_key(x, weight, s, pads, d)):
         raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
-    if algo not in ("auto", "im2col", "taps"):
-        raise ValueError(f"algo must be 'auto', 'im2col' or 'taps', got {algo!r}")
     route = _auto_method(s, c, f, (h, w), (kh, kw), d) if method == "auto" else method
     dx_algo = _dx_algo(route, c, f) if algo == "auto" else algo
 
