@@ -1,0 +1,468 @@
+"""Winograd F(4x4, 3x3) convolution, compiled with numba (the optional ``fast`` extra).
+
+A stride-1, dilation-1 3x3 correlation computes each 4x4 block of outputs from a 6x6
+block of the input with 36 multiplies per channel instead of 144 (Lavin and Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2015)::
+
+    Y = A^T [ sum_c (G g_c G^T) * (B^T d_c B) ] A         (* elementwise, 6x6)
+
+Over a batch, each of the 36 frequencies is one GEMM: ``M[k] = U[k] @ V[k]`` with the
+transformed filters ``U`` (36, F, C), the transformed input tiles ``V`` (36, C, T) and
+``T = N * tiles per image``. The weight gradient is the adjoint of the same linear
+maps: ``dU[k] = dM[k] @ V[k].T`` with ``dM = A dY A^T`` per 4x4 tile of ``dy``, then
+``dg = G^T dU G``; the input gradient is the forward applied to ``dy`` with the flipped,
+channel-swapped filters. Tiles that run past the input or the output read zeros and
+are not written, so any padding (even larger than the kernel) and any size work.
+
+The tile transforms are the compiled part: per image and channel plane, the input is
+first de-interleaved into 16 phase planes (row and column modulo 4), so that every
+transform loop runs over unit-stride arrays and vectorizes. The GEMMs go to numpy's
+BLAS (:func:`convnet._blas.gemm`).
+
+Accuracy: the transforms' constants (up to 8 in ``A``, 5 in ``B``, 1/24 in ``G``) grow
+rounding errors: in float32 the forward and input gradient are about 5e-6 of the
+largest output (the exact algorithms: about 3e-7), the weight gradient about 1e-5 (like
+the exact ones, whose long sums dominate). float64 results agree to about 1e-14.
+
+The compiled kernels are cached on disk by numba (``cache=True``): the first process
+compiles them (a few seconds), later ones load them. Where no cache location is
+writable (numba tries ``NUMBA_CACHE_DIR``, the package's ``__pycache__``, then the
+user's cache folder) the kernels are compiled in memory in every process instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+import numpy as np
+
+from . import _blas, core
+
+#: ``B^T`` (6x6): input tile transform, ``V = B^T d B``.
+BT = np.array([[4, 0, -5, 0, 1, 0],
+               [0, -4, -4, 1, 1, 0],
+               [0, 4, -4, -1, 1, 0],
+               [0, -2, -1, 2, 1, 0],
+               [0, 2, -1, -2, 1, 0],
+               [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+#: ``G`` (6x3): filter transform, ``U = G g G^T``.
+G = np.array([[1 / 4, 0, 0],
+              [-1 / 6, -1 / 6, -1 / 6],
+              [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6],
+              [0, 0, 1]], dtype=np.float64)
+#: ``A^T`` (4x6): output tile transform, ``Y = A^T M A``.
+AT = np.array([[1, 1, 1, 1, 1, 0],
+               [0, 1, -1, 2, -2, 0],
+               [0, 1, 1, 4, 4, 0],
+               [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+
+TILE = 4  # outputs per tile side
+SPAN = 6  # inputs per tile side: TILE + 3 - 1
+
+
+# --------------------------------------------------------------------------- kernels
+# Plain Python functions, compiled on first use by :func:`kernels`. What made them
+# vectorize (checked in the generated assembly): every inner loop indexes 1-D views by
+# its loop variable only (an offset of unknown sign makes numba emit a wraparound select,
+# and the address is then no longer affine), and the constants come in as ``k``, an array
+# of the data's dtype (a Python int or float literal turns float32 arithmetic into float64).
+
+def _constants(dtype) -> np.ndarray:
+    """The transforms' constants 2, 4, 5, 8 in ``dtype``, for the kernels' ``k`` argument."""
+    return np.array([2, 4, 5, 8], dtype=dtype)
+
+
+def _input_transform(x, pt, pl, th, tw, v, k):
+    """``v[k1*6 + k2, c, n*th*tw + ti*tw + tj] = (B^T d B)[k1, k2]`` for the 6x6 block ``d``
+    of ``x[n, c]`` whose top-left corner is at row ``4*ti - pt``, column ``4*tj - pl``
+    (zeros outside ``x``)."""
+    c2, c4, c5 = k[0], k[1], k[2]
+    n_img, n_ch, h, w = x.shape
+    lp = tw + 1  # phase-plane pitch: one extra tile column
+    rows = th + 1  # and one extra tile row (the 6x6 blocks overlap by 2)
+    size = rows * lp
+    ph = np.zeros((4, 4, size + 1), x.dtype)  # ph[a, b, ti*lp + tj] = xpad[4ti + a, 4tj + b]
+    rt = np.empty((4, 6, size), x.dtype)  # B^T applied along the rows of each phase row
+    row = np.zeros(4 * lp, x.dtype)
+    lo = min(max(0, pl), 4 * lp)
+    hi = max(lo, min(4 * lp, pl + w))
+    t_img = th * tw
+    for n in range(n_img):
+        for c in range(n_ch):
+            plane = x[n, c]
+            # 1. de-interleave the padded rows into phase planes
+            for ti in range(rows):
+                for a in range(4):
+                    r = 4 * ti + a - pt
+                    if r < 0 or r >= h or hi == lo:
+                        ph[a, :, ti * lp:(ti + 1) * lp] = 0
+                        continue
+                    src = plane[r, lo - pl:hi - pl]
+                    dst = row[lo:hi]
+                    for i in range(hi - lo):
+                        dst[i] = src[i]
+                    for b in range(4):
+                        out = ph[a, b, ti * lp:(ti + 1) * lp]
+                        for tj in range(lp):
+                            out[tj] = row[4 * tj + b]
+            # 2. B^T along each row: columns 4tj..4tj+5 are phases 0-3 of tj and 0-1 of tj+1
+            for a in range(4):
+                p0, p1, p2, p3 = ph[a, 0], ph[a, 1], ph[a, 2], ph[a, 3]
+                p4, p5 = ph[a, 0, 1:], ph[a, 1, 1:]
+                r0, r1, r2, r3, r4, r5 = rt[a, 0], rt[a, 1], rt[a, 2], rt[a, 3], rt[a, 4], rt[a, 5]
+                for q in range(size):
+                    d0, d1, d2, d3, d4, d5 = p0[q], p1[q], p2[q], p3[q], p4[q], p5[q]
+                    r0[q] = c4 * d0 - c5 * d2 + d4
+                    s = d4 - c4 * d2
+                    t = d3 - c4 * d1
+                    r1[q] = s + t
+                    r2[q] = s - t
+                    s = d4 - d2
+                    t = c2 * (d3 - d1)
+                    r3[q] = s + t
+                    r4[q] = s - t
+                    r5[q] = c4 * d1 - c5 * d3 + d5
+            # 3. B^T down each column: rows 4ti..4ti+5 are phases 0-3 of ti and 0-1 of ti+1
+            for ti in range(th):
+                a0 = ti * lp
+                a1 = a0 + lp
+                o0 = n * t_img + ti * tw
+                o1 = o0 + tw
+                for k2 in range(6):
+                    p0, p1, p2, p3 = rt[0, k2, a0:], rt[1, k2, a0:], rt[2, k2, a0:], rt[3, k2, a0:]
+                    p4, p5 = rt[0, k2, a1:], rt[1, k2, a1:]
+                    v0, v1, v2 = v[k2, c, o0:o1], v[6 + k2, c, o0:o1], v[12 + k2, c, o0:o1]
+                    v3, v4, v5 = v[18 + k2, c, o0:o1], v[24 + k2, c, o0:o1], v[30 + k2, c, o0:o1]
+                    for tj in range(tw):
+                        d0, d1, d2, d3, d4, d5 = p0[tj], p1[tj], p2[tj], p3[tj], p4[tj], p5[tj]
+                        v0[tj] = c4 * d0 - c5 * d2 + d4
+                        s = d4 - c4 * d2
+                        t = d3 - c4 * d1
+                        v1[tj] = s + t
+                        v2[tj] = s - t
+                        s = d4 - d2
+                        t = c2 * (d3 - d1)
+                        v3[tj] = s + t
+                        v4[tj] = s - t
+                        v5[tj] = c4 * d1 - c5 * d3 + d5
+
+
+def _output_transform(m, th, tw, bias, y, k):
+    """``y[n, f, 4ti + i, 4tj + j] = (A^T M A)[i, j] + bias[f]`` for the 6x6 block ``M`` at
+    ``m[:, f, n*th*tw + ti*tw + tj]``; outputs past ``y``'s edge are dropped."""
+    c2, c4, c8 = k[0], k[1], k[3]
+    n_img, n_f, oh, ow = y.shape
+    t_img = th * tw
+    s = np.empty((6, 4, t_img), m.dtype)  # A^T along the rows of each block
+    o = np.empty((4, 4, t_img), m.dtype)  # the 4x4 output blocks, de-interleaved
+    full = ow // 4  # tile columns whose 4 outputs are all inside y
+    for n in range(n_img):
+        c0 = n * t_img
+        c1 = c0 + t_img
+        for f in range(n_f):
+            for k1 in range(6):
+                r = 6 * k1
+                m0, m1, m2 = m[r, f, c0:c1], m[r + 1, f, c0:c1], m[r + 2, f, c0:c1]
+                m3, m4, m5 = m[r + 3, f, c0:c1], m[r + 4, f, c0:c1], m[r + 5, f, c0:c1]
+                s0, s1, s2, s3 = s[k1, 0], s[k1, 1], s[k1, 2], s[k1, 3]
+                for q in range(t_img):
+                    e1, e2, e3, e4 = m1[q], m2[q], m3[q], m4[q]
+                    a = e1 + e2
+                    b = e1 - e2
+                    cc = e3 + e4
+                    d = e3 - e4
+                    s0[q] = m0[q] + a + cc
+                    s1[q] = b + c2 * d
+                    s2[q] = a + c4 * cc
+                    s3[q] = b + c8 * d + m5[q]
+            bf = bias[f]
+            for j in range(4):
+                m0, m1, m2, m3, m4, m5 = s[0, j], s[1, j], s[2, j], s[3, j], s[4, j], s[5, j]
+                o0, o1, o2, o3 = o[0, j], o[1, j], o[2, j], o[3, j]
+                for q in range(t_img):
+                    e1, e2, e3, e4 = m1[q], m2[q], m3[q], m4[q]
+                    a = e1 + e2
+                    b = e1 - e2
+                    cc = e3 + e4
+                    d = e3 - e4
+                    o0[q] = m0[q] + a + cc + bf
+                    o1[q] = b + c2 * d + bf
+                    o2[q] = a + c4 * cc + bf
+                    o3[q] = b + c8 * d + m5[q] + bf
+            plane = y[n, f]
+            for ti in range(th):
+                q0 = ti * tw
+                for i in range(4):
+                    r = 4 * ti + i
+                    if r >= oh:
+                        break
+                    dst = plane[r]
+                    e0, e1, e2, e3 = o[i, 0, q0:], o[i, 1, q0:], o[i, 2, q0:], o[i, 3, q0:]
+                    for tj in range(full):
+                        dst[4 * tj] = e0[tj]
+                        dst[4 * tj + 1] = e1[tj]
+                        dst[4 * tj + 2] = e2[tj]
+                        dst[4 * tj + 3] = e3[tj]
+                    for col in range(4 * full, ow):
+                        dst[col] = o[i, col - 4 * full, q0 + full]
+
+
+def _grad_transform(dy, th, tw, dm, k):
+    """``dm[k1*6 + k2, f, n*th*tw + ti*tw + tj] = (A dY A^T)[k1, k2]`` for the 4x4 block ``dY``
+    of ``dy[n, f]`` at row ``4*ti``, column ``4*tj`` (zeros past its edge)."""
+    c2, c4, c8 = k[0], k[1], k[3]
+    n_img, n_f, oh, ow = dy.shape
+    t_img = th * tw
+    ph = np.zeros((4, 4, t_img), dy.dtype)  # ph[i, j, ti*tw + tj] = dy[4ti + i, 4tj + j]
+    r6 = np.empty((6, 4, t_img), dy.dtype)  # A along the columns of each block
+    full = ow // 4
+    for n in range(n_img):
+        c0 = n * t_img
+        c1 = c0 + t_img
+        for f in range(n_f):
+            plane = dy[n, f]
+            for ti in range(th):
+                q0 = ti * tw
+                for i in range(4):
+                    r = 4 * ti + i
+                    if r >= oh:
+                        ph[i, :, q0:q0 + tw] = 0
+                        continue
+                    src = plane[r]
+                    for j in range(4):
+                        dst = ph[i, j, q0:q0 + tw]
+                        for tj in range(full):
+                            dst[tj] = src[4 * tj + j]
+                        for tj in range(full, tw):
+                            col = 4 * tj + j
+                            dst[tj] = src[col] if col < ow else 0
+            for j in range(4):
+                y0, y1, y2, y3 = ph[0, j], ph[1, j], ph[2, j], ph[3, j]
+                o0, o1, o2, o3, o4, o5 = r6[0, j], r6[1, j], r6[2, j], r6[3, j], r6[4, j], r6[5, j]
+                for q in range(t_img):
+                    e0, e1, e2, e3 = y0[q], y1[q], y2[q], y3[q]
+                    a = e0 + e2
+                    b = e1 + e3
+                    cc = e0 + c4 * e2
+                    d = c2 * e1 + c8 * e3
+                    o0[q] = e0
+                    o1[q] = a + b
+                    o2[q] = a - b
+                    o3[q] = cc + d
+                    o4[q] = cc - d
+                    o5[q] = e3
+            for k1 in range(6):
+                r = 6 * k1
+                y0, y1, y2, y3 = r6[k1, 0], r6[k1, 1], r6[k1, 2], r6[k1, 3]
+                o0, o1, o2 = dm[r, f, c0:c1], dm[r + 1, f, c0:c1], dm[r + 2, f, c0:c1]
+                o3, o4, o5 = dm[r + 3, f, c0:c1], dm[r + 4, f, c0:c1], dm[r + 5, f, c0:c1]
+                for q in range(t_img):
+                    e0, e1, e2, e3 = y0[q], y1[q], y2[q], y3[q]
+                    a = e0 + e2
+                    b = e1 + e3
+                    cc = e0 + c4 * e2
+                    d = c2 * e1 + c8 * e3
+                    o0[q] = e0
+                    o1[q] = a + b
+                    o2[q] = a - b
+                    o3[q] = cc + d
+                    o4[q] = cc - d
+                    o5[q] = e3
+
+
+_PY_KERNELS = {"input": _input_transform, "output": _output_transform, "grad": _grad_transform}
+
+
+# --------------------------------------------------------------------------- compiling
+
+class _State:
+    lock = threading.Lock()
+    checked = False
+    numba = None  # the module, once imported
+    reason = ""  # why the path is unavailable, or how it is cached
+    kernels: dict = {}
+
+
+def available() -> bool:
+    """True when numba imports (the ``fast`` extra); the first call imports it."""
+    _import_numba()
+    return _State.numba is not None
+
+
+def status() -> str:
+    """One line on the compiled path: unavailable and why, or where its kernels are cached."""
+    _import_numba()
+    return _State.reason
+
+
+def _import_numba() -> None:
+    if _State.checked:
+        return
+    with _State.lock:
+        if _State.checked:
+            return
+        try:
+            _State.numba = importlib.import_module("numba")
+            _State.reason = f"numba {_State.numba.__version__}"
+        except Exception as exc:  # absent, or installed against another numpy
+            _State.reason = f"numba not usable ({type(exc).__name__}: {exc})"
+        _State.checked = True
+
+
+def _compile(name: str, cache: bool):
+    return _State.numba.njit(cache=cache, nogil=True, boundscheck=False)(_PY_KERNELS[name])
+
+
+def kernels() -> dict:
+    """The compiled kernels by name; raises RuntimeError without numba."""
+    if _State.kernels:
+        return _State.kernels
+    if not available():
+        raise RuntimeError(f"the Winograd path needs numba (pip install 'convnet[fast]'): {_State.reason}")
+    with _State.lock:
+        if not _State.kernels:
+            try:  # numba raises RuntimeError when no cache location is writable
+                built = {name: _compile(name, True) for name in _PY_KERNELS}
+                where = "cached on disk"
+            except RuntimeError:
+                built = {name: _compile(name, False) for name in _PY_KERNELS}
+                where = "compiled in memory (no writable numba cache location)"
+            _State.reason = f"numba {_State.numba.__version__}, {where}"
+            _State.kernels = built
+    return _State.kernels
+
+
+def _run(name: str, *args) -> None:
+    """Call a kernel; if saving its compiled code fails (the cache folder became unwritable
+    after it was chosen), compile it in memory instead and call again."""
+    fn = kernels()[name]
+    try:
+        fn(*args)
+    except OSError:
+        with _State.lock:
+            _State.kernels = dict(_State.kernels, **{name: _compile(name, False)})
+            _State.reason = (f"numba {_State.numba.__version__}, compiled in memory "
+                             "(the numba cache location is not writable)")
+        _State.kernels[name](*args)
+
+
+# --------------------------------------------------------------------------- the operations
+
+def _tiles(out_hw: tuple[int, int]) -> tuple[int, int]:
+    return -(-out_hw[0] // TILE), -(-out_hw[1] // TILE)
+
+
+def _buffer(rows: int, length: int, dtype, reuse: str | None = None) -> np.ndarray:
+    """A C-contiguous (36, rows, pitch) array; the first ``length`` entries of each row are
+    used. The pitch avoids a multiple of 1 KiB (rows aliasing the same cache sets, as in
+    :func:`convnet.core.row_buffer`, which gives the memory: ``reuse`` names scratch)."""
+    dtype = np.dtype(dtype)
+    pitch = length + (32 if (length * dtype.itemsize) % 1024 == 0 else 0)
+    flat = core.row_buffer((SPAN * SPAN * rows, pitch), dtype, reuse=reuse)
+    return flat.reshape(SPAN * SPAN, rows, pitch)
+
+
+def filter_transform(weight: np.ndarray) -> np.ndarray:
+    """``U = G g G^T`` of weights (F, C, 3, 3), as (36, F, C) in their dtype (computed in float64)."""
+    u = np.einsum("iu,fcuv,jv->ijfc", G, weight.astype(np.float64, copy=False), G, optimize=True)
+    return np.ascontiguousarray(u.reshape(SPAN * SPAN, *weight.shape[:2]), dtype=weight.dtype)
+
+
+def filter_gradient(du: np.ndarray) -> np.ndarray:
+    """``dg = G^T dU G`` of dU (36, F, C): the weight gradient (F, C, 3, 3), dtype of ``du``."""
+    d = du.astype(np.float64, copy=False).reshape(SPAN, SPAN, *du.shape[1:])
+    return np.einsum("iu,ijfc,jv->fcuv", G, d, G, optimize=True).astype(du.dtype)
+
+
+def transform_input(x: np.ndarray, pads_before: tuple[int, int], out_hw: tuple[int, int],
+                    reuse: str | None = None) -> np.ndarray:
+    """Tile transform of NCHW ``x`` for an output of ``out_hw``: (36, C, pitch) with
+    ``N*tiles`` used columns. ``pads_before`` may be negative (the first rows are skipped);
+    ``reuse`` names a scratch array (see :func:`convnet.core.row_buffer`)."""
+    th, tw = _tiles(out_hw)
+    n, c = x.shape[:2]
+    v = _buffer(c, n * th * tw, x.dtype, reuse)
+    _run("input", np.ascontiguousarray(x), pads_before[0], pads_before[1], th, tw, v, _constants(x.dtype))
+    return v
+
+
+def _correlate(v: np.ndarray, u: np.ndarray, bias, out: np.ndarray) -> None:
+    """``out`` (N, F, OH, OW) from transformed tiles ``v`` and filters ``u``."""
+    th, tw = _tiles(out.shape[2:])
+    f = u.shape[1]
+    cols = out.shape[0] * th * tw
+    m = _buffer(f, cols, out.dtype, "wino.m")
+    for k in range(SPAN * SPAN):
+        _blas.gemm(u[k], v[k, :, :cols], m[k, :, :cols], beta=0.0)
+    b = np.zeros(f, out.dtype) if bias is None else np.ascontiguousarray(bias, dtype=out.dtype)
+    _run("output", m, th, tw, b, out, _constants(out.dtype))
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, pads_before: tuple[int, int],
+           out_hw: tuple[int, int], keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stride-1 3x3 correlation of NCHW ``x``: ``y[n, f, i, j] = b[f] + sum x[n, c, i+u-pt, j+v-pl]
+    w[f, c, u, v]``, with zeros outside ``x``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    weight : ndarray, shape (F, C, 3, 3)
+    bias : ndarray, shape (F,), or None
+    pads_before : (pt, pl), the padding on top and left (any integers)
+    out_hw : (OH, OW)
+    keep : also return the transformed input tiles, for :func:`conv2d_backward`
+
+    Returns
+    -------
+    y : ndarray, shape (N, F, OH, OW), dtype of ``x``
+    tiles : the (36, C, pitch) tile transform of ``x``, or None unless ``keep``
+    """
+    y = np.empty((x.shape[0], weight.shape[0]) + tuple(out_hw), dtype=x.dtype)
+    v = transform_input(x, pads_before, out_hw, reuse=None if keep else "wino.v")
+    _correlate(v, filter_transform(weight), bias, y)
+    return y, (v if keep else None)
+
+
+def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_before: tuple[int, int],
+                    tiles: np.ndarray | None = None, input_grad: bool = True
+                    ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Input and weight gradients of :func:`conv2d`.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (N, F, OH, OW)
+    x : ndarray, shape (N, C, H, W)
+    weight : ndarray, shape (F, C, 3, 3)
+    pads_before : (pt, pl) as in the forward call
+    tiles : the forward's kept tile transform of ``x`` (recomputed when None)
+    input_grad : False skips ``dx``
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W), or None
+    dweight : ndarray, shape (F, C, 3, 3)
+    """
+    n, c, h, w = x.shape
+    f = weight.shape[0]
+    out_hw = dy.shape[2:]
+    th, tw = _tiles(out_hw)
+    cols = n * th * tw
+    dy = np.ascontiguousarray(dy)
+    v = transform_input(x, pads_before, out_hw, reuse="wino.v") if tiles is None else tiles
+    dm = _buffer(f, cols, dy.dtype, "wino.dm")
+    _run("grad", dy, th, tw, dm, _constants(dy.dtype))
+    du = np.empty((SPAN * SPAN, f, c), dtype=dy.dtype)
+    for k in range(SPAN * SPAN):
+        _blas.gemm(dm[k, :, :cols], v[k, :, :cols].T, du[k], beta=0.0)
+    del dm, v
+    dweight = filter_gradient(du)
+    dx = None
+    if input_grad:
+        # dx[i] = sum_u dy[i + pt - u] w[u]: a correlation of dy with the flipped,
+        # channel-swapped filters, whose top padding is 2 - pt.
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        dx, _ = conv2d(dy, flipped, None, (2 - pads_before[0], 2 - pads_before[1]), (h, w))
+    return dx, dweight
