@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -217,7 +218,8 @@ def filters_png(weight: np.ndarray, path: str | os.PathLike, title: str = "filte
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
     f, c, kh, kw = weight.shape
     shown = np.asarray(weight[:MAX_SHOWN, :MAX_SHOWN], dtype=np.float64)
-    note = "" if f <= MAX_SHOWN and c <= MAX_SHOWN else f" (first {min(f, MAX_SHOWN)} filters x {min(c, MAX_SHOWN)} channels)"
+    note = ("" if f <= MAX_SHOWN and c <= MAX_SHOWN
+            else f" (first {min(f, MAX_SHOWN)} filters x {min(c, MAX_SHOWN)} channels)")
     scale = {"cmap": "RdBu_r", **dict(zip(("vmin", "vmax"), _symmetric(shown)))}
     if c == 1:
         ncols = min(len(shown), GRID_COLUMNS)
