@@ -19,7 +19,6 @@ import convnet.functional as F
 from convnet import _winograd as W
 from convnet import reference
 from convnet.gradcheck import check_backward
-
 from strategies import readonly
 
 pytest.importorskip("numba")  # the `fast` extra; the test extra installs it, so CI runs these
