@@ -6,6 +6,7 @@ Shapes stay small: every dtype compiles each kernel once per process (numba cach
 machine code on disk, so later runs load it).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from convnet import reference
 from convnet.gradcheck import check_backward
 from strategies import readonly
 
-pytest.importorskip("numba")  # the `fast` extra; the test extra installs it, so CI runs these
+# numba is the `fast` extra; the test extra installs it, so CI runs every test here.
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -104,12 +106,14 @@ def check_against_reference(x, wt, bias, dy, pads, keep: bool):
         assert err <= limit, f"{name}: error {err:.3g} above the bound {limit:.3g}"
 
 
+@needs_numba
 @settings(max_examples=60, deadline=None)
 @given(cases(), st.booleans())
 def test_forward_and_gradients_match_the_loop_reference(case, keep):
     check_against_reference(*case, keep=keep)
 
 
+@needs_numba
 @settings(max_examples=10, deadline=None)
 @given(cases(dtypes=(np.float64,), max_hw=5, max_c=2))
 def test_gradients_match_numerical(case):
@@ -124,6 +128,7 @@ def test_gradients_match_numerical(case):
 
 @pytest.mark.parametrize("hw, pads", [((1, 1), (1, 1, 1, 1)), ((2, 7), (0, 1, 3, 0)), ((5, 3), (4, 4, 0, 0)),
                                       ((13, 6), (0, 0, 0, 0))])
+@needs_numba
 def test_odd_sizes_and_large_padding(hw, pads):
     """Outputs smaller than a tile, one ragged tile edge, padding wider than the kernel."""
     rng = np.random.default_rng(sum(hw) + sum(pads))
@@ -133,6 +138,7 @@ def test_odd_sizes_and_large_padding(hw, pads):
     check_against_reference(x, wt, rng.standard_normal(2), rng.standard_normal((2, 2) + out_hw), pads, keep=True)
 
 
+@needs_numba
 def test_float32_accuracy_is_as_documented():
     """The README's figures: on a 32-channel layer the forward and input gradient stay within
     2e-5 of the largest output (about 5e-6 measured), the weight gradient within 5e-5. The
@@ -153,6 +159,7 @@ def test_float32_accuracy_is_as_documented():
         assert rel > 1e-8, f"{name}: suspiciously exact for float32 ({rel:.1e})"
 
 
+@needs_numba
 def test_inputs_are_not_modified_and_views_work():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 12, 18))[:, :, ::2, 1:16:2]  # a strided view
@@ -169,6 +176,7 @@ def test_inputs_are_not_modified_and_views_work():
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
 
 
+@needs_numba
 def test_input_gradient_can_be_skipped():
     rng = np.random.default_rng(5)
     x, wt, dy = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((1, 3, 5, 5))
@@ -177,6 +185,7 @@ def test_input_gradient_can_be_skipped():
     np.testing.assert_array_equal(dw, W.conv2d_backward(dy, x, wt, (1, 1))[1])
 
 
+@needs_numba
 def test_save_failure_falls_back_to_compiling_in_memory(monkeypatch):
     """A cache folder that turns unwritable after numba chose it raises OSError on save: the
     kernel is compiled without the cache and called again."""
@@ -209,6 +218,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
                           env=dict(os.environ, PYTHONPATH=SRC, **env))
 
 
+@needs_numba
 def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     """With every numba cache location unusable (here: the only one allowed lies under a
     regular file, which even root cannot create), the kernels still compile and run."""

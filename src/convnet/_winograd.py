@@ -32,7 +32,9 @@ user's cache folder) the kernels are compiled in memory in every process instead
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import threading
 
 import numpy as np
@@ -75,12 +77,12 @@ def _constants(dtype) -> np.ndarray:
     return np.array([2, 4, 5, 8], dtype=dtype)
 
 
-def _input_transform(x, pt, pl, th, tw, v, k):
+def _input_transform(x, pt, pl, th, tw, v, k, n0, n1):
     """``v[k1*6 + k2, c, n*th*tw + ti*tw + tj] = (B^T d B)[k1, k2]`` for the 6x6 block ``d``
     of ``x[n, c]`` whose top-left corner is at row ``4*ti - pt``, column ``4*tj - pl``
-    (zeros outside ``x``)."""
+    (zeros outside ``x``), for images ``n0 <= n < n1``."""
     c2, c4, c5 = k[0], k[1], k[2]
-    n_img, n_ch, h, w = x.shape
+    n_ch, h, w = x.shape[1:]
     lp = tw + 1  # phase-plane pitch: one extra tile column
     rows = th + 1  # and one extra tile row (the 6x6 blocks overlap by 2)
     size = rows * lp
@@ -90,7 +92,7 @@ def _input_transform(x, pt, pl, th, tw, v, k):
     lo = min(max(0, pl), 4 * lp)
     hi = max(lo, min(4 * lp, pl + w))
     t_img = th * tw
-    for n in range(n_img):
+    for n in range(n0, n1):
         for c in range(n_ch):
             plane = x[n, c]
             # 1. de-interleave the padded rows into phase planes
@@ -150,16 +152,17 @@ def _input_transform(x, pt, pl, th, tw, v, k):
                         v5[tj] = c4 * d1 - c5 * d3 + d5
 
 
-def _output_transform(m, th, tw, bias, y, k):
+def _output_transform(m, th, tw, bias, y, k, n0, n1):
     """``y[n, f, 4ti + i, 4tj + j] = (A^T M A)[i, j] + bias[f]`` for the 6x6 block ``M`` at
-    ``m[:, f, n*th*tw + ti*tw + tj]``; outputs past ``y``'s edge are dropped."""
+    ``m[:, f, n*th*tw + ti*tw + tj]``, for images ``n0 <= n < n1``; outputs past ``y``'s edge
+    are dropped."""
     c2, c4, c8 = k[0], k[1], k[3]
-    n_img, n_f, oh, ow = y.shape
+    n_f, oh, ow = y.shape[1:]
     t_img = th * tw
     s = np.empty((6, 4, t_img), m.dtype)  # A^T along the rows of each block
     o = np.empty((4, 4, t_img), m.dtype)  # the 4x4 output blocks, de-interleaved
     full = ow // 4  # tile columns whose 4 outputs are all inside y
-    for n in range(n_img):
+    for n in range(n0, n1):
         c0 = n * t_img
         c1 = c0 + t_img
         for f in range(n_f):
@@ -210,16 +213,17 @@ def _output_transform(m, th, tw, bias, y, k):
                         dst[col] = o[i, col - 4 * full, q0 + full]
 
 
-def _grad_transform(dy, th, tw, dm, k):
+def _grad_transform(dy, th, tw, dm, k, n0, n1):
     """``dm[k1*6 + k2, f, n*th*tw + ti*tw + tj] = (A dY A^T)[k1, k2]`` for the 4x4 block ``dY``
-    of ``dy[n, f]`` at row ``4*ti``, column ``4*tj`` (zeros past its edge)."""
+    of ``dy[n, f]`` at row ``4*ti``, column ``4*tj`` (zeros past its edge), for images
+    ``n0 <= n < n1``."""
     c2, c4, c8 = k[0], k[1], k[3]
-    n_img, n_f, oh, ow = dy.shape
+    n_f, oh, ow = dy.shape[1:]
     t_img = th * tw
     ph = np.zeros((4, 4, t_img), dy.dtype)  # ph[i, j, ti*tw + tj] = dy[4ti + i, 4tj + j]
     r6 = np.empty((6, 4, t_img), dy.dtype)  # A along the columns of each block
     full = ow // 4
-    for n in range(n_img):
+    for n in range(n0, n1):
         c0 = n * t_img
         c1 = c0 + t_img
         for f in range(n_f):
@@ -377,6 +381,14 @@ def filter_gradient(du: np.ndarray) -> np.ndarray:
     return np.einsum("iu,ijfc,jv->fcuv", G, d, G, optimize=True).astype(du.dtype)
 
 
+def _each(fn, ranges: list[tuple[int, int]]) -> list:
+    """``fn(n0, n1)`` for every range: in this thread for one, else on the worker threads (the
+    kernels release the GIL; BLAS runs single-threaded meanwhile, see :func:`_blas_threads`)."""
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    return list(_pool().map(lambda r: fn(*r), ranges))
+
+
 def transform_input(x: np.ndarray, pads_before: tuple[int, int], out_hw: tuple[int, int],
                     reuse: str | None = None) -> np.ndarray:
     """Tile transform of NCHW ``x`` for an output of ``out_hw``: (36, C, pitch) with
@@ -385,20 +397,33 @@ def transform_input(x: np.ndarray, pads_before: tuple[int, int], out_hw: tuple[i
     th, tw = _tiles(out_hw)
     n, c = x.shape[:2]
     v = _buffer(c, n * th * tw, x.dtype, reuse)
-    _run("input", np.ascontiguousarray(x), pads_before[0], pads_before[1], th, tw, v, _constants(x.dtype))
+    x = np.ascontiguousarray(x)
+    k = _constants(x.dtype)
+    with _blas_threads() as ranges:
+        _each(lambda n0, n1: _run("input", x, pads_before[0], pads_before[1], th, tw, v, k, n0, n1),
+              ranges(n))
     return v
 
 
-def _correlate(v: np.ndarray, u: np.ndarray, bias, out: np.ndarray) -> None:
-    """``out`` (N, F, OH, OW) from transformed tiles ``v`` and filters ``u``."""
-    th, tw = _tiles(out.shape[2:])
+def _forward(x: np.ndarray, u: np.ndarray, bias, pads_before, v: np.ndarray, y: np.ndarray) -> None:
+    """``y`` (N, F, OH, OW) from ``x`` and transformed filters ``u``, through the tiles ``v``:
+    each worker transforms its images, multiplies their columns and writes their outputs."""
+    th, tw = _tiles(y.shape[2:])
+    t_img = th * tw
     f = u.shape[1]
-    cols = out.shape[0] * th * tw
-    m = _buffer(f, cols, out.dtype, "wino.m")
-    for k in range(SPAN * SPAN):
-        _blas.gemm(u[k], v[k, :, :cols], m[k, :, :cols], beta=0.0)
-    b = np.zeros(f, out.dtype) if bias is None else np.ascontiguousarray(bias, dtype=out.dtype)
-    _run("output", m, th, tw, b, out, _constants(out.dtype))
+    m = _buffer(f, y.shape[0] * t_img, y.dtype, "wino.m")
+    b = np.zeros(f, y.dtype) if bias is None else np.ascontiguousarray(bias, dtype=y.dtype)
+    k = _constants(y.dtype)
+
+    def run(n0: int, n1: int) -> None:
+        _run("input", x, pads_before[0], pads_before[1], th, tw, v, k, n0, n1)
+        cols = slice(n0 * t_img, n1 * t_img)
+        for i in range(SPAN * SPAN):
+            _blas.gemm(u[i], v[i, :, cols], m[i, :, cols], beta=0.0)
+        _run("output", m, th, tw, b, y, k, n0, n1)
+
+    with _blas_threads() as ranges:
+        _each(run, ranges(y.shape[0]))
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, pads_before: tuple[int, int],
@@ -420,9 +445,11 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, pads_befo
     y : ndarray, shape (N, F, OH, OW), dtype of ``x``
     tiles : the (36, C, pitch) tile transform of ``x``, or None unless ``keep``
     """
-    y = np.empty((x.shape[0], weight.shape[0]) + tuple(out_hw), dtype=x.dtype)
-    v = transform_input(x, pads_before, out_hw, reuse=None if keep else "wino.v")
-    _correlate(v, filter_transform(weight), bias, y)
+    n, c = x.shape[:2]
+    th, tw = _tiles(out_hw)
+    y = np.empty((n, weight.shape[0]) + tuple(out_hw), dtype=x.dtype)
+    v = _buffer(c, n * th * tw, x.dtype, None if keep else "wino.v")
+    _forward(np.ascontiguousarray(x), filter_transform(weight), bias, pads_before, v, y)
     return y, (v if keep else None)
 
 
@@ -449,16 +476,22 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_befo
     f = weight.shape[0]
     out_hw = dy.shape[2:]
     th, tw = _tiles(out_hw)
-    cols = n * th * tw
+    t_img = th * tw
     dy = np.ascontiguousarray(dy)
     v = transform_input(x, pads_before, out_hw, reuse="wino.v") if tiles is None else tiles
-    dm = _buffer(f, cols, dy.dtype, "wino.dm")
-    _run("grad", dy, th, tw, dm, _constants(dy.dtype))
-    du = np.empty((SPAN * SPAN, f, c), dtype=dy.dtype)
-    for k in range(SPAN * SPAN):
-        _blas.gemm(dm[k, :, :cols], v[k, :, :cols].T, du[k], beta=0.0)
-    del dm, v
-    dweight = filter_gradient(du)
+    dm = _buffer(f, n * t_img, dy.dtype, "wino.dm")
+    k = _constants(dy.dtype)
+
+    def run(n0: int, n1: int) -> np.ndarray:
+        _run("grad", dy, th, tw, dm, k, n0, n1)
+        cols = slice(n0 * t_img, n1 * t_img)
+        du = np.empty((SPAN * SPAN, f, c), dtype=dy.dtype)
+        for i in range(SPAN * SPAN):
+            _blas.gemm(dm[i, :, cols], v[i, :, cols].T, du[i], beta=0.0)
+        return du
+
+    with _blas_threads() as ranges:
+        dweight = filter_gradient(sum(_each(run, ranges(n))))
     dx = None
     if input_grad:
         # dx[i] = sum_u dy[i + pt - u] w[u]: a correlation of dy with the flipped,
@@ -466,3 +499,54 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_befo
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         dx, _ = conv2d(dy, flipped, None, (2 - pads_before[0], 2 - pads_before[1]), (h, w))
     return dx, dweight
+
+
+# --------------------------------------------------------------------------- threads
+
+class _Threads:
+    lock = threading.Lock()
+    pool = None  # ThreadPoolExecutor
+    blas = False  # threadpoolctl's controller of numpy's BLAS, None if not found
+
+
+def _blas_controller():
+    if _Threads.blas is False:
+        try:
+            from threadpoolctl import ThreadpoolController
+            libs = [lc for lc in ThreadpoolController().lib_controllers if lc.user_api == "blas"]
+            _Threads.blas = libs[0] if len(libs) == 1 else None
+        except Exception:  # threadpoolctl missing or failing: leave BLAS as it is
+            _Threads.blas = None
+    return _Threads.blas
+
+
+@contextlib.contextmanager
+def _blas_threads():
+    """Split the work over Python threads instead of inside BLAS: while the block runs, BLAS
+    is single-threaded and yields ``ranges(n)`` (one image range per thread it had). Many
+    mid-sized multithreaded GEMMs next to the single-threaded transforms measured far
+    slower on 2 busy cores (the BLAS threads spin and wait for each other)."""
+    ctl = _blas_controller()
+    threads = 1 if ctl is None else max(1, int(ctl.get_num_threads()))
+
+    def ranges(n: int) -> list[tuple[int, int]]:
+        parts = max(1, min(n, threads))
+        return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+
+    if threads == 1:
+        yield ranges
+        return
+    ctl.set_num_threads(1)
+    try:
+        yield ranges
+    finally:
+        ctl.set_num_threads(threads)
+
+
+def _pool():
+    with _Threads.lock:
+        if _Threads.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _Threads.pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                               thread_name_prefix="convnet-winograd")
+        return _Threads.pool
