@@ -225,10 +225,10 @@ def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     code = ("import numpy as np\n"
-            "from convnet import _winograd as W, reference as R\n"
-            "x = np.arange(16.0).reshape(1, 1, 4, 4); w = np.ones((1, 1, 3, 3))\n"
-            "y, _ = W.conv2d(x, w, None, (1, 1), (4, 4))\n"
-            "assert np.allclose(y, R.conv2d(x, w, None, padding=1))\n"
+            "from convnet import _winograd as W\n"
+            "d = np.arange(36.0).reshape(1, 1, 6, 6) ** 0.5\n"
+            "v = W.transform_input(d, (0, 0), (4, 4))  # one tile: one kernel compiled\n"
+            "assert np.allclose(v[:, 0, 0].reshape(6, 6), W.BT @ d[0, 0] @ W.BT.T)\n"
             "print(W.status())\n")
     done = run_python(code, NUMBA_CACHE_DIR=str(blocker / "cache"),
                       NUMBA_CACHE_LOCATOR_CLASSES="UserProvidedCacheLocator")
