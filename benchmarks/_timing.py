@@ -85,6 +85,39 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, min_repeats: int = 3,
     return timing, first
 
 
+def measure_alternating(fns: dict[str, Callable[[], Any]], *, warmup: int = 1, min_rounds: int = 3,
+                        max_rounds: int = 50, budget_s: float = 1.0) -> dict[str, Timing]:
+    """Time several functions in alternation: one call of each per round, rounds repeated until
+    ``min_rounds`` were run and ``budget_s`` seconds spent (or ``max_rounds``).
+
+    On a shared machine the load moves between seconds; alternating puts every function
+    under the same load, so the ratio of their medians is fair even when the times are not.
+    """
+    if min_rounds < 1 or max_rounds < min_rounds:
+        raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    timings = {name: Timing() for name in fns}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        spent, rounds = 0.0, 0
+        while rounds < max_rounds and (rounds < min_rounds or spent < budget_s):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                timings[name].times.append(dt)
+                spent += dt
+            rounds += 1
+    finally:
+        if was_enabled:
+            gc.enable()
+    return timings
+
+
 def peak_extra_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes allocated while ``fn()`` runs, above what was allocated before.
 

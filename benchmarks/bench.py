@@ -56,6 +56,8 @@ TARGET_TORCH_GEOMEAN = 1.0
 TARGET_TORCH_MAX = 1.5
 TARGET_POOL_TORCH = 1.5
 TARGET_FWD_MEMORY = 1.5
+# The compiled Winograd path (convnet[fast]) on the stride-1 3x3 layers, forward + backward.
+TARGET_WINOGRAD_TORCH = 0.8
 # Warn when other processes used more than this share of the CPUs during a case.
 BUSY_WARN = 0.10
 
@@ -269,6 +271,52 @@ class CaseRunner:
             return pool(x, sh.k, sh.s), pool_bwd(dy, x, sh.k, sh.s)
         return pfwd, pfwd_bwd
 
+    def winograd_missing(self) -> str | None:
+        """Why this case has no Winograd rows, or None."""
+        sh = self.shape
+        if sh.kind != "conv" or sh.k != 3 or sh.s != 1:
+            return "Winograd computes stride-1 3x3 convolutions only"
+        from convnet import _winograd
+        return None if _winograd.available() else _winograd.status()
+
+    def winograd(self) -> tuple[Callable, Callable]:
+        """The engine forced onto the Winograd algorithm (forward, and both gradients)."""
+        import convnet.functional as F
+        sh = self.shape
+        x, dy, w, b, kw = self.x, self.dy, self.w, self.b, dict(stride=sh.s, padding=sh.p, algo="winograd")
+
+        def fwd():
+            return F.conv2d(x, w, b, **kw)
+
+        def fwd_bwd():
+            y, cache = F.conv2d_with_cache(x, w, b, **kw)
+            return (y,) + tuple(F.conv2d_backward(dy, x, w, cache=cache, **kw))
+        return fwd, fwd_bwd
+
+    def run_winograd(self, names: tuple[str, ...], exact_out: tuple, torch_out: tuple | None,
+                     torch_fns: tuple[Callable, Callable] | None) -> dict[str, Any]:
+        """Check the Winograd results against the exact engine and torch, then time them in
+        alternation with torch (same threads, same load), so their ratio comes from one run."""
+        why = self.winograd_missing()
+        if why:
+            return {"status": "skipped", "reason": why}
+        fns = self.winograd()
+        out = _numpy_result(fns[1]())
+        self.record["checks"] += compare_all("winograd vs vectorized (exact)", names, out, exact_out)
+        if torch_out is not None:
+            self.record["checks"] += compare_all("winograd vs torch", names, out, torch_out)
+        opts, result = self.opts, {}
+        for index, phase in enumerate(("forward", "forward_backward")):
+            pair = {"winograd": fns[index]}
+            if torch_fns is not None:
+                pair["torch"] = torch_fns[index]
+            timings = _timing.measure_alternating(pair, warmup=opts.warmup, min_rounds=opts.min_repeats,
+                                                  budget_s=len(pair) * opts.budget_s)
+            result[phase] = timings["winograd"].to_dict()
+            if "torch" in timings:
+                result[phase]["paired_torch"] = timings["torch"].to_dict()
+        return result
+
     def reference(self, x: np.ndarray, dy: np.ndarray) -> tuple[Callable, Callable]:
         import convnet.reference as R
         sh = self.shape
@@ -344,6 +392,7 @@ class CaseRunner:
                                      (_numpy_result(vec[0]()),), vec_out[:1])
         rec["impls"]["vectorized"] = self._timed(vec, **kw)
 
+        tfns = torch_out = None
         if self.torch is not None:
             tfns = self.torch_fns()
             torch_out = tuple(t.numpy() for t in tfns[1]())
@@ -351,6 +400,7 @@ class CaseRunner:
             rec["impls"]["torch"] = self._timed(tfns, **kw)
         else:
             rec["impls"]["torch"] = {"status": "skipped", "reason": self.torch_reason}
+        rec["impls"]["winograd"] = self.run_winograd(names, vec_out, torch_out, tfns)
 
         if not opts.reference:
             rec["impls"]["reference"] = {"status": "skipped", "reason": "--no-reference"}
@@ -455,6 +505,9 @@ class CaseRunner:
                 "vectorized_over_torch": v / t if v and t else None,
                 "reference_over_vectorized": r / v if v and r else None,
             }
+            wino = impls.get("winograd", {}).get(phase)
+            if isinstance(wino, dict) and "paired_torch" in wino:
+                ratios[phase]["winograd_over_torch"] = wino["median_s"] / wino["paired_torch"]["median_s"]
         rec["ratios"] = ratios
         if self.shape.kind == "conv":
             flops = {"forward": self.shape.flops_forward(),
@@ -511,6 +564,10 @@ def evaluate_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"over {len(torch_fb)} shape(s)" + (f"; not run: {', '.join(missing)}" if missing else ""))
         for n, r in torch_fb:
             add(f"{n} fwd+bwd time vs torch", r, "<=", TARGET_TORCH_MAX)
+    for c in convs:
+        r = c["ratios"]["forward_backward"].get("winograd_over_torch")
+        if r is not None:
+            add(f"{c['name']} fwd+bwd: Winograd time vs torch (alternating)", r, "<=", TARGET_WINOGRAD_TORCH)
     for c in pools:
         r = c["ratios"]["forward_backward"]["vectorized_over_torch"]
         if r is not None:
@@ -633,6 +690,27 @@ def render(report: dict[str, Any]) -> str:
                      rate(trates, "forward_backward", "gflops")])
     out.append(table(["shape", "vec/torch fwd", "vec/torch f+b", "ref/vec fwd", "ref/vec f+b",
                       "GFLOP/s fwd", "GFLOP/s f+b", "%GEMM fwd / f+b", "torch GFLOP/s f+b"], rows))
+
+    wino_cases = [c for c in cases if c.get("status") == "ok" and "status" not in c["impls"].get("winograd", {})]
+    if wino_cases:
+        out.append("")
+        out.append("Winograd F(4x4, 3x3) (convnet[fast], compiled with numba), timed in alternation with torch "
+                   "(same threads); error: max |winograd - torch| / max |torch| of y, dx, dw")
+        rows = []
+        for c in wino_cases:
+            wino, r = c["impls"]["winograd"], c["ratios"]
+            errs = {k["what"].split(": ")[1]: k["rel_err"] for k in c["checks"]
+                    if k["what"].startswith("winograd vs torch")}
+
+            paired = {phase: wino[phase].get("paired_torch", {}).get("median_s")
+                      for phase in ("forward", "forward_backward")}
+            rows.append([c["name"], fmt_time(wino["forward"]["median_s"]), fmt_time(paired["forward"]),
+                         fmt_ratio(r["forward"].get("winograd_over_torch")),
+                         fmt_time(wino["forward_backward"]["median_s"]), fmt_time(paired["forward_backward"]),
+                         fmt_ratio(r["forward_backward"].get("winograd_over_torch")),
+                         " / ".join(f"{errs[n]:.1e}" for n in ("y", "dx", "dw") if n in errs) or "-"])
+        out.append(table(["shape", "wino fwd", "torch fwd", "ratio", "wino f+b", "torch f+b", "ratio",
+                          "error y / dx / dw"], rows))
 
     mem_cases = [c for c in cases if "memory" in c]
     if mem_cases:

@@ -8,9 +8,10 @@ block of the input with 36 multiplies per channel instead of 144 (Lavin and Gray
 
 Over a batch, each of the 36 frequencies is one GEMM: ``M[k] = U[k] @ V[k]`` with the
 transformed filters ``U`` (36, F, C), the transformed input tiles ``V`` (36, C, T) and
-``T = N * tiles per image``. The weight gradient is the adjoint of the same linear
-maps: ``dU[k] = dM[k] @ V[k].T`` with ``dM = A dY A^T`` per 4x4 tile of ``dy``, then
-``dg = G^T dU G``; the input gradient is the forward applied to ``dy`` with the flipped,
+``T = N * tiles per image`` (plus one unused column per tile row: the transforms then run
+over one long loop per image). The weight gradient is the adjoint of the same linear maps:
+``dU[k] = dM[k] @ V[k].T`` with ``dM = A dY A^T`` per 4x4 tile of ``dy`` (zero in the
+unused columns), then ``dg = G^T dU G``; the input gradient is the forward applied to ``dy`` with the flipped,
 channel-swapped filters. Tiles that run past the input or the output read zeros and
 are not written, so any padding (even larger than the kernel) and any size work.
 
@@ -78,7 +79,7 @@ def _constants(dtype) -> np.ndarray:
 
 
 def _input_transform(x, pt, pl, th, tw, v, k, n0, n1):
-    """``v[k1*6 + k2, c, n*th*tw + ti*tw + tj] = (B^T d B)[k1, k2]`` for the 6x6 block ``d``
+    """``v[k1*6 + k2, c, n*th*(tw+1) + ti*(tw+1) + tj] = (B^T d B)[k1, k2]`` for the 6x6 block ``d``
     of ``x[n, c]`` whose top-left corner is at row ``4*ti - pt``, column ``4*tj - pl``
     (zeros outside ``x``), for images ``n0 <= n < n1``."""
     c2, c4, c5 = k[0], k[1], k[2]
@@ -91,7 +92,7 @@ def _input_transform(x, pt, pl, th, tw, v, k, n0, n1):
     row = np.zeros(4 * lp, x.dtype)
     lo = min(max(0, pl), 4 * lp)
     hi = max(lo, min(4 * lp, pl + w))
-    t_img = th * tw
+    t_img = th * lp
     for n in range(n0, n1):
         for c in range(n_ch):
             plane = x[n, c]
@@ -127,38 +128,36 @@ def _input_transform(x, pt, pl, th, tw, v, k, n0, n1):
                     r3[q] = s + t
                     r4[q] = s - t
                     r5[q] = c4 * d1 - c5 * d3 + d5
-            # 3. B^T down each column: rows 4ti..4ti+5 are phases 0-3 of ti and 0-1 of ti+1
-            for ti in range(th):
-                a0 = ti * lp
-                a1 = a0 + lp
-                o0 = n * t_img + ti * tw
-                o1 = o0 + tw
-                for k2 in range(6):
-                    p0, p1, p2, p3 = rt[0, k2, a0:], rt[1, k2, a0:], rt[2, k2, a0:], rt[3, k2, a0:]
-                    p4, p5 = rt[0, k2, a1:], rt[1, k2, a1:]
-                    v0, v1, v2 = v[k2, c, o0:o1], v[6 + k2, c, o0:o1], v[12 + k2, c, o0:o1]
-                    v3, v4, v5 = v[18 + k2, c, o0:o1], v[24 + k2, c, o0:o1], v[30 + k2, c, o0:o1]
-                    for tj in range(tw):
-                        d0, d1, d2, d3, d4, d5 = p0[tj], p1[tj], p2[tj], p3[tj], p4[tj], p5[tj]
-                        v0[tj] = c4 * d0 - c5 * d2 + d4
-                        s = d4 - c4 * d2
-                        t = d3 - c4 * d1
-                        v1[tj] = s + t
-                        v2[tj] = s - t
-                        s = d4 - d2
-                        t = c2 * (d3 - d1)
-                        v3[tj] = s + t
-                        v4[tj] = s - t
-                        v5[tj] = c4 * d1 - c5 * d3 + d5
+            # 3. B^T down each column: rows 4ti..4ti+5 are phases 0-3 of ti and 0-1 of ti+1.
+            # Tiles keep the phase planes' pitch lp: column tw of each tile row is not a tile.
+            o0 = n * t_img
+            o1 = o0 + t_img
+            for k2 in range(6):
+                p0, p1, p2, p3 = rt[0, k2], rt[1, k2], rt[2, k2], rt[3, k2]
+                p4, p5 = rt[0, k2, lp:], rt[1, k2, lp:]
+                v0, v1, v2 = v[k2, c, o0:o1], v[6 + k2, c, o0:o1], v[12 + k2, c, o0:o1]
+                v3, v4, v5 = v[18 + k2, c, o0:o1], v[24 + k2, c, o0:o1], v[30 + k2, c, o0:o1]
+                for q in range(t_img):
+                    d0, d1, d2, d3, d4, d5 = p0[q], p1[q], p2[q], p3[q], p4[q], p5[q]
+                    v0[q] = c4 * d0 - c5 * d2 + d4
+                    s = d4 - c4 * d2
+                    t = d3 - c4 * d1
+                    v1[q] = s + t
+                    v2[q] = s - t
+                    s = d4 - d2
+                    t = c2 * (d3 - d1)
+                    v3[q] = s + t
+                    v4[q] = s - t
+                    v5[q] = c4 * d1 - c5 * d3 + d5
 
 
 def _output_transform(m, th, tw, bias, y, k, n0, n1):
     """``y[n, f, 4ti + i, 4tj + j] = (A^T M A)[i, j] + bias[f]`` for the 6x6 block ``M`` at
-    ``m[:, f, n*th*tw + ti*tw + tj]``, for images ``n0 <= n < n1``; outputs past ``y``'s edge
+    ``m[:, f, n*th*(tw+1) + ti*(tw+1) + tj]``, for images ``n0 <= n < n1``; outputs past ``y``'s edge
     are dropped."""
     c2, c4, c8 = k[0], k[1], k[3]
     n_f, oh, ow = y.shape[1:]
-    t_img = th * tw
+    t_img = th * (tw + 1)
     s = np.empty((6, 4, t_img), m.dtype)  # A^T along the rows of each block
     o = np.empty((4, 4, t_img), m.dtype)  # the 4x4 output blocks, de-interleaved
     full = ow // 4  # tile columns whose 4 outputs are all inside y
@@ -197,7 +196,7 @@ def _output_transform(m, th, tw, bias, y, k, n0, n1):
                     o3[q] = b + c8 * d + m5[q] + bf
             plane = y[n, f]
             for ti in range(th):
-                q0 = ti * tw
+                q0 = ti * (tw + 1)
                 for i in range(4):
                     r = 4 * ti + i
                     if r >= oh:
@@ -214,13 +213,14 @@ def _output_transform(m, th, tw, bias, y, k, n0, n1):
 
 
 def _grad_transform(dy, th, tw, dm, k, n0, n1):
-    """``dm[k1*6 + k2, f, n*th*tw + ti*tw + tj] = (A dY A^T)[k1, k2]`` for the 4x4 block ``dY``
+    """``dm[k1*6 + k2, f, n*th*(tw+1) + ti*(tw+1) + tj] = (A dY A^T)[k1, k2]`` for the 4x4 block ``dY``
     of ``dy[n, f]`` at row ``4*ti``, column ``4*tj`` (zeros past its edge), for images
-    ``n0 <= n < n1``."""
+    ``n0 <= n < n1``; the column ``tw`` of each tile row gets zeros."""
     c2, c4, c8 = k[0], k[1], k[3]
     n_f, oh, ow = dy.shape[1:]
-    t_img = th * tw
-    ph = np.zeros((4, 4, t_img), dy.dtype)  # ph[i, j, ti*tw + tj] = dy[4ti + i, 4tj + j]
+    t_img = th * (tw + 1)
+    ph = np.zeros((4, 4, t_img), dy.dtype)  # ph[i, j, ti*(tw+1) + tj] = dy[4ti + i, 4tj + j]; never
+    # written at tj = tw, so that column stays zero
     r6 = np.empty((6, 4, t_img), dy.dtype)  # A along the columns of each block
     full = ow // 4
     for n in range(n0, n1):
@@ -229,7 +229,7 @@ def _grad_transform(dy, th, tw, dm, k, n0, n1):
         for f in range(n_f):
             plane = dy[n, f]
             for ti in range(th):
-                q0 = ti * tw
+                q0 = ti * (tw + 1)
                 for i in range(4):
                     r = 4 * ti + i
                     if r >= oh:
@@ -355,8 +355,11 @@ def _run(name: str, *args) -> None:
 
 # --------------------------------------------------------------------------- the operations
 
-def _tiles(out_hw: tuple[int, int]) -> tuple[int, int]:
-    return -(-out_hw[0] // TILE), -(-out_hw[1] // TILE)
+def _tiles(out_hw: tuple[int, int]) -> tuple[int, int, int]:
+    """Tile rows and columns of an output, and the tile columns per image in the kernels'
+    layout (each tile row has one more column, which is not a tile: see ``_input_transform``)."""
+    th, tw = -(-out_hw[0] // TILE), -(-out_hw[1] // TILE)
+    return th, tw, th * (tw + 1)
 
 
 def _buffer(rows: int, length: int, dtype, reuse: str | None = None) -> np.ndarray:
@@ -394,9 +397,9 @@ def transform_input(x: np.ndarray, pads_before: tuple[int, int], out_hw: tuple[i
     """Tile transform of NCHW ``x`` for an output of ``out_hw``: (36, C, pitch) with
     ``N*tiles`` used columns. ``pads_before`` may be negative (the first rows are skipped);
     ``reuse`` names a scratch array (see :func:`convnet.core.row_buffer`)."""
-    th, tw = _tiles(out_hw)
+    th, tw, t_img = _tiles(out_hw)
     n, c = x.shape[:2]
-    v = _buffer(c, n * th * tw, x.dtype, reuse)
+    v = _buffer(c, n * t_img, x.dtype, reuse)
     x = np.ascontiguousarray(x)
     k = _constants(x.dtype)
     with _blas_threads() as ranges:
@@ -408,8 +411,7 @@ def transform_input(x: np.ndarray, pads_before: tuple[int, int], out_hw: tuple[i
 def _forward(x: np.ndarray, u: np.ndarray, bias, pads_before, v: np.ndarray, y: np.ndarray) -> None:
     """``y`` (N, F, OH, OW) from ``x`` and transformed filters ``u``, through the tiles ``v``:
     each worker transforms its images, multiplies their columns and writes their outputs."""
-    th, tw = _tiles(y.shape[2:])
-    t_img = th * tw
+    th, tw, t_img = _tiles(y.shape[2:])
     f = u.shape[1]
     m = _buffer(f, y.shape[0] * t_img, y.dtype, "wino.m")
     b = np.zeros(f, y.dtype) if bias is None else np.ascontiguousarray(bias, dtype=y.dtype)
@@ -446,9 +448,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, pads_befo
     tiles : the (36, C, pitch) tile transform of ``x``, or None unless ``keep``
     """
     n, c = x.shape[:2]
-    th, tw = _tiles(out_hw)
     y = np.empty((n, weight.shape[0]) + tuple(out_hw), dtype=x.dtype)
-    v = _buffer(c, n * th * tw, x.dtype, None if keep else "wino.v")
+    v = _buffer(c, n * _tiles(out_hw)[2], x.dtype, None if keep else "wino.v")
     _forward(np.ascontiguousarray(x), filter_transform(weight), bias, pads_before, v, y)
     return y, (v if keep else None)
 
@@ -475,8 +476,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_befo
     n, c, h, w = x.shape
     f = weight.shape[0]
     out_hw = dy.shape[2:]
-    th, tw = _tiles(out_hw)
-    t_img = th * tw
+    th, tw, t_img = _tiles(out_hw)
     dy = np.ascontiguousarray(dy)
     v = transform_input(x, pads_before, out_hw, reuse="wino.v") if tiles is None else tiles
     dm = _buffer(f, n * t_img, dy.dtype, "wino.dm")
