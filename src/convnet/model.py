@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ._blas import limit_blas_threads
 from ._io import atomic_open
 from .layers import (
     LAYER_TYPES,
@@ -155,7 +156,7 @@ class Sequential:
         """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.
 
         The model's train/eval mode is restored afterwards. ``blas_threads`` limits the
-        BLAS thread pool meanwhile (see :func:`convnet.training.limit_blas_threads`;
+        BLAS thread pool meanwhile (see :func:`convnet._blas.limit_blas_threads`;
         None leaves it alone).
 
         Returns
@@ -169,8 +170,6 @@ class Sequential:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
-        from .training import limit_blas_threads  # deferred: training imports this module
-
         was_training = self.training
         self.eval()
         try:

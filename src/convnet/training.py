@@ -8,39 +8,20 @@ Accuracies are None for non-classification losses.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
+from ._blas import limit_blas_threads
 from .losses import CrossEntropyLoss, Loss
 from .model import Sequential
 from .optim import Adam, Optimizer
 
 __all__ = ["fit", "evaluate", "confusion_matrix", "format_epoch", "limit_blas_threads", "TrainingDivergedError"]
-
-
-@contextlib.contextmanager
-def limit_blas_threads(threads: int | None) -> Iterator[None]:
-    """Limit the BLAS thread pool to ``threads`` inside the ``with`` block (None: leave it).
-
-    On a busy machine spinning BLAS threads can slow small GEMMs down by an order of
-    magnitude; ``threads=1`` avoids that. Uses ``threadpoolctl``; a no-op without it.
-    """
-    if threads is None:
-        yield
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional at run time: only speed depends on it
-        yield
-        return
-    with threadpool_limits(limits=threads, user_api="blas"):
-        yield
 
 
 class TrainingDivergedError(FloatingPointError):
