@@ -577,6 +577,8 @@ def render(report: dict[str, Any]) -> str:
     thr = report["threads"]
     out.append(f"threads: numpy BLAS {thr['numpy_blas']}, torch {thr['torch']} "
                f"(os.cpu_count() = {thr['cpu_count']})" + (f"; {thr['note']}" if thr.get("note") else ""))
+    if report.get("gemm_path"):
+        out.append(f"convnet GEMM: {report['gemm_path']}")
     if m["env"]:
         out.append("env: " + " ".join(f"{k}={v}" for k, v in m["env"].items()))
     out.append(f"torch: {report['torch']}")
@@ -764,7 +766,9 @@ def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str]
         "dtype": str(DTYPE),
     }
     import convnet
+    from convnet import _blas
     report["convnet"] = getattr(convnet, "__version__", None)
+    report["gemm_path"] = str(_blas.backend())
     log(f"measuring the float32 GEMM rate ({opts.gemm_n}x{opts.gemm_n}) ...")
     with _timing.OtherLoad() as load:
         report["gemm"] = _timing.gemm_rate(opts.gemm_n, budget_s=opts.budget_s,

@@ -63,6 +63,8 @@ def test_quick_run_writes_a_complete_report(tmp_path, capsys):
     assert any("peak extra memory" in t["target"] for t in report["targets"])
     assert "Targets (issue 4)" in out and "tiny" in out and "scaled to the batch size" in out
     assert "RESULT: all results correct" in out
+    from convnet import _blas
+    assert report["gemm_path"] == str(_blas.backend()) and f"convnet GEMM: {_blas.backend()}" in out
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".bench-")]  # atomic write left no temp
 
 
