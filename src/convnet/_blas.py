@@ -23,8 +23,9 @@ import ctypes
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -251,7 +252,7 @@ def _controller() -> Any:
 
 
 _CONTROLLER: Any = False
-_ACTIVE: list["_Threads"] = []  # the running "auto" blocks: nested ones share the outermost policy
+_ACTIVE: list[_Threads] = []  # the running "auto" blocks: nested ones share the outermost policy
 
 
 def get_num_threads() -> int | None:
