@@ -240,8 +240,10 @@ class FakeMachine:
 def test_policy_drops_to_one_thread_when_others_are_busy_and_comes_back():
     m = FakeMachine()
     p = m.policy()
-    assert p.start() == 2 and m.applied == [2]
-    m.run(0.3, ours=2, others=0.0)
+    assert p.start() == 1 and m.applied == [1]  # nothing measured yet: the safe side
+    m.run(0.1, ours=1, others=0.0)
+    assert p.update() == 1 and p.others is None  # within the first interval
+    m.run(0.2, ours=1, others=0.0)
     assert p.update() == 2 and p.others == 0.0
     m.run(0.3, ours=1.3, others=0.7)  # another process took a core
     assert p.update() == 1 and p.others == pytest.approx(0.7)
@@ -249,13 +251,19 @@ def test_policy_drops_to_one_thread_when_others_are_busy_and_comes_back():
     assert p.update() == 1
     m.run(0.3, ours=1.0, others=0.1)  # it stopped
     assert p.update() == 2
-    assert m.applied == [2, 1, 2]  # applied only when the choice changes
+    assert m.applied == [1, 2, 1, 2]  # applied only when the choice changes
+    m.run(0.3, ours=1.0, others=2.0)
+    assert p.start(most=1) == 1  # a new block with a lower cap; readings carry over
+    m.run(0.3, ours=1.0, others=0.0)
+    assert p.update() == 1 and p.start(most=2) == 2
 
 
 def test_policy_reads_at_most_once_per_interval():
     m = FakeMachine()
     p = m.policy()
     p.start()
+    m.run(0.3, ours=1.0, others=0.0)
+    assert p.update() == 2
     reads = []
     p._busy = lambda: reads.append(m.now) or m.busy_s
     for _ in range(20):  # many small calls within one interval: no reading
@@ -299,7 +307,8 @@ def test_blas_threads_block_restores_the_pool(monkeypatch):
         assert _blas.get_num_threads() == 1
     assert _blas.get_num_threads() == before
     with _blas.blas_threads("auto") as t:
-        assert t.policy is not None and t.policy.threads == before
+        assert t.policy is _blas.policy() and t.policy.most == before
+        assert _blas.get_num_threads() == t.policy.threads
         with _blas.blas_threads("auto") as inner:  # nested: the same policy goes on
             assert inner is t
         t.policy._mark = (t.policy._mark[0] - 1.0,) + t.policy._mark[1:]  # an interval has passed

@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = ["gemm", "available", "backend", "Backend", "FALLBACK_ENV", "THREADS_ENV", "limit_blas_threads",
            "get_num_threads", "set_num_threads", "ThreadPolicy", "choose_threads", "resolve_threads",
-           "blas_threads"]
+           "blas_threads", "policy", "usable_cpus"]
 
 #: Set to 1 (or true/yes/on) to force the ``numpy.matmul`` fallback of :func:`gemm`.
 FALLBACK_ENV = "CONVNET_BLAS_FALLBACK"
@@ -346,8 +346,9 @@ class ThreadPolicy:
     CPU time the machine spent busy (``/proc/stat``) and subtracts this process's own
     (``os.times``, which counts its spinning BLAS threads too): the rest is the other
     processes' load over the window, in CPUs. :func:`choose_threads` turns it into a
-    thread count, which is applied when it changes. Where ``/proc/stat`` is missing the
-    policy keeps the most threads.
+    thread count, applied when it changes. Until a first window has been measured the
+    policy takes 1 thread, the side that cannot stall; where ``/proc/stat`` is missing
+    it takes ``most``.
 
     The readers are arguments so tests can feed it fake load: ``busy()`` and ``own()``
     return CPU seconds (``busy`` may return None), ``clock()`` wall seconds, ``apply(n)``
@@ -359,38 +360,63 @@ class ThreadPolicy:
                  clock: Callable[[], float] = time.perf_counter,
                  apply: Callable[[int], None] = set_num_threads) -> None:
         self.cpus = usable_cpus() if cpus is None else cpus
-        self.most = max(1, min(self.cpus, most if most is not None else (get_num_threads() or self.cpus)))
+        self.most = self._cap(most if most is not None else (get_num_threads() or self.cpus))
         self.interval = interval
         self._busy, self._own, self._clock, self._apply = busy, own, clock, apply
-        self.threads: int | None = None  # last applied count
-        self.others: float | None = None  # last measured load of the other processes, in CPUs
+        self.threads: int | None = None  # the count last applied
+        self.others: float | None = None  # the other processes' load in the last window, in CPUs
         self._mark: tuple[float, float | None, float] | None = None
 
-    def start(self) -> int:
-        """Take the first reading and apply the most threads (nothing is known yet)."""
-        self._mark = (self._clock(), self._busy(), self._own())
-        return self._set(self.most)
+    def _cap(self, most: int) -> int:
+        return max(1, min(self.cpus, int(most)))
+
+    def _choice(self) -> int:
+        if self._mark is not None and self._mark[1] is None:  # no /proc/stat: nothing to go by
+            return self.most
+        if self.others is None:
+            return 1
+        return choose_threads(self.others, self.cpus, self.most)
+
+    def start(self, most: int | None = None) -> int:
+        """Begin a block of work (with at most ``most`` threads): apply the current choice.
+
+        Readings persist between blocks, so a short block uses what earlier ones measured.
+        """
+        if most is not None:
+            self.most = self._cap(most)
+        if self._mark is None:
+            self._mark = (self._clock(), self._busy(), self._own())
+        self.threads = None  # the pool may have been changed in between: apply again
+        return self.update()
 
     def update(self) -> int:
-        """Re-evaluate if ``interval`` has passed since the last reading; return the thread count."""
+        """Re-read the load if ``interval`` has passed since the last reading; apply and
+        return the thread count."""
         if self._mark is None:
             return self.start()
         now = self._clock()
         t0, busy0, own0 = self._mark
-        if now - t0 < self.interval:
-            return self.threads  # type: ignore[return-value]
-        busy1, own1 = self._busy(), self._own()
-        self._mark = (now, busy1, own1)
-        if busy0 is None or busy1 is None:
-            return self._set(self.most)
-        self.others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (now - t0)
-        return self._set(choose_threads(self.others, self.cpus, self.most))
-
-    def _set(self, threads: int) -> int:
+        if now - t0 >= self.interval:
+            busy1, own1 = self._busy(), self._own()
+            self._mark = (now, busy1, own1)
+            if busy0 is not None and busy1 is not None:
+                self.others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (now - t0)
+        threads = self._choice()
         if threads != self.threads:
             self._apply(threads)
             self.threads = threads
         return threads
+
+
+_POLICY: ThreadPolicy | None = None
+
+
+def policy() -> ThreadPolicy:
+    """The process's thread policy (its readings are shared by every "auto" block)."""
+    global _POLICY
+    if _POLICY is None:
+        _POLICY = ThreadPolicy()
+    return _POLICY
 
 
 def resolve_threads(value: Any, name: str = "blas_threads") -> int | str:
@@ -430,25 +456,26 @@ class _Threads:
 def blas_threads(setting: int | str | None) -> Iterator[_Threads]:
     """Run a block with the BLAS thread ``setting`` (see :func:`resolve_threads`).
 
-    A fixed count is set for the block; "auto" starts a :class:`ThreadPolicy`, which the
-    block's loop consults by calling ``.step()`` on the yielded object (e.g. once per
-    training step). The pool's thread count is restored afterwards.
+    A fixed count is set for the block; "auto" lets the process's :class:`ThreadPolicy`
+    choose, at most the pool's current count; the block's loop lets it re-decide by calling
+    ``.step()`` on the yielded object (e.g. once per training step; cheap, it reads the
+    load at most every 0.25 s). The pool's thread count is restored afterwards.
     """
     setting = resolve_threads(setting)
     if setting != "auto":
         with limit_blas_threads(setting):
             yield _Threads(None)
         return
-    if _ACTIVE:  # e.g. validation inside fit: the outer policy goes on
+    if _ACTIVE:  # e.g. validation inside fit: the outer block goes on
         yield _ACTIVE[-1]
         return
     before = get_num_threads()
     if before is None:  # nothing to control
         yield _Threads(None)
         return
-    policy = ThreadPolicy(most=before)
-    policy.start()
-    _ACTIVE.append(_Threads(policy))
+    pol = policy()
+    pol.start(most=before)
+    _ACTIVE.append(_Threads(pol))
     try:
         yield _ACTIVE[-1]
     finally:
