@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
+
 __all__ = ["gemm", "available", "backend", "Backend", "FALLBACK_ENV", "THREADS_ENV", "limit_blas_threads",
            "get_num_threads", "set_num_threads", "ThreadPolicy", "choose_threads", "resolve_threads",
            "blas_threads", "policy", "usable_cpus"]
@@ -268,12 +270,6 @@ def set_num_threads(threads: int) -> None:
         ctl.set_num_threads(int(threads))
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 @contextlib.contextmanager
 def limit_blas_threads(threads: int | None) -> Iterator[None]:
     """Limit the BLAS thread pools to ``threads`` inside the ``with`` block (None: leave them).
@@ -285,7 +281,7 @@ def limit_blas_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    threads = _positive_int(threads, "threads")
+    threads = _args.positive_int(threads, "threads")
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # optional at run time: only speed depends on it
@@ -438,7 +434,7 @@ def resolve_threads(value: Any, name: str = "blas_threads") -> int | str:
         if value != "auto":
             raise ValueError(f"{source} must be 'auto' or a positive int, got {value!r}")
         return value
-    return _positive_int(value, source)
+    return _args.positive_int(value, source)
 
 
 class _Threads:
