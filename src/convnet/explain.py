@@ -29,6 +29,7 @@ import numpy as np
 
 import convnet.functional as F
 import convnet.reference as R
+from convnet._args import output_size
 
 PARTS = ("conv", "backward", "pool")
 
@@ -231,7 +232,7 @@ def _conv_setup(x: object, weight: object, bias: object, stride: object, padding
         if k > size + 2 * pi:
             raise ValueError(f"kernel {axis} {k} is larger than the padded input {axis} {size + 2 * pi} "
                              f"(input {size} + 2*padding {pi}); use a smaller kernel or more padding")
-        out.append((size + 2 * pi - k) // si + 1)
+        out.append(output_size(size, k, si, (pi, pi)))
     return x, weight, bias, s, p, tuple(out)
 
 
