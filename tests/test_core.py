@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 from convnet import core
 from convnet._args import output_size
-
 from strategies import out_len
 
 
