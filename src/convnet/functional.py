@@ -36,19 +36,13 @@ Algo = Literal["auto", "im2col", "taps"]
 # Each op checks its arguments, asks the conv engine (convnet._conv) for the layer's plan
 # and runs it; the tuning policy (algorithms, routes, thresholds, chunks) lives there.
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
-        raise ValueError(f"{name} must be {options}, got {value!r}")
-
-
 def _conv_geometry(x, weight, bias, stride, padding, dilation) -> _conv.Geometry:
     s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
     return _conv.Geometry.of(x, weight, s, pads, d, out_hw)
 
 
 def _check_algo(algo: object, g: _conv.Geometry) -> None:
-    _check_choice("algo", algo, ("auto",) + _conv.ALGOS)
+    _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
     reason = _conv.unsupported(algo, g)
     if reason:
         raise ValueError(reason)
@@ -141,8 +135,8 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     _args.check_array(dy, "dy", 4, "(N, F, OH, OW)")
     _args.check_shape(dy, "dy", (g.n, g.f) + g.out_hw)
     _args.check_same_dtype(dy=dy, x=x, weight=weight)
-    _check_choice("method", method, ("auto",) + _conv.METHODS)
-    _check_choice("algo", algo, ("auto",) + _conv.ALGOS)
+    _args.choice(method, "method", ("auto",) + _conv.METHODS)
+    _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
     if cache is not None and not _conv.cache_matches(cache, x, g):
         raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
@@ -485,8 +479,7 @@ def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarr
     mask : ndarray, shape of ``x``, the scaled keep mask (``0`` or ``1/(1-p)``), for backward.
     """
     _act_args(x)
-    if not (isinstance(p, (float, int)) and 0 <= p < 1):
-        raise ValueError(f"p must be in [0, 1), got {p!r}")
+    p = _args.probability(p, "p")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     keep = rng.random(x.shape) >= p
