@@ -505,29 +505,17 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_befo
 
 class _Threads:
     lock = threading.Lock()
-    pool = None  # ThreadPoolExecutor
-    blas = False  # threadpoolctl's controller of numpy's BLAS, None if not found
-
-
-def _blas_controller():
-    if _Threads.blas is False:
-        try:
-            from threadpoolctl import ThreadpoolController
-            libs = [lc for lc in ThreadpoolController().lib_controllers if lc.user_api == "blas"]
-            _Threads.blas = libs[0] if len(libs) == 1 else None
-        except Exception:  # threadpoolctl missing or failing: leave BLAS as it is
-            _Threads.blas = None
-    return _Threads.blas
+    pool = None  # ThreadPoolExecutor, made on first use
 
 
 @contextlib.contextmanager
 def _blas_threads():
-    """Split the work over Python threads instead of inside BLAS: while the block runs, BLAS
-    is single-threaded and yields ``ranges(n)`` (one image range per thread it had). Many
-    mid-sized multithreaded GEMMs next to the single-threaded transforms measured far
-    slower on 2 busy cores (the BLAS threads spin and wait for each other)."""
-    ctl = _blas_controller()
-    threads = 1 if ctl is None else max(1, int(ctl.get_num_threads()))
+    """Split the work over Python threads instead of inside BLAS: yields ``ranges(n)``, one
+    range of images per thread numpy's BLAS may use (its count, which the BLAS thread
+    policy may have set), while BLAS runs single-threaded. Many mid-sized multithreaded
+    GEMMs between single-threaded transforms measured far slower on 2 busy cores (the BLAS
+    threads spin and wait for each other): cifar's 36 GEMMs 61 ms on one thread, 780 ms on two."""
+    threads = max(1, _blas.get_num_threads() or 1)
 
     def ranges(n: int) -> list[tuple[int, int]]:
         parts = max(1, min(n, threads))
@@ -536,11 +524,11 @@ def _blas_threads():
     if threads == 1:
         yield ranges
         return
-    ctl.set_num_threads(1)
+    _blas.set_num_threads(1)
     try:
         yield ranges
     finally:
-        ctl.set_num_threads(threads)
+        _blas.set_num_threads(threads)
 
 
 def _pool():
