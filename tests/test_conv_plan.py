@@ -29,7 +29,8 @@ BENCH = {
     "resnet-s2": (32, 128, 28, 28, 128, 3, 2, 1),
 }
 
-# layer: (conv2d's algo, the cached forward's algo, backward's method, backward's dx_algo)
+# layer: (conv2d's algo, the cached forward's algo, backward's method, backward's dx_algo),
+# by the exact algorithms (without numba, or CONVNET_WINOGRAD=0)
 PINNED = {
     "lenet-c1": ("im2col", "im2col", "col2im", "im2col"),
     "lenet-c2": ("taps", "im2col", "col2im", "im2col"),
@@ -39,12 +40,19 @@ PINNED = {
 }
 
 
+# ... and where Winograd may be used (numba installed): the two wide 3x3 stride-1 layers
+# (cifar fwd + bwd 0.55x, vgg 0.51x the exact plan; see THRESHOLDS).
+PINNED_WINOGRAD = dict(PINNED, cifar=("winograd", "winograd", "zero_insert", "winograd"),
+                       vgg=("winograd", "winograd", "zero_insert", "winograd"))
+
+
+@pytest.mark.parametrize("winograd", [False, True])
 @pytest.mark.parametrize("name", sorted(BENCH))
-def test_plan_of_the_benchmark_layers(name):
+def test_plan_of_the_benchmark_layers(name, winograd):
     g = geometry(*BENCH[name])
-    fwd = _conv.plan(g, backward=False, limit=256 * MIB)
-    bwd = _conv.plan(g, backward=True, limit=256 * MIB)
-    assert (fwd.algo, bwd.algo, bwd.method, bwd.dx_algo) == PINNED[name]
+    fwd = _conv.plan(g, backward=False, limit=256 * MIB, winograd=winograd)
+    bwd = _conv.plan(g, backward=True, limit=256 * MIB, winograd=winograd)
+    assert (fwd.algo, bwd.algo, bwd.method, bwd.dx_algo) == (PINNED_WINOGRAD if winograd else PINNED)[name]
     # Under the default limit every benchmark batch goes in one piece (so the cache is kept).
     assert fwd.fwd_images == bwd.fwd_images == bwd.bwd_images == g.n
 
@@ -79,14 +87,17 @@ def test_plan_refuses_one_image_over_the_limit():
 
 def test_plan_falls_back_to_the_algorithm_that_fits():
     g = geometry(1, 64, 64, 64, 64, 3, 1, 1)  # taps: (64 + 64) * 66 * 66 * 4 = 2.1 MiB per image
-    assert _conv.plan(g, backward=False, limit=4 * MIB).algo == "taps"
+    assert _conv.plan(g, backward=False, limit=4 * MIB, winograd=False).algo == "taps"
     cols = 64 * 64 * 9 * 64 * 4  # 9 MiB
     assert cols > 4 * MIB
-    assert _conv.plan(g, backward=False, algo="auto", limit=cols).algo == "taps"
+    assert _conv.plan(g, backward=False, algo="auto", limit=cols, winograd=False).algo == "taps"
     narrow = geometry(1, 2, 64, 64, 2, 3, 1, 1)  # im2col by default, taps fit better
     taps = (2 + 2) * 66 * 66 * 4
-    assert _conv.plan(narrow, backward=False, limit=MIB).algo == "im2col"
-    assert _conv.plan(narrow, backward=False, limit=taps).algo == "taps"
+    assert _conv.plan(narrow, backward=False, limit=MIB, winograd=False).algo == "im2col"
+    assert _conv.plan(narrow, backward=False, limit=taps, winograd=False).algo == "taps"
+    # Winograd's tiles of x and y: 36 * (64 + 64) * 16 * 17 * 4 = 4.8 MiB per image
+    assert _conv.plan(g, backward=False, limit=5 * MIB, winograd=True).algo == "winograd"
+    assert _conv.plan(g, backward=False, limit=4 * MIB, winograd=True).algo == "taps"
 
 
 def test_plan_moves_with_a_threshold_and_is_pure():
@@ -100,10 +111,59 @@ def test_plan_moves_with_a_threshold_and_is_pure():
 def test_plan_reads_the_current_workspace_limit():
     g = geometry(*BENCH["vgg"])
     with core.workspace_limit(8 * MIB):
-        assert _conv.plan(g, backward=True)[3:] == (4, 1)  # taps: 1.6 MiB, cols 7.1 MiB per image
-    assert _conv.plan(g, backward=True).fwd_images == g.n
+        assert _conv.plan(g, backward=True, winograd=False)[3:] == (4, 1)  # taps: 1.6 MiB, cols 7.1 MiB per image
+    assert _conv.plan(g, backward=True, winograd=False).fwd_images == g.n
 
 
 def test_forward_algorithms_and_plan_choices_have_executors():
     assert set(_conv.ALGOS) == set(_conv._FORWARD)
     assert set(_conv.METHODS) == {"zero_insert", "col2im"}
+
+
+@pytest.mark.parametrize("shape, chosen", [
+    ((64, 16, 16, 16, 16, 3, 1, 1), True),   # the table's corner: 16x16 outputs, 16 channels
+    ((64, 16, 14, 14, 16, 3, 1, 1), False),  # smaller maps lose (few tiles per image)
+    ((64, 15, 32, 32, 64, 3, 1, 1), False),  # few input channels: the transforms cost more
+    ((64, 64, 32, 32, 8, 3, 1, 1), False),   # ... or few filters
+    ((64, 64, 32, 32, 64, 5, 1, 2), False),  # Winograd F(4x4, 3x3) is for 3x3 kernels only
+    ((64, 64, 32, 32, 64, 3, 2, 1), False),  # and stride 1
+])
+def test_winograd_follows_its_table_row(shape, chosen):
+    g = geometry(*shape)
+    p = _conv.plan(g, backward=True, limit=256 * MIB, winograd=True)
+    assert (p.algo == "winograd", p.dx_algo == "winograd") == (chosen, chosen)
+    assert p[:3] == _conv.plan(g, backward=True, limit=256 * MIB, winograd=False)[:3] or chosen
+    higher = _conv.THRESHOLDS._replace(winograd_min_size=17)
+    assert _conv.plan(g, backward=True, limit=256 * MIB, winograd=True, table=higher).algo != "winograd"
+
+
+def test_dilated_layers_never_take_winograd():
+    pads = ((2, 2), (2, 2))
+    g = _conv.Geometry(8, 32, 32, 32, 32, 3, 3, (1, 1), pads, (2, 2), (32, 32), np.dtype(np.float32))
+    p = _conv.plan(g, backward=True, limit=256 * MIB, winograd=True)
+    assert "winograd" not in (p.algo, p.dx_algo)
+    assert "dilation" in _conv.unsupported("winograd", g)
+
+
+def test_explicit_winograd_input_gradient_takes_the_zero_insertion_route():
+    g = geometry(*BENCH["lenet-c2"][:5], 3, 1, 1)
+    p = _conv.plan(g, backward=True, dx_algo="winograd", limit=256 * MIB, winograd=False)
+    assert (p.method, p.dx_algo) == ("zero_insert", "winograd")
+    assert "method='zero_insert'" in _conv.unsupported("winograd", g, method="col2im")
+
+
+@pytest.mark.parametrize("setting, expected", [("0", False), ("1", None), ("", None)])
+def test_environment_switch(monkeypatch, setting, expected):
+    """CONVNET_WINOGRAD=0 keeps "auto" exact; otherwise Winograd is used where numba imports."""
+    from convnet import _winograd
+    monkeypatch.setenv(_conv.WINOGRAD_ENV, setting)
+    assert _conv.winograd_enabled() is (_winograd.available() if expected is None else expected)
+    cifar = geometry(*BENCH["cifar"])
+    want = "winograd" if _conv.winograd_enabled() else "taps"
+    assert _conv.plan(cifar, backward=True, limit=256 * MIB).algo == want
+
+
+def test_environment_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(_conv.WINOGRAD_ENV, "yes")
+    with pytest.raises(ValueError, match=r"CONVNET_WINOGRAD must be '0' .* got 'yes'"):
+        _conv.winograd_enabled()

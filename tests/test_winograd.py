@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convnet.functional as F
+from convnet import _conv, core, reference
 from convnet import _winograd as W
-from convnet import reference
 from convnet.gradcheck import check_backward
 from strategies import readonly
 
@@ -87,11 +87,25 @@ def reference_pair(x, wt, bias, dy, pads):
     return y, dxp[:, :, extra[0][0]:extra[0][0] + h, extra[1][0]:extra[1][0] + w], dw
 
 
+def winograd(x, wt, bias, pads_before, out_hw, keep=False):
+    """The module's forward, allocating its output."""
+    y = np.empty((x.shape[0], wt.shape[0]) + tuple(out_hw), dtype=x.dtype)
+    return y, W.forward(x, wt, bias, pads_before, y, keep)
+
+
+def winograd_backward(dy, x, wt, pads_before, tiles=None, input_grad=True):
+    dx = None
+    if input_grad:
+        dx = np.empty(x.shape, dtype=x.dtype)
+        W.input_gradient(dy, wt, pads_before, dx)
+    return dx, W.weight_gradient(dy, x, wt, pads_before, tiles)
+
+
 def check_against_reference(x, wt, bias, dy, pads, keep: bool):
     top, _, left, _ = pads
     out_hw = dy.shape[2:]
-    y, tiles = W.conv2d(x, wt, bias, (top, left), out_hw, keep=keep)
-    dx, dw = W.conv2d_backward(dy, x, wt, (top, left), tiles)
+    y, tiles = winograd(x, wt, bias, (top, left), out_hw, keep=keep)
+    dx, dw = winograd_backward(dy, x, wt, (top, left), tiles)
     y_ref, dx_ref, dw_ref = reference_pair(x, wt, bias, dy, pads)
     n, c = x.shape[:2]
     f = wt.shape[0]
@@ -120,8 +134,8 @@ def test_gradients_match_numerical(case):
     x, wt, bias, dy, pads = case
     top, _, left, _ = pads
     out_hw = dy.shape[2:]
-    dx, dw = W.conv2d_backward(dy, x, wt, (top, left))
-    report = check_backward(lambda x, weight: W.conv2d(x, weight, None, (top, left), out_hw)[0],
+    dx, dw = winograd_backward(dy, x, wt, (top, left))
+    report = check_backward(lambda x, weight: winograd(x, weight, None, (top, left), out_hw)[0],
                             {"x": x, "weight": wt}, dy, {"x": dx, "weight": dw}, rtol=1e-5, atol=1e-6)
     assert report.ok, report
 
@@ -151,8 +165,8 @@ def test_float32_accuracy_is_as_documented():
     exact_y = F.conv2d(x, wt, None, padding=1, algo="im2col")
     exact_dx, exact_dw, _ = F.conv2d_backward(dy, x, wt, padding=1, method="col2im", algo="im2col")
     f32 = [a.astype(np.float32) for a in (x, wt, dy)]
-    y, tiles = W.conv2d(f32[0], f32[1], None, (1, 1), (16, 16), keep=True)
-    dx, dw = W.conv2d_backward(f32[2], f32[0], f32[1], (1, 1), tiles)
+    y, tiles = winograd(f32[0], f32[1], None, (1, 1), (16, 16), keep=True)
+    dx, dw = winograd_backward(f32[2], f32[0], f32[1], (1, 1), tiles)
     for name, got, want, limit in (("y", y, exact_y, 2e-5), ("dx", dx, exact_dx, 2e-5), ("dw", dw, exact_dw, 5e-5)):
         rel = amax(got - want) / amax(want)
         assert rel <= limit, f"{name}: relative error {rel:.2e}"
@@ -166,8 +180,8 @@ def test_inputs_are_not_modified_and_views_work():
     wt = np.asfortranarray(rng.standard_normal((4, 3, 3, 3)))
     dy = rng.standard_normal((2, 4, 6, 8, 2))[..., 1]
     copies = [a.copy() for a in (x, wt, dy)]
-    y, tiles = W.conv2d(x, wt, None, (1, 1), (6, 8), keep=True)
-    dx, dw = W.conv2d_backward(dy, x, wt, (1, 1), tiles)
+    y, tiles = winograd(x, wt, None, (1, 1), (6, 8), keep=True)
+    dx, dw = winograd_backward(dy, x, wt, (1, 1), tiles)
     for a, b in zip((x, wt, dy), copies):
         np.testing.assert_array_equal(a, b)
     want = reference_pair(np.ascontiguousarray(x), np.ascontiguousarray(wt), None, np.ascontiguousarray(dy),
@@ -180,9 +194,9 @@ def test_inputs_are_not_modified_and_views_work():
 def test_input_gradient_can_be_skipped():
     rng = np.random.default_rng(5)
     x, wt, dy = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((1, 3, 5, 5))
-    dx, dw = W.conv2d_backward(dy, x, wt, (1, 1), input_grad=False)
+    dx, dw = winograd_backward(dy, x, wt, (1, 1), input_grad=False)
     assert dx is None
-    np.testing.assert_array_equal(dw, W.conv2d_backward(dy, x, wt, (1, 1))[1])
+    np.testing.assert_array_equal(dw, winograd_backward(dy, x, wt, (1, 1))[1])
 
 
 @needs_numba
@@ -207,7 +221,7 @@ def test_save_failure_falls_back_to_compiling_in_memory(monkeypatch):
     monkeypatch.setattr(W._State, "reason", W._State.reason)
     rng = np.random.default_rng(1)
     x, wt = rng.standard_normal((1, 1, 4, 4)), rng.standard_normal((1, 1, 3, 3))
-    y, _ = W.conv2d(x, wt, None, (1, 1), (4, 4))
+    y, _ = winograd(x, wt, None, (1, 1), (4, 4))
     assert calls == ["cached", "in memory"]
     np.testing.assert_allclose(y, reference.conv2d(x, wt, None, padding=1), rtol=1e-10, atol=1e-10)
     assert "compiled in memory" in W.status()
@@ -237,15 +251,104 @@ def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     assert not (blocker.parent / "cache").exists()
 
 
-def test_without_numba_the_path_reports_why():
+def test_without_numba_the_plan_stays_exact_and_says_why():
     code = ("import sys; sys.modules['numba'] = None  # import numba now raises ImportError\n"
-            "from convnet import _winograd as W\n"
-            "assert not W.available(), W.status()\n"
-            "print(W.status())\n"
+            "import numpy as np\n"
+            "import convnet.functional as F\n"
+            "from convnet import _conv, _winograd as W, reference as R\n"
+            "assert not W.available() and not _conv.winograd_enabled()\n"
+            "x = np.ones((2, 16, 16, 16)); w = np.ones((16, 16, 3, 3)) / 9\n"
+            "y, cache = F.conv2d_with_cache(x, w, None, 1, 1)  # a layer the plan gives Winograd with numba\n"
+            "assert cache.algo == 'taps' and np.allclose(y, R.conv2d(x, w, None, 1, 1))\n"
+            "dx, dw, db = F.conv2d_backward(y, x, w, 1, 1, cache=cache)\n"
+            "assert np.allclose(dw, R.conv2d_backward(y, x, w, 1, 1)[1])\n"
             "try:\n"
-            "    W.kernels()\n"
-            "except RuntimeError as exc:\n"
+            "    F.conv2d(x, w, None, 1, 1, algo='winograd')\n"
+            "except ValueError as exc:\n"
             "    print(exc)\n")
     done = run_python(code)
     assert done.returncode == 0, done.stderr
-    assert "numba not usable" in done.stdout and "pip install 'convnet[fast]'" in done.stdout
+    assert "algo='winograd' needs numba (pip install 'convnet[fast]'): numba not usable" in done.stdout
+
+
+# --------------------------------------------------------------------------- through convnet.functional
+
+@needs_numba
+@settings(max_examples=25, deadline=None)
+@given(cases(max_hw=9))
+def test_public_api_with_algo_winograd(case):
+    """conv2d / conv2d_with_cache / conv2d_backward with algo="winograd" (symmetric padding, as
+    the public API takes it), against the loop reference; the cache keeps the tiles."""
+    x, wt, bias, _, pads = case
+    p = (max(pads[:2]), max(pads[2:]))  # symmetric, still large enough for the kernel
+    y, cache = F.conv2d_with_cache(x, wt, bias, padding=p, algo="winograd")
+    assert cache.algo == "winograd"
+    rng = np.random.default_rng(0)
+    dy = rng.standard_normal(y.shape).astype(x.dtype)
+    got = F.conv2d_backward(dy, x, wt, padding=p, cache=cache, algo="winograd")
+    np.testing.assert_array_equal(y, F.conv2d(x, wt, bias, padding=p, algo="winograd"))
+    want = (reference.conv2d(x, wt, bias, padding=p),) + tuple(reference.conv2d_backward(dy, x, wt, padding=p))
+    c, f = x.shape[1], wt.shape[0]
+    scale = 1e-4 if x.dtype == np.float32 else 1e-11
+    for name, g, r, terms in zip(("y", "dx", "dw", "db"), (y,) + got, want, (c, f, y.size // f, 1)):
+        assert g.dtype == x.dtype and g.shape == r.shape, name
+        np.testing.assert_allclose(g, r, rtol=scale, atol=scale * terms, err_msg=name)
+
+
+@needs_numba
+def test_auto_uses_winograd_where_planned_and_chunks(rng):
+    """A layer on the table's Winograd side: auto takes it, and a small workspace limit
+    (chunks, no cache) gives the same results up to rounding."""
+    x = rng.standard_normal((3, 16, 16, 16))
+    w = rng.standard_normal((16, 16, 3, 3))
+    assert _conv.winograd_enabled()
+    y, cache = F.conv2d_with_cache(x, w, None, padding=1)
+    assert cache.algo == "winograd"
+    dy = rng.standard_normal(y.shape)
+    grads = F.conv2d_backward(dy, x, w, padding=1, cache=cache)
+    per_image = W.workspace_per_image((16, 16), 16, 16) * 8
+    with core.workspace_limit(per_image + 1):
+        y_c, cache_c = F.conv2d_with_cache(x, w, None, padding=1)
+        grads_c = F.conv2d_backward(dy, x, w, padding=1)
+    assert cache_c is None
+    want = (reference.conv2d(x, w, None, padding=1),) + tuple(reference.conv2d_backward(dy, x, w, padding=1))
+    for got in ((y,) + grads, (y_c,) + grads_c):
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-10)
+
+
+@needs_numba
+def test_exact_switch(monkeypatch, rng):
+    """CONVNET_WINOGRAD=0, an exact cache, or an explicit algo keep the exact algorithms."""
+    x, w = rng.standard_normal((2, 16, 16, 16)), rng.standard_normal((16, 16, 3, 3))
+    dy = rng.standard_normal((2, 16, 16, 16))
+    exact = F.conv2d(x, w, None, padding=1, algo="taps")
+    monkeypatch.setenv(_conv.WINOGRAD_ENV, "0")
+    y, cache = F.conv2d_with_cache(x, w, None, padding=1)
+    assert cache.algo == "taps"
+    np.testing.assert_array_equal(F.conv2d(x, w, None, padding=1), exact)
+    monkeypatch.delenv(_conv.WINOGRAD_ENV)
+    assert F.conv2d_with_cache(x, w, None, padding=1)[1].algo == "winograd"
+    # backward from an exact cache stays exact: identical to the explicitly exact route
+    exact_grads = F.conv2d_backward(dy, x, w, padding=1, cache=cache, method="zero_insert", algo="taps")
+    for g, e in zip(F.conv2d_backward(dy, x, w, padding=1, cache=cache), exact_grads):
+        np.testing.assert_array_equal(g, e)
+
+
+@needs_numba
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stride=2, padding=1), r"algo='winograd' needs a 3x3 kernel, stride 1 and dilation 1, got kernel=\(3, 3\), "
+                                r"stride=\(2, 2\)"),
+    (dict(dilation=2, padding=2), r"dilation=\(2, 2\)"),
+])
+def test_winograd_rejects_what_it_cannot_compute(rng, kwargs, message):
+    x, w = rng.standard_normal((1, 2, 8, 8)), rng.standard_normal((2, 2, 3, 3))
+    with pytest.raises(ValueError, match=message):
+        F.conv2d(x, w, None, algo="winograd", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        F.conv2d_backward(np.zeros((1, 2, 4, 4)) if "stride" in kwargs else np.zeros((1, 2, 8, 8)), x, w,
+                          algo="winograd", **kwargs)
+    with pytest.raises(ValueError, match=r"kernel=\(5, 5\)"):
+        F.conv2d(x, rng.standard_normal((2, 2, 5, 5)), None, padding=2, algo="winograd")
+    with pytest.raises(ValueError, match="got method='col2im'"):
+        F.conv2d_backward(np.zeros((1, 2, 8, 8)), x, w, padding=1, method="col2im", algo="winograd")

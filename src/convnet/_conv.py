@@ -10,8 +10,11 @@ Words, the same as in the public API:
 
 - ``algo``: how a correlation is summed. ``"im2col"`` builds the column matrix and calls
   one GEMM; ``"taps"`` (stride 1) calls one accumulating GEMM per kernel tap on the padded
-  input (see :mod:`convnet.core`). A new algorithm is one more entry of :data:`ALGOS`,
-  one more rule in :func:`plan` and one more row of :data:`_FORWARD`.
+  input (see :mod:`convnet.core`); ``"winograd"`` (stride-1, dilation-1 3x3 kernels, with
+  numba: the ``fast`` extra) transforms 4x4 output tiles so that each costs 36 multiplies
+  per channel instead of 144 (see :mod:`convnet._winograd`): faster where the table says,
+  exact only up to a larger rounding error. A new algorithm is one more entry of
+  :data:`ALGOS`, one more rule in :func:`plan` and one more row of :data:`_FORWARD`.
 - ``method``: the route of the input gradient. ``"zero_insert"`` is the tutorial's (zero
   insertion, padding, a stride-1 correlation with the flipped filters); ``"col2im"``
   transposes the forward (``W.T @ dy`` added back onto the windows).
@@ -22,17 +25,21 @@ Words, the same as in the public API:
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import numpy as np
 
-from . import _blas, core
+from . import _blas, _winograd, core
 from ._args import Pads
 
 Pair = tuple[int, int]
 
-ALGOS = ("im2col", "taps")
+ALGOS = ("im2col", "taps", "winograd")
 METHODS = ("zero_insert", "col2im")
+# "0" keeps algo="auto" on the exact algorithms (im2col, taps) even where numba is installed;
+# "1" (or unset) lets the plan pick Winograd where the table says it is faster.
+WINOGRAD_ENV = "CONVNET_WINOGRAD"
 
 
 class Geometry(NamedTuple):
@@ -68,9 +75,9 @@ class Geometry(NamedTuple):
 class Plan(NamedTuple):
     """How one layer is computed; see the module docstring for the words."""
 
-    algo: str          # forward correlation: "im2col" or "taps"
+    algo: str          # forward correlation: "im2col", "taps" or "winograd"
     method: str        # input-gradient route: "zero_insert" or "col2im"
-    dx_algo: str       # the input gradient's correlation: "im2col" or "taps"
+    dx_algo: str       # the input gradient's correlation: "im2col", "taps" or "winograd" (zero_insert)
     fwd_images: int    # images per forward chunk
     bwd_images: int    # images per backward chunk (a backward given a cache takes the batch at once)
 
@@ -89,6 +96,8 @@ class Thresholds(NamedTuple):
     max_taps_grid_waste: float
     zero_insert_min_channels: int
     transposed_taps_min_channels: int
+    winograd_min_size: int
+    winograd_min_channels: int
 
 
 THRESHOLDS = Thresholds(
@@ -113,6 +122,15 @@ THRESHOLDS = Thresholds(
     # col2im's sums by per-tap GEMMs (core.transposed_taps) write C rows per tap: they beat
     # dcols + col2im on C=128 (stride 2) and lost on C=1, 6 and 16 (LeNet: 2.8 vs 2.7 ms).
     transposed_taps_min_channels=32,
+    # Winograd F(4x4, 3x3), where numba is installed, against the exact plan above (fwd + bwd,
+    # float32, 1 BLAS thread, medians of 7 alternating rounds on a busy 2-core machine): it
+    # won from 16x16 outputs with 16 channels or more on both sides (16x16, C=F=64: 0.83x;
+    # C=F=32, N=128: 0.86x; 32x32, C=F=16: 0.55x; 28x28, C=F=32: 0.73x; cifar 0.55x, vgg
+    # 0.51x) and tied or lost on smaller maps (8x8, C=F=64: 1.00x; 12x12, C=F=16: 1.47x; 8x8,
+    # C=F=16: 1.29x: 4-9 tiles per image) and few channels (32x32, C=3, F=32: 1.90x; C=8,
+    # F=16: 1.04x: the transforms cost per channel what the GEMMs save).
+    winograd_min_size=16,
+    winograd_min_channels=16,
 )
 
 
@@ -134,6 +152,7 @@ class _Scratch:
     BWD_Z = "conv.bwd.z"            # dy zero-inserted and padded (zero_insert route)
     CORR_COLS = "conv.corr.cols"    # column matrix of the zero_insert route's correlation
     CORR_Y = "conv.corr.y"          # result of the zero_insert route's correlation
+    # convnet._winograd names its own scratch arrays ("wino.*").
 
 
 # --------------------------------------------------------------------------- the plan
@@ -153,6 +172,12 @@ def _workspace(g: Geometry, algo: str, method: str, dx_algo: str) -> tuple[int, 
     (oh, ow), (hp, wp), kk = g.out_hw, g.padded_hw, g.kh * g.kw
     cols = oh * ow * kk * g.c
     fwd = (g.c + g.f) * hp * wp if algo == "taps" else cols
+    if algo == "winograd":  # the transformed tiles of x and of y
+        fwd = _winograd.workspace_per_image(g.out_hw, g.c, g.f)
+    if dx_algo == "winograd":  # the tiles of dy, of dx, and those of x for the filter gradient
+        dx = max(_winograd.workspace_per_image((g.h, g.w), g.f, g.c), _winograd.workspace_per_image(
+            g.out_hw, g.c, g.f))
+        return fwd * g.dtype.itemsize, dx * g.dtype.itemsize
     if method == "col2im":
         dx = (g.f * oh * ow + 2 * g.c * hp * wp) if dx_algo == "taps" else cols + g.c * hp * wp
     else:
@@ -178,8 +203,21 @@ def _images(n: int, per_image: int, limit: int, what: str) -> int:
     return max(1, min(n, limit // max(per_image, 1)))
 
 
+def winograd_fits(g: Geometry) -> bool:
+    """Whether the Winograd algorithm computes the layer ``g``: a 3x3 kernel, stride 1, dilation 1."""
+    return g.kernel == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1)
+
+
+def winograd_enabled() -> bool:
+    """Whether ``algo="auto"`` may pick Winograd: numba imports and ``CONVNET_WINOGRAD`` is not "0"."""
+    setting = os.environ.get(WINOGRAD_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{WINOGRAD_ENV} must be '0' (exact algorithms only) or '1', got {setting!r}")
+    return setting != "0" and _winograd.available()
+
+
 def plan(g: Geometry, backward: bool, algo: str = "auto", method: str = "auto", dx_algo: str = "auto",
-         limit: int | None = None, table: Thresholds = THRESHOLDS) -> Plan:
+         limit: int | None = None, table: Thresholds = THRESHOLDS, winograd: bool | None = None) -> Plan:
     """Choose how to compute the layer ``g``: a pure function of its arguments.
 
     Parameters
@@ -191,15 +229,32 @@ def plan(g: Geometry, backward: bool, algo: str = "auto", method: str = "auto", 
         explicit choices are kept
     limit : workspace limit in bytes (default :func:`convnet.core.get_workspace_limit`)
     table : the thresholds (tests pass others)
+    winograd : whether "auto" may choose Winograd (default :func:`winograd_enabled`, asked
+        only for layers it fits, so other layers never import numba)
     """
+    if winograd is None:
+        winograd = winograd_fits(g) and winograd_enabled()
     return _plan(g, backward, algo, method, dx_algo,
-                 core.get_workspace_limit() if limit is None else limit, table)
+                 core.get_workspace_limit() if limit is None else limit, table, winograd)
+
+
+def _winograd_wins(g: Geometry, table: Thresholds) -> bool:
+    return (winograd_fits(g) and min(g.out_hw) >= table.winograd_min_size
+            and min(g.c, g.f) >= table.winograd_min_channels)
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, limit: int,
-          table: Thresholds) -> Plan:
+          table: Thresholds, winograd: bool) -> Plan:
     stride1 = g.stride == (1, 1)
+    wins = winograd and _winograd_wins(g, table)
+    if algo == "auto" and wins and _workspace(g, "winograd", "zero_insert", "winograd")[0] <= limit:
+        algo = "winograd"
+    if dx_algo == "auto" and method in ("auto", "zero_insert") and wins:
+        if _workspace(g, "winograd", "zero_insert", "winograd")[1] <= limit:
+            method, dx_algo = "zero_insert", "winograd"
+    if dx_algo == "winograd":  # the flipped-filter correlation of the tutorial's route
+        method = "zero_insert"
     auto_algo = algo == "auto"
     if auto_algo:
         if backward:
@@ -231,10 +286,19 @@ def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, lim
     return Plan(algo, method, dx_algo, fwd_images, bwd_images)
 
 
-def unsupported(algo: str, g: Geometry) -> str | None:
-    """Why ``algo`` cannot compute the layer ``g`` (for the caller's error), or None."""
+def unsupported(algo: str, g: Geometry, method: str = "auto") -> str | None:
+    """Why ``algo`` cannot compute the layer ``g`` (for the caller's error), or None;
+    ``method`` is the input-gradient route when ``algo`` is backward's."""
     if algo == "taps" and g.stride != (1, 1):
         return f"algo='taps' needs stride 1, got stride={g.stride}"
+    if algo == "winograd":
+        if not winograd_fits(g):
+            return (f"algo='winograd' needs a 3x3 kernel, stride 1 and dilation 1, got kernel={g.kernel}, "
+                    f"stride={g.stride}, dilation={g.dilation}")
+        if method == "col2im":
+            return "algo='winograd' computes the input gradient by method='zero_insert', got method='col2im'"
+        if not _winograd.available():
+            return f"algo='winograd' needs numba (pip install 'convnet[fast]'): {_winograd.status()}"
     return None
 
 
@@ -316,9 +380,23 @@ def _forward_taps(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray:
     return xp
 
 
+def _forward_winograd(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray | None:
+    return _winograd.forward(x, _weight(wm, g), bias, _pads_before(g), y, keep)
+
+
+def _weight(wm: np.ndarray, g: Geometry) -> np.ndarray:
+    """The (F, C, KH, KW) weights of a kernel matrix (a view)."""
+    return wm.reshape(g.f, g.kh, g.kw, g.c).transpose(0, 3, 1, 2)
+
+
+def _pads_before(g: Geometry) -> Pair:
+    return (g.pads[0][0], g.pads[1][0])
+
+
 # One row per forward algorithm: (x chunk, kernel matrix, bias, geometry, output chunk, keep)
-# -> what a cache keeps (the column matrix for im2col, else the padded CNHW input).
-_FORWARD = {"im2col": _forward_im2col, "taps": _forward_taps}
+# -> what a cache keeps (the column matrix for im2col, the transformed tiles of x for
+# winograd, else the padded CNHW input).
+_FORWARD = {"im2col": _forward_im2col, "taps": _forward_taps, "winograd": _forward_winograd}
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, g: Geometry, p: Plan,
@@ -341,30 +419,43 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, g: Geome
 def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan,
              cache: ConvCache | None, input_grad: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of ``conv2d`` by plan ``p``; ``cache`` (checked by the caller) skips the
-    column matrix's rebuild."""
+    column matrix's rebuild. The filter gradient follows the forward's algorithm (the
+    cache's, else the plan's): Winograd's reuses the forward's transformed tiles."""
     wm = core.kernel_matrix(weight)
-    dwm_t = np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T measured faster
+    wino_dw = (cache.algo if cache is not None else p.algo) == "winograd"
+    wino_dx = p.dx_algo == "winograd"
+    dwm_t = None if wino_dw else np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T
+    dweight = np.zeros_like(weight) if wino_dw else None
     dx = np.empty_like(x) if input_grad else None
     for sl in [slice(0, g.n)] if cache is not None else _slices(g.n, p.bwd_images):
-        if cache is not None and cache.algo == "im2col":
-            cols = cache.data
-        elif cache is not None:
-            # The filter gradient is one GEMM on the column matrix even after a taps forward:
-            # per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
-            cols = core.im2col(cache.data, g.kernel, g.stride, g.dilation, g.out_hw, reuse=_Scratch.BWD_COLS)
-        else:
-            cols = _columns(x[sl], g, reuse=_Scratch.BWD_COLS)
+        if wino_dw:
+            dweight += _winograd.weight_gradient(dy[sl], x[sl], weight, _pads_before(g),
+                                                 None if cache is None else cache.data)
+        if dx is not None and wino_dx:
+            _winograd.input_gradient(dy[sl], weight, _pads_before(g), dx[sl])
+        if wino_dw and (dx is None or wino_dx):
+            continue
         dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse=_Scratch.BWD_DY)  # (F, n, OH, OW): whole planes moved
-        _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
-        del cols  # free the column matrix before the input gradient builds its own
-        if dx is None:
+        if not wino_dw:
+            if cache is not None and cache.algo == "im2col":
+                cols = cache.data
+            elif cache is not None:
+                # The filter gradient is one GEMM on the column matrix even after a taps forward:
+                # per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
+                cols = core.im2col(cache.data, g.kernel, g.stride, g.dilation, g.out_hw, reuse=_Scratch.BWD_COLS)
+            else:
+                cols = _columns(x[sl], g, reuse=_Scratch.BWD_COLS)
+            _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
+            del cols  # free the column matrix before the input gradient builds its own
+        if dx is None or wino_dx:
             continue
         if p.method == "col2im":
             dx_cnhw = _dx_col2im(dy_cnhw, wm, g, p.dx_algo)
         else:
             dx_cnhw = _dx_zero_insert(dy_cnhw, weight, g, p.dx_algo)
         dx[sl] = dx_cnhw.transpose(1, 0, 2, 3)
-    dweight = np.ascontiguousarray(dwm_t.reshape(g.kh, g.kw, g.c, g.f).transpose(3, 2, 0, 1))
+    if not wino_dw:
+        dweight = np.ascontiguousarray(dwm_t.reshape(g.kh, g.kw, g.c, g.f).transpose(3, 2, 0, 1))
     dbias = dy.sum(axis=(0, 2, 3))
     return dx, dweight, dbias
 

@@ -428,10 +428,16 @@ def _forward(x: np.ndarray, u: np.ndarray, bias, pads_before, v: np.ndarray, y: 
         _each(run, ranges(y.shape[0]))
 
 
-def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, pads_before: tuple[int, int],
-           out_hw: tuple[int, int], keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stride-1 3x3 correlation of NCHW ``x``: ``y[n, f, i, j] = b[f] + sum x[n, c, i+u-pt, j+v-pl]
-    w[f, c, u, v]``, with zeros outside ``x``.
+def workspace_per_image(out_hw: tuple[int, int], c_in: int, c_out: int) -> int:
+    """Elements of the temporaries per image of one correlation: the tiles of its input and of
+    its output (as the engine's plan counts workspace)."""
+    return SPAN * SPAN * (c_in + c_out) * _tiles(out_hw)[2]
+
+
+def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, pads_before: tuple[int, int],
+            out: np.ndarray, keep: bool = False) -> np.ndarray | None:
+    """Stride-1 3x3 correlation of NCHW ``x`` into ``out``: ``out[n, f, i, j] = b[f] +
+    sum x[n, c, i+u-pt, j+v-pl] w[f, c, u, v]``, with zeros outside ``x``.
 
     Parameters
     ----------
@@ -439,41 +445,40 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, pads_befo
     weight : ndarray, shape (F, C, 3, 3)
     bias : ndarray, shape (F,), or None
     pads_before : (pt, pl), the padding on top and left (any integers)
-    out_hw : (OH, OW)
-    keep : also return the transformed input tiles, for :func:`conv2d_backward`
+    out : ndarray, shape (N, F, OH, OW), written
+    keep : return the transformed input tiles, for :func:`weight_gradient`
 
     Returns
     -------
-    y : ndarray, shape (N, F, OH, OW), dtype of ``x``
-    tiles : the (36, C, pitch) tile transform of ``x``, or None unless ``keep``
+    The (36, C, pitch) tile transform of ``x`` with ``keep``, else None.
     """
     n, c = x.shape[:2]
-    y = np.empty((n, weight.shape[0]) + tuple(out_hw), dtype=x.dtype)
-    v = _buffer(c, n * _tiles(out_hw)[2], x.dtype, None if keep else "wino.v")
-    _forward(np.ascontiguousarray(x), filter_transform(weight), bias, pads_before, v, y)
-    return y, (v if keep else None)
+    v = _buffer(c, n * _tiles(out.shape[2:])[2], x.dtype, None if keep else "wino.v")
+    # The kernels are compiled for C-contiguous arrays (another layout would compile again).
+    target = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
+    _forward(np.ascontiguousarray(x), filter_transform(weight), bias, pads_before, v, target)
+    if target is not out:
+        out[...] = target
+    return v if keep else None
 
 
-def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_before: tuple[int, int],
-                    tiles: np.ndarray | None = None, input_grad: bool = True
-                    ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Input and weight gradients of :func:`conv2d`.
+def input_gradient(dy: np.ndarray, weight: np.ndarray, pads_before: tuple[int, int], out: np.ndarray) -> None:
+    """The input gradient of :func:`forward` into ``out`` (N, C, H, W).
 
-    Parameters
-    ----------
-    dy : ndarray, shape (N, F, OH, OW)
-    x : ndarray, shape (N, C, H, W)
-    weight : ndarray, shape (F, C, 3, 3)
-    pads_before : (pt, pl) as in the forward call
-    tiles : the forward's kept tile transform of ``x`` (recomputed when None)
-    input_grad : False skips ``dx``
-
-    Returns
-    -------
-    dx : ndarray, shape (N, C, H, W), or None
-    dweight : ndarray, shape (F, C, 3, 3)
+    ``dx[i] = sum_u dy[i + pt - u] w[u]``: the correlation of ``dy`` with the flipped,
+    channel-swapped filters, whose top padding is ``2 - pt`` (the tutorial's route).
     """
-    n, c, h, w = x.shape
+    flipped = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+    forward(dy, flipped, None, (2 - pads_before[0], 2 - pads_before[1]), out)
+
+
+def weight_gradient(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_before: tuple[int, int],
+                    tiles: np.ndarray | None = None) -> np.ndarray:
+    """The weight gradient of :func:`forward`, (F, C, 3, 3) in the dtype of ``dy``.
+
+    ``tiles`` is the forward's kept tile transform of ``x`` (recomputed when None).
+    """
+    n, c = x.shape[:2]
     f = weight.shape[0]
     out_hw = dy.shape[2:]
     th, tw, t_img = _tiles(out_hw)
@@ -491,14 +496,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, pads_befo
         return du
 
     with _blas_threads() as ranges:
-        dweight = filter_gradient(sum(_each(run, ranges(n))))
-    dx = None
-    if input_grad:
-        # dx[i] = sum_u dy[i + pt - u] w[u]: a correlation of dy with the flipped,
-        # channel-swapped filters, whose top padding is 2 - pt.
-        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dx, _ = conv2d(dy, flipped, None, (2 - pads_before[0], 2 - pads_before[1]), (h, w))
-    return dx, dweight
+        return filter_gradient(sum(_each(run, ranges(n))))
 
 
 # --------------------------------------------------------------------------- threads

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 BackwardMethod = Literal["auto", "zero_insert", "col2im"]
-Algo = Literal["auto", "im2col", "taps"]
+Algo = Literal["auto", "im2col", "taps", "winograd"]
 
 
 # --------------------------------------------------------------------------- convolution
@@ -63,9 +63,13 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     bias : ndarray, shape (F,), optional
     stride, dilation : int or (h, w), >= 1
     padding : int, (h, w), ``"valid"`` or ``"same"`` (stride 1)
-    algo : ``"auto"``, ``"im2col"`` or ``"taps"`` (stride 1); see :mod:`convnet.core`.
-        Both give the same result up to rounding. ``"auto"`` picks by the forward +
-        backward time measured per layer shape (the plan of :mod:`convnet._conv`).
+    algo : ``"auto"``, ``"im2col"``, ``"taps"`` (stride 1) or ``"winograd"`` (3x3 kernels,
+        stride 1, dilation 1; needs numba, the ``fast`` extra). im2col and taps give the
+        same result up to rounding (:mod:`convnet.core`); Winograd F(4x4, 3x3) rounds more
+        (in float32 about 5e-6 of the largest output, against 3e-7; see
+        :mod:`convnet._winograd`). ``"auto"`` picks by the forward + backward time measured
+        per layer shape (the plan of :mod:`convnet._conv`), Winograd only where numba is
+        installed and the environment variable ``CONVNET_WINOGRAD`` is not ``0``.
 
     Returns
     -------
@@ -126,10 +130,13 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
         of another input, or of ``x`` before an in-place change, is a ``ValueError``
         (checked by a fingerprint of ``x``'s contents: one cheap pass over it).
     method : "auto", "zero_insert" or "col2im"
-    algo : "auto", "im2col" or "taps": how the input gradient is summed, with a column
-        matrix and one GEMM, or by one GEMM per kernel tap (any stride here). The filter
-        gradient always uses the column matrix (per-tap GEMMs with a batch-long reduction
-        measured 2x slower).
+    algo : "auto", "im2col", "taps" or "winograd": how the input gradient is summed, with a
+        column matrix and one GEMM, by one GEMM per kernel tap (any stride here), or by
+        Winograd tiles (``"zero_insert"`` route; 3x3, stride 1, dilation 1, numba). The
+        filter gradient follows the forward's algorithm (the cache's, else the plan's):
+        Winograd's reuses the forward's transformed tiles, the others the column matrix
+        (per-tap GEMMs with a batch-long reduction measured 2x slower). A cache from an
+        exact forward keeps "auto" on the exact algorithms.
     input_grad : False skips the input gradient (``dx`` is None): a network's first layer
         needs only its filter and bias gradients.
 
@@ -145,11 +152,15 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     _args.check_same_dtype(dy=dy, x=x, weight=weight)
     _args.choice(method, "method", ("auto",) + _conv.METHODS)
     _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
+    reason = _conv.unsupported(algo, g, method) if algo == "winograd" else None  # taps: any stride here
+    if reason:
+        raise ValueError(reason)
     if cache is not None and not _conv.cache_matches(cache, x, g):
         raise ValueError("cache does not belong to this input and geometry (another x, x changed in place "
                          "since the forward, or other shapes); pass the cache returned by conv2d_with_cache "
                          "for the same x, weight shape, stride, padding and dilation")
-    p = _conv.plan(g, backward=True, method=method, dx_algo=algo)
+    exact = cache is not None and cache.algo != "winograd"  # an exact forward keeps backward exact
+    p = _conv.plan(g, backward=True, method=method, dx_algo=algo, winograd=False if exact else None)
     return _conv.backward(dy, x, weight, g, p, cache, input_grad)
 
 
