@@ -215,3 +215,33 @@ def test_loaded_mode_reports_every_condition_and_setting(tmp_path, monkeypatch, 
         assert row["best_fixed"] in ("convnet 1", "convnet 2") and row["auto_over_best_fixed"] > 0
     assert "Idle and loaded" in out and "2 busy" in out and "auto/best" in out
     assert {"lenet", "conv"} <= set(calls)
+
+
+def test_winograd_rows_are_checked_and_timed_in_alternation(tmp_path, capsys):
+    """A stride-1 3x3 layer gets Winograd rows (where numba imports): checked against the
+    exact engine (and torch), timed in alternation with torch, with its own target."""
+    from convnet import _winograd
+
+    path = tmp_path / "out.json"
+    code = bench.main(["--quick", "--budget", "0.01", "--gemm-n", "64", "--no-reference",
+                       "--conv", "wino=2,3,8,8,4,3,1,1", "--json", str(path)])
+    report = json.loads(path.read_text())
+    out = capsys.readouterr().out
+    assert code == 0
+    wino = report["cases"][0]["impls"]["winograd"]
+    if not _winograd.available():
+        assert wino["status"] == "skipped" and "numba" in wino["reason"]
+        return
+    whats = " ".join(k["what"] for k in report["cases"][0]["checks"])
+    assert "winograd vs vectorized (exact): dw" in whats
+    assert wino["forward_backward"]["median_s"] > 0 and wino["forward"]["repeats"] >= 2
+    torch_used = not report["torch"].startswith("not used")
+    assert ("paired_torch" in wino["forward"]) == torch_used
+    assert "Winograd F(4x4, 3x3)" in out
+    target = [t for t in report["targets"] if "Winograd" in t["target"]]
+    assert len(target) == (1 if torch_used else 0)
+
+
+def test_strided_layers_have_no_winograd_rows(tmp_path):
+    _, report = _run(tmp_path, ["--no-torch"])
+    assert report["cases"][0]["impls"]["winograd"]["status"] == "skipped"

@@ -55,8 +55,10 @@ def test_conv2d_backward_rejects_bad_dy(mod):
 def test_conv2d_backward_rejects_unknown_method_and_algo():
     with pytest.raises(ValueError, match=r"method must be .*'fft'"):
         F.conv2d_backward(np.zeros((2, 4, 6, 6)), X, W, method="fft")
-    with pytest.raises(ValueError, match=r"algo must be .*'winograd'"):
-        F.conv2d(X, W, algo="winograd")
+    with pytest.raises(ValueError, match=r"algo must be .*'winograd', got 'fft'"):
+        F.conv2d(X, W, algo="fft")
+    with pytest.raises(ValueError, match=r"algo must be .*'winograd', got 'fft'"):
+        F.conv2d_backward(np.zeros((2, 4, 6, 6)), X, W, algo="fft")
     with pytest.raises(ValueError, match=r"algo='taps' needs stride 1, got stride=\(2, 2\)"):
         F.conv2d(X, W, stride=2, algo="taps")
 
