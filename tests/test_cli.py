@@ -146,3 +146,16 @@ def test_bad_model_files_are_one_line_errors(tmp_path, trained):
 def test_no_command_prints_help():
     proc = run(script=False)
     assert proc.returncode == 2 and "train" in proc.stderr
+
+
+def test_evaluate_needs_only_the_test_files(tmp_path, trained):
+    out, _ = trained
+    write_mnist_dir(tmp_path / "data", n_test=20)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte"):
+        (tmp_path / "data" / name).unlink()
+    proc = run("evaluate", out, "--data", tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    assert "/20) on the" in proc.stdout
+    (tmp_path / "data" / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "data" / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 0] + [0, 0, 0, 28] * 2))
+    assert_one_line_error(run("evaluate", out, "--data", tmp_path / "data"), 1, "holds no images")

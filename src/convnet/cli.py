@@ -79,6 +79,16 @@ def _load_data(data_dir: str | None):
     return datasets.load_mnist_idx(data_dir), f"IDX files in {data_dir}"
 
 
+def _load_test_data(data_dir: str | None):
+    """(x_test, y_test) of the bundled digits or of an IDX directory's test files alone."""
+    from . import datasets
+
+    if data_dir is None:
+        split = datasets.load_mnist_5k()
+        return split.x_test, split.y_test
+    return datasets.load_mnist_idx_part(data_dir, "test")
+
+
 # -- subcommands --------------------------------------------------------------------------------
 
 def _add_train_parser(sub) -> argparse.ArgumentParser:
@@ -208,7 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import confusion_matrix, evaluate
 
     model = load(args.model)
-    _, _, x_test, y_test = _load_data(args.data)[0]
+    x_test, y_test = _load_test_data(args.data)
     _check_model_fits(model, x_test, args.model)
     result = evaluate(model, x_test, y_test, batch_size=args.batch_size)
     num_classes = max(int(y_test.max()) + 1, int(result["predictions"].max()) + 1)
@@ -289,7 +299,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CliError(f"--out {args.out!r} exists and is not a directory", 2)
     model = load(args.model)
-    _, _, x_test, y_test = _load_data(args.data)[0]
+    x_test, y_test = _load_test_data(args.data)
     _check_model_fits(model, x_test, args.model)
     if args.index >= len(x_test):
         raise CliError(f"--index must be below the number of test images ({len(x_test)}), got {args.index}", 2)
