@@ -159,3 +159,49 @@ def test_evaluate_needs_only_the_test_files(tmp_path, trained):
     (tmp_path / "data" / "t10k-images-idx3-ubyte.gz").unlink()
     (tmp_path / "data" / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 0] + [0, 0, 0, 28] * 2))
     assert_one_line_error(run("evaluate", out, "--data", tmp_path / "data"), 1, "holds no images")
+
+
+@pytest.mark.parametrize("out, code, fragments", [
+    ("", 2, ["--out must be a file path", "got ''"]),
+    ("models/", 2, ["--out 'models/' names a directory", "models/convnet_mnist.npz"]),
+    (".", 2, ["--out '.' is a directory"]),
+    ("afile/m.npz", 1, ["--out 'afile/m.npz'", "directory 'afile'", "a file is in the way"]),
+    ("afile/deeper/m.npz", 1, ["--out 'afile/deeper/m.npz'", "a file is in the way"]),
+])
+def test_out_is_checked_before_training(tmp_path, out, code, fragments):
+    (tmp_path / "afile").write_text("not a directory")
+    proc = run("train", "--epochs", 1, "--limit", 10, "--out", out, cwd=tmp_path)
+    assert_one_line_error(proc, code, *fragments)  # stdout is empty: no training started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_out_in_a_read_only_directory_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from convnet import cli
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores the mode: fail the write as a read-only mount would
+        real_open = os.open
+
+        def read_only_open(path, *args, **kwargs):
+            if os.fspath(path).startswith(str(ro)):
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only_open)
+    code = cli.main(["train", "--epochs", "1", "--limit", "10", "--out", str(ro / "m.npz")])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [f"convnet train: error: --out '{ro / 'm.npz'}': cannot save the model in "
+                                        f"directory '{ro}': Permission denied"]
+    ro.chmod(0o755)
+    assert list(ro.iterdir()) == []
+
+
+def test_diverging_training_is_one_error_line_without_numpy_warnings(tmp_path):
+    proc = run("train", "--epochs", 1, "--limit", 200, "--lr", "1e30", "--quiet", "--out", tmp_path / "m.npz")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("convnet train: error: training diverged: ") and "lower learning rate" in proc.stderr
+    assert "Warning" not in proc.stderr

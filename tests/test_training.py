@@ -180,8 +180,55 @@ def test_really_diverging_training_is_caught(digits):
     x, y, _, _ = digits
     x = x.copy()
     x[40, 0, 10, 10] = np.nan  # the sample poisons the loss in the batch that contains it
-    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf) at epoch 1, step 3 of"):
+    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf) at epoch 1, step 3 of") as info:
         fit(small_cnn(), x, y, epochs=1, batch_size=16, shuffle=False, progress=False)
+    # the data is to blame, not the learning rate
+    assert "training sample 40 holds NaN or infinite values" in str(info.value)
+    assert "try a lower learning rate" not in str(info.value)
+    x[40, 0, 10, 10] = 0
+    x[7, 0, 3, 3] = -np.inf  # after a validation split the index still names the row of x
+    with pytest.raises(TrainingDivergedError, match="training sample 7 holds NaN or infinite"):
+        fit(small_cnn(), x, y, epochs=1, batch_size=16, validation_split=0.25, seed=1, progress=False)
+
+
+def test_huge_learning_rate_diverges_quietly(digits, recwarn):
+    x, y, _, _ = digits
+    with pytest.raises(TrainingDivergedError, match="try a lower learning rate"):
+        fit(small_cnn(), x, y, epochs=2, batch_size=16, optimizer=SGD(1e30), progress=False)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_non_finite_regression_targets_are_named(digits):
+    x, _, _, _ = digits
+    model = Sequential(L.Flatten(), L.Linear(28 * 28, 2, rng=0))
+    targets = np.zeros((len(x), 2), np.float32)
+    targets[5, 1] = np.nan
+    with pytest.raises(TrainingDivergedError, match="training sample 5 holds NaN"):
+        fit(model, x, targets, loss=MSELoss(), epochs=1, batch_size=8, shuffle=False, progress=False)
+
+
+def test_non_finite_augmentation_is_named(digits):
+    x, y, _, _ = digits
+    with pytest.raises(TrainingDivergedError, match="augment returned NaN or infinite values"):
+        fit(small_cnn(), x, y, epochs=1, augment=lambda xb, rng: xb * np.float32(np.nan), progress=False)
+
+
+def test_non_finite_validation_data_is_reported_before_training(digits):
+    x, y, x_val, y_val = digits
+    x_val = x_val.copy()
+    x_val[13, 0, 0, 0] = np.inf
+    seen = []
+    with pytest.raises(ValueError, match=r"validation data holds NaN or infinite values \(sample 13 of "
+                                         r"validation_data\)"):
+        fit(small_cnn(), x, y, epochs=1, validation_data=(x_val, y_val), on_epoch_end=seen.append,
+            progress=False)
+    x = x.copy()
+    x[:, 0, 5, 5] = np.nan  # every sample: the held-out ones are found before training starts
+    with pytest.raises(ValueError, match=r"validation data holds NaN .*\(sample \d+ of x, held out by "
+                                         r"validation_split\)"):
+        fit(small_cnn(), x, y, epochs=1, validation_split=0.25, seed=3, on_epoch_end=seen.append,
+            progress=False)
+    assert seen == []
 
 
 def test_progress_bar_only_when_asked(digits, capsys):

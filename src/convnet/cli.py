@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 DEFAULT_OUT = os.path.join("out", "convnet_mnist.npz")
@@ -138,9 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .optim import SGD, Adam, cosine_schedule
     from .training import evaluate, fit, format_epoch
 
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out):
-        raise CliError(f"--out {args.out!r} is a directory; give a file path such as {DEFAULT_OUT}", 2)
+    _check_out(args.out)
     plots = _training_plots(args.plots)
     split, source = _load_data(args.data)
     x_train, y_train, x_test, y_test = split
@@ -150,7 +149,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = model_mod.lenet(num_classes=num_classes, input_shape=x_train.shape[1:], rng=args.seed)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = Adam(lr=lr) if args.optimizer == "adam" else SGD(lr=lr, momentum=0.9)
-    os.makedirs(out_dir, exist_ok=True)
 
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"training on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
@@ -183,6 +181,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if plots is not None:
         plots.finish(model, x_test, y_test)
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Make sure the model can be saved to ``--out`` before any training: create its
+    directory if missing and try writing a file there; errors name the user's path."""
+    from ._io import check_writable
+
+    if not out:
+        raise CliError(f"--out must be a file path such as {DEFAULT_OUT}, got ''", 2)
+    if os.path.isdir(out):
+        raise CliError(f"--out {out!r} is a directory; give a file path such as {DEFAULT_OUT}", 2)
+    if out.endswith(("/", os.sep)):
+        raise CliError(f"--out {out!r} names a directory; give a file path such as "
+                       f"{os.path.join(out, 'convnet_mnist.npz')}", 2)
+    directory = os.path.dirname(out)
+    try:
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        check_writable(out)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way of the directory"
+        where = f"directory {directory!r}" if directory else "the current directory"
+        raise CliError(f"--out {out!r}: cannot save the model in {where}: {reason}", 1) from None
 
 
 def _add_evaluate_parser(sub) -> argparse.ArgumentParser:
@@ -369,8 +392,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training import TrainingDivergedError
 
     debug = bool(os.environ.get("CONVNET_DEBUG"))
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # Python's default shows the warning's source file and line: noise to a command-line user.
+        print(f"convnet {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = one_line_warning
+            return int(args.func(args) or 0)
     except CliError as exc:
         message, code = str(exc), exc.code
     except KeyboardInterrupt:

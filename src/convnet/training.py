@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ._io import check_writable
 from .losses import CrossEntropyLoss, Loss
 from .model import Sequential
 from .optim import Adam, Optimizer
@@ -81,6 +82,37 @@ def _accuracy(out: np.ndarray, y: np.ndarray) -> int:
 
 def _params_finite(model: Sequential) -> bool:
     return all(bool(np.isfinite(p.data).all()) for p in model.parameters())
+
+
+def _first_non_finite(*arrays: np.ndarray | None) -> int | None:
+    """Index of the first sample holding NaN or an infinity in any of ``arrays`` (float
+    arrays of the same length; others are skipped), or None. Works in blocks of samples so
+    the temporary masks stay small."""
+    first = None
+    for a in arrays:
+        if a is None or a.dtype.kind not in "fc":
+            continue
+        for start in range(0, len(a) if first is None else first, 1024):
+            block = a[start:start + 1024]
+            ok = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+            if not ok.all():
+                first = start + int(np.argmin(ok))
+                break
+    return first
+
+
+def _divergence_cause(x_train: np.ndarray, y_train: np.ndarray, idx: np.ndarray, xb: np.ndarray,
+                      sample_index: np.ndarray | None) -> str:
+    """Why the loss of a batch is not finite, for the error message: bad data, or the
+    training itself (then a lower learning rate is the usual cure)."""
+    bad = _first_non_finite(x_train[idx], y_train[idx])
+    if bad is not None:
+        i = int(idx[bad] if sample_index is None else sample_index[idx[bad]])
+        return (f": training sample {i} holds NaN or infinite values (clean the data; "
+                f"a lower learning rate will not help)")
+    if _first_non_finite(xb) is not None:
+        return ": augment returned NaN or infinite values"
+    return " (try a lower learning rate)"
 
 
 def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, batch_size: int = 32,
@@ -170,14 +202,20 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         directory = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+        check_writable(checkpoint)  # fail now, not after the first epoch
 
     split_seq, shuffle_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
+    train_index = None  # rows of x that x_train holds, when not all of them in order
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise TypeError("validation_data must be a pair (x_val, y_val)")
         x_val, y_val = validation_data
         _check_xy(x_val, y_val, loss, "validation")
         x_train, y_train = x, y
+        bad = _first_non_finite(x_val, y_val)
+        if bad is not None:
+            raise ValueError(f"validation data holds NaN or infinite values (sample {bad} of validation_data); "
+                             f"its loss would be NaN in every epoch")
     elif validation_split > 0:
         n_val = int(round(len(x) * validation_split))
         if n_val < 1 or n_val >= len(x):
@@ -186,6 +224,11 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         perm = np.random.default_rng(split_seq).permutation(len(x))
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+        train_index = train_idx
+        bad = _first_non_finite(x_val, y_val)
+        if bad is not None:
+            raise ValueError(f"validation data holds NaN or infinite values (sample {int(val_idx[bad])} of x, held "
+                             f"out by validation_split); its loss would be NaN in every epoch")
     else:
         x_train, y_train, x_val, y_val = x, y, None, None
 
@@ -195,11 +238,11 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
     with limit_blas_threads(blas_threads):
         return _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle,
                       np.random.default_rng(shuffle_seq), np.random.default_rng(augment_seq), augment,
-                      lr_schedule, show, checkpoint, on_epoch_end)
+                      lr_schedule, show, checkpoint, on_epoch_end, train_index)
 
 
 def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle, shuffle_rng,
-           augment_rng, augment, lr_schedule, show, checkpoint, on_epoch_end) -> list[dict]:
+           augment_rng, augment, lr_schedule, show, checkpoint, on_epoch_end, train_index) -> list[dict]:
     if show:
         from tqdm.auto import tqdm  # imported lazily: keeps `import convnet` cheap
     n = len(x_train)
@@ -226,14 +269,18 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
                 if augment is not None:
                     xb = _augmented(augment, xb, augment_rng)
                 model.zero_grad()
-                out = model.forward(xb)
-                value = loss(out, yb)
-                if not math.isfinite(value):
-                    raise TrainingDivergedError(
-                        f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps} "
-                        f"(try a lower learning rate)" + _checkpoint_note(checkpoint, history), epoch, step)
-                model.backward(loss.backward(), input_grad=False)  # nothing needs d(loss)/d(images)
-                optimizer.step(params)
+                # Overflow and NaN are caught below and reported as one error, so numpy's
+                # warnings (with source lines on stderr) would only repeat it.
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    out = model.forward(xb)
+                    value = loss(out, yb)
+                    if not math.isfinite(value):
+                        raise TrainingDivergedError(
+                            f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps}"
+                            + _divergence_cause(x_train, y_train, idx, xb, train_index)
+                            + _checkpoint_note(checkpoint, history), epoch, step)
+                    model.backward(loss.backward(), input_grad=False)  # nothing needs d(loss)/d(images)
+                    optimizer.step(params)
                 total_loss += value * len(idx)
                 if loss.classification:
                     correct += _accuracy(out, yb)
@@ -262,7 +309,8 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
             "time": 0.0,
         }
         if x_val is not None:
-            val = evaluate(model, x_val, y_val, loss=loss)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # an inf loss says it all
+                val = evaluate(model, x_val, y_val, loss=loss)
             record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
             model.train()
         record["time"] = time.perf_counter() - t0
