@@ -205,3 +205,55 @@ def test_diverging_training_is_one_error_line_without_numpy_warnings(tmp_path):
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("convnet train: error: training diverged: ") and "lower learning rate" in proc.stderr
     assert "Warning" not in proc.stderr
+
+
+def test_train_killed_with_sigkill_resumes_to_the_same_model(tmp_path):
+    import signal
+    import time
+
+    import convnet
+    from convnet import cli
+
+    args = ["train", "--epochs", 3, "--limit", 100, "--batch-size", 20, "--quiet"]
+    full = run(*args, "--out", tmp_path / "full.npz")
+    assert full.returncode == 0, full.stderr
+    part = tmp_path / "part.npz"
+    env = {k: v for k, v in os.environ.items() if k != "CONVNET_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "convnet", *map(str, args), "--out", str(part)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    try:
+        while not part.exists() and proc.poll() is None:  # the first epoch's checkpoint
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    assert cli._is_checkpoint(str(part)) and not cli._is_checkpoint(str(tmp_path / "full.npz"))
+    resumed = run(*args, "--out", part, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.split("; trained")[0] == full.stdout.split("; trained")[0]  # same test accuracy line
+    a, b = convnet.load(tmp_path / "full.npz"), convnet.load(part)
+    assert [p.name for p in a.parameters()] == [p.name for p in b.parameters()]
+    assert all(np.array_equal(p.data, q.data) for p, q in zip(a.parameters(), b.parameters()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.npz", "part.npz"]  # no temp file left
+
+
+def test_resume_messages(tmp_path):
+    args = ["train", "--epochs", 1, "--limit", 40, "--batch-size", 20, "--out", tmp_path / "m.npz"]
+    fresh = run(*args, "--resume")
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.splitlines()[1] == f"no checkpoint at {tmp_path / 'm.npz'} to resume from: starting from scratch"
+    assert_one_line_error(run(*args, "--resume"), 1, "holds no training state")  # a finished model
+    import convnet
+
+    x, y = convnet.datasets.load_mnist_5k()[:2]
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an interrupted run, in process
+        convnet.fit(convnet.lenet(), x[:40], y[:40], epochs=2, progress=False, checkpoint=tmp_path / "c.npz",
+                    on_epoch_end=interrupt)
+    note = run("train", "--epochs", 1, "--limit", 40, "--out", tmp_path / "c.npz", "--lr", "0.01")
+    assert note.stdout.splitlines()[1] == (f"note: {tmp_path / 'c.npz'} holds an interrupted run; training anew "
+                                           f"replaces it (--resume continues it)")

@@ -123,6 +123,9 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="train on only the first N training images (quick runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoint in --out (same options otherwise): "
+                        "the result equals an uninterrupted run's; starts afresh if --out does not exist")
     p.add_argument("--plots", metavar="DIR", default=None,
                    help="write pictures to DIR: learning curves after every epoch, then filters, feature "
                         "maps, saliency and confusion matrix (needs matplotlib)")
@@ -140,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import evaluate, fit, format_epoch
 
     _check_out(args.out)
+    resume = args.resume and os.path.exists(args.out)
     plots = _training_plots(args.plots)
     split, source = _load_data(args.data)
     x_train, y_train, x_test, y_test = split
@@ -149,11 +153,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = model_mod.lenet(num_classes=num_classes, input_shape=x_train.shape[1:], rng=args.seed)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = Adam(lr=lr) if args.optimizer == "adam" else SGD(lr=lr, momentum=0.9)
+    schedule = cosine_schedule(lr, args.epochs)
+    done = _resume_point(args.out, schedule, args.epochs) if resume else None
 
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"training on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
         f"{num_classes} classes); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, batch size {args.batch_size}, {args.optimizer} lr {lr:g} "
         f"with cosine decay, seed {args.seed}" + (", random 1-pixel shifts" if args.augment else ""), flush=True)
+    if args.resume:
+        say(f"resuming from {args.out} after epoch {len(done)} of {args.epochs}" if done is not None
+            else f"no checkpoint at {args.out} to resume from: starting from scratch", flush=True)
+    elif _is_checkpoint(args.out):
+        say(f"note: {args.out} holds an interrupted run; training anew replaces it (--resume continues it)",
+            flush=True)
+    if done and plots is not None:
+        plots.history = [dict(rec) for rec in done]  # the learning curves show the whole run
 
     # On a terminal, fit draws a progress bar and prints each epoch's line on stderr;
     # otherwise (logs, pipes) the epoch lines go to stdout.
@@ -166,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     history = fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
                   validation_split=args.val_split, seed=args.seed, progress=progress,
-                  checkpoint=args.out, lr_schedule=cosine_schedule(lr, args.epochs),
+                  checkpoint=args.out, lr_schedule=schedule, resume_from=args.out if done is not None else None,
                   augment=random_shift if args.augment else None,
                   on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
@@ -181,6 +195,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if plots is not None:
         plots.finish(model, x_test, y_test)
     return 0
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint (looks at the archive's member names only)."""
+    import zipfile
+
+    from .model import TRAINING_STATE_PREFIX
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return TRAINING_STATE_PREFIX + ".npy" in zf.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _resume_point(path: str, schedule, epochs: int) -> list[dict]:
+    """The history of the interrupted run checkpointed at ``path``, after checking that its
+    learning rate fits this run's schedule (fit checks everything else)."""
+    from . import _checkpoint
+
+    ckpt = _checkpoint.read(path)
+    if ckpt.epoch <= epochs and ckpt.state["optimizer"]["lr"] != schedule(ckpt.epoch):
+        raise CliError(f"cannot resume from {path}: it was trained with another learning rate "
+                       f"(--lr or --optimizer differ from the interrupted run)")
+    return ckpt.state["history"]
 
 
 def _check_out(out: str) -> None:
@@ -389,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .datasets import IdxFormatError
     from .model import ModelFileError
-    from .training import TrainingDivergedError
+    from .training import ResumeError, TrainingDivergedError
 
     debug = bool(os.environ.get("CONVNET_DEBUG"))
 
@@ -418,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # open() errors read "[Errno 2] ..."; say "<file>: <reason>" instead.
         message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         code = 1
-    except (ModelFileError, IdxFormatError, TrainingDivergedError) as exc:
+    except (ModelFileError, IdxFormatError, TrainingDivergedError, ResumeError) as exc:
         if debug:
             raise
         message, code = str(exc), 1
