@@ -242,7 +242,8 @@ def test_resume_messages(tmp_path):
     args = ["train", "--epochs", 1, "--limit", 40, "--batch-size", 20, "--out", tmp_path / "m.npz"]
     fresh = run(*args, "--resume")
     assert fresh.returncode == 0, fresh.stderr
-    assert fresh.stdout.splitlines()[1] == f"no checkpoint at {tmp_path / 'm.npz'} to resume from: starting from scratch"
+    assert fresh.stdout.splitlines()[1] == (f"no checkpoint at {tmp_path / 'm.npz'} to resume from: "
+                                            f"starting from scratch")
     assert_one_line_error(run(*args, "--resume"), 1, "holds no training state")  # a finished model
     import convnet
 
