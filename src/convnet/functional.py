@@ -667,8 +667,7 @@ def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarr
     mask : ndarray, shape of ``x``, the scaled keep mask (``0`` or ``1/(1-p)``), for backward.
     """
     _act_args(x)
-    if not (isinstance(p, (float, int)) and 0 <= p < 1):
-        raise ValueError(f"p must be in [0, 1), got {p!r}")
+    p = _args.probability(p, "p")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     keep = rng.random(x.shape) >= p
