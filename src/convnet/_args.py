@@ -178,11 +178,18 @@ def check_shape(x: np.ndarray, name: str, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
 
 
-def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, axis: str) -> int:
-    """Floor-rule output length ``(H + P0 + P1 - D*(K-1) - 1) // S + 1``, or raise.
+def output_size(size: int, k: int, s: int, pads: tuple[int, int], d: int = 1) -> int:
+    """Output length of one spatial axis of a convolution or pooling window: the floor rule.
 
-    Raises ``ValueError`` when the (dilated) kernel is larger than the padded input.
+    ``OH = (H + P0 + P1 - D*(K-1) - 1) // S + 1``: the number of windows of ``D*(K-1) + 1``
+    inputs, ``S`` apart, that fit in the padded axis. This is the one rule of the
+    vectorized side (the loop reference keeps its own, as an independent witness).
     """
+    return (size + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
+
+
+def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, axis: str) -> int:
+    """:func:`output_size`, or ``ValueError`` when the (dilated) kernel is larger than the padded input."""
     padded = size + pads[0] + pads[1]
     span = d * (k - 1) + 1
     if span > padded:
@@ -190,7 +197,7 @@ def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, 
             f"kernel {axis} extent {span} (kernel_size={k}, dilation={d}) is larger than the "
             f"padded input {axis} {padded} (input {size} + padding {pads[0]}+{pads[1]})"
         )
-    return (padded - span) // s + 1
+    return output_size(size, k, s, pads, d)
 
 
 def conv_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: IntOrPair,

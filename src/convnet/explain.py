@@ -227,7 +227,7 @@ def _conv_setup(x: object, weight: object, bias: object, stride: object, padding
         if k > size + 2 * pi:
             raise ValueError(f"kernel {axis} {k} is larger than the padded input {axis} {size + 2 * pi} "
                              f"(input {size} + 2*padding {pi}); use a smaller kernel or more padding")
-        out.append((size + 2 * pi - k) // si + 1)
+        out.append(_args.output_size(size, k, si, (pi, pi)))
     return x, weight, bias, s, p, tuple(out)
 
 
