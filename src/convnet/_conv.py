@@ -174,10 +174,10 @@ def _workspace(g: Geometry, algo: str, method: str, dx_algo: str) -> tuple[int, 
     fwd = (g.c + g.f) * hp * wp if algo == "taps" else cols
     if algo == "winograd":  # the transformed tiles of x and of y
         fwd = _winograd.workspace_per_image(g.out_hw, g.c, g.f)
-    if dx_algo == "winograd":  # the tiles of dy, of dx, and those of x for the filter gradient
-        dx = max(_winograd.workspace_per_image((g.h, g.w), g.f, g.c), _winograd.workspace_per_image(
-            g.out_hw, g.c, g.f))
-        return fwd * g.dtype.itemsize, dx * g.dtype.itemsize
+    if dx_algo == "winograd":  # the tiles of dy and dx; the filter gradient's tiles of x and dy, or columns
+        dw = _winograd.workspace_per_image(g.out_hw, g.c, g.f) if algo == "winograd" else cols
+        dx = _winograd.workspace_per_image((g.h, g.w), g.f, g.c)
+        return fwd * g.dtype.itemsize, max(dw, dx) * g.dtype.itemsize
     if method == "col2im":
         dx = (g.f * oh * ow + 2 * g.c * hp * wp) if dx_algo == "taps" else cols + g.c * hp * wp
     else:
