@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +35,7 @@ __all__ = [
     "LAYER_TYPES",
 ]
 
-RngLike = Union[np.random.Generator, int, None]
+RngLike = np.random.Generator | int | None
 
 
 def _as_rng(rng: RngLike, name: str = "rng") -> np.random.Generator:
@@ -147,7 +147,7 @@ class Layer:
             return p.dtype
         return None
 
-    def astype(self, dtype: Any) -> "Layer":
+    def astype(self, dtype: Any) -> Layer:
         """Convert parameters (and zero their gradients) to ``dtype``; returns ``self``."""
         dt = _as_float_dtype(dtype)
         for n in list(self.params):
@@ -162,11 +162,11 @@ class Layer:
         return int(sum(p.size for p in self.params.values()))
 
     # -- modes ----------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Layer":
+    def train(self, mode: bool = True) -> Layer:
         self.training = bool(mode)
         return self
 
-    def eval(self) -> "Layer":
+    def eval(self) -> Layer:
         return self.train(False)
 
     # -- computation ----------------------------------------------------------------

@@ -22,7 +22,8 @@ import os
 import sys
 import zipfile
 from collections import OrderedDict
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -295,12 +296,12 @@ class Sequential:
     def training(self) -> bool:
         return all(layer.training for layer in self.layers) if self.layers else True
 
-    def train(self, mode: bool = True) -> "Sequential":
+    def train(self, mode: bool = True) -> Sequential:
         for layer in self.layers:
             layer.train(mode)
         return self
 
-    def eval(self) -> "Sequential":
+    def eval(self) -> Sequential:
         return self.train(False)
 
     @property
@@ -310,7 +311,7 @@ class Sequential:
                 return layer.dtype
         return None
 
-    def astype(self, dtype: Any) -> "Sequential":
+    def astype(self, dtype: Any) -> Sequential:
         """Convert all parameters to ``dtype`` (float32 or float64); returns ``self``."""
         for layer in self.layers:
             layer.astype(dtype)
@@ -456,7 +457,8 @@ def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Se
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: architecture JSON is corrupted ({exc})") from None
     if not isinstance(arch, dict) or arch.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{path}: not a convnet model file (format {arch.get('format') if isinstance(arch, dict) else None!r})")
+        found = arch.get("format") if isinstance(arch, dict) else None
+        raise ModelFileError(f"{path}: not a convnet model file (format {found!r})")
     if arch.get("version") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported model file version {arch.get('version')!r} "
                              f"(this convnet reads version {FORMAT_VERSION})")
