@@ -216,7 +216,7 @@ class Sequential:
                 out.extend((p.name, p.data) for p in buffers(prefix=f"{i}."))
         return out
 
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
         """Copies of the weights (and buffers) under the names PyTorch gives the same ``nn.Sequential``.
 
         ``"0.weight"``, ``"0.bias"`` for layer 0, and so on, in PyTorch's order, so that
@@ -230,7 +230,7 @@ class Sequential:
         """
         return OrderedDict((name, array.copy()) for name, array in self._named_tensors())
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> "StateDictKeys":
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> StateDictKeys:
         """Copy weights from ``state`` (name -> array, e.g. a PyTorch ``state_dict``) into the model.
 
         Every name, shape and dtype is checked before anything is copied, so a mismatch

@@ -37,7 +37,8 @@ import inspect
 import math
 import os
 import stat
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -639,7 +640,7 @@ def from_onnx(proto, *, _size_limit: int | None = None) -> Sequential:
         raise OnnxError("sparse initializers are not supported")
 
     consts: dict[str, np.ndarray] = {}
-    for i, t in enumerate(graph.initializer):
+    for t in graph.initializer:
         consts[t.name] = _tensor(t, f"initializer {t.name!r}", limit)
     init_names = set(consts)
     inputs = [v for v in graph.input if v.name not in init_names]

@@ -17,7 +17,7 @@ import json
 import os
 import stat
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def save_safetensors(model: Sequential | Mapping[str, np.ndarray], path: str | o
         fh.write(data)
 
 
-def read_safetensors(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> "OrderedDict[str, np.ndarray]":
+def read_safetensors(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> OrderedDict[str, np.ndarray]:
     """The arrays of a ``.safetensors`` file, in the file's order.
 
     Raises
