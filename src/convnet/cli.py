@@ -160,11 +160,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             say(format_epoch(rec, args.epochs), flush=True)
 
     t0 = time.perf_counter()
-    history = fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
-                  validation_split=args.val_split, seed=args.seed, progress=progress,
-                  checkpoint=args.out, lr_schedule=cosine_schedule(lr, args.epochs),
-                  augment=random_shift if args.augment else None,
-                  on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
+    fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+        validation_split=args.val_split, seed=args.seed, progress=progress,
+        checkpoint=args.out, lr_schedule=cosine_schedule(lr, args.epochs),
+        augment=random_shift if args.augment else None,
+        on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
     result = evaluate(model, x_test, y_test)
     correct = int(np.count_nonzero(result["predictions"] == y_test))
@@ -172,8 +172,6 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"test loss {result['loss']:.4f}; trained in {train_time:.1f}s")
     model.save(args.out)
     print(f"model saved to {args.out}")
-    # Extra outputs derived from `history` (e.g. plots) belong here.
-    _ = history
     if plots is not None:
         plots.finish(model, x_test, y_test)
     return 0

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _args
+from ._blas import blas_threads as _blas_threads
+from ._blas import resolve_threads
 from ._io import atomic_open
 from .layers import (
     LAYER_TYPES,
@@ -161,12 +163,12 @@ class Sequential:
                 raise type(exc)(f"{_layer_label(i, layer)} backward, gradient shape {shape}: {exc}") from exc
         return dy if input_grad else None
 
-    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | None = None) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | str | None = None) -> np.ndarray:
         """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.
 
-        The model's train/eval mode is restored afterwards. ``blas_threads`` limits the
-        BLAS thread pool meanwhile (see :func:`convnet.training.limit_blas_threads`;
-        None leaves it alone).
+        The model's train/eval mode is restored afterwards. ``blas_threads`` sets the
+        BLAS threads meanwhile, as in :func:`convnet.fit` ("auto", an int, or None for
+        the environment variable ``CONVNET_BLAS_THREADS`` or else "auto").
 
         Returns
         -------
@@ -177,13 +179,15 @@ class Sequential:
         batch_size = _args.positive_int(batch_size, "batch_size")
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
-        from .training import limit_blas_threads  # deferred: training imports this module
-
+        blas_threads = resolve_threads(blas_threads)
         was_training = self.training
         self.eval()
         try:
-            with limit_blas_threads(blas_threads):
-                outs = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            outs = []
+            with _blas_threads(blas_threads) as threads:
+                for i in range(0, len(x), batch_size):
+                    threads.step()
+                    outs.append(self.forward(x[i:i + batch_size]))
         finally:
             self.clear_cache()
             self.train(was_training)
