@@ -73,7 +73,7 @@ def test_shipped_model_pickles_as_the_model_file(tmp_path, model):
     x = images(4)
     assert np.array_equal(convnet.load(path).predict(x), model.predict(x))
     again = pickle.loads(pickle.dumps(shipped))
-    assert again.digest == shipped.digest and np.array_equal(again.model.forward(x), model.predict(x))
+    assert again.digest == shipped.digest and np.array_equal(again.model.predict(x), model.predict(x))
 
 
 def test_bad_arguments_are_refused_before_any_work(model):
