@@ -337,8 +337,8 @@ def test_exact_switch(monkeypatch, rng):
 
 @needs_numba
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(stride=2, padding=1), r"algo='winograd' needs a 3x3 kernel, stride 1 and dilation 1, got kernel=\(3, 3\), "
-                                r"stride=\(2, 2\)"),
+    (dict(stride=2, padding=1), r"algo='winograd' needs a 3x3 kernel, stride 1, dilation 1 and groups 1, got "
+                                r"kernel=\(3, 3\), stride=\(2, 2\)"),
     (dict(dilation=2, padding=2), r"dilation=\(2, 2\)"),
 ])
 def test_winograd_rejects_what_it_cannot_compute(rng, kwargs, message):
@@ -352,3 +352,19 @@ def test_winograd_rejects_what_it_cannot_compute(rng, kwargs, message):
         F.conv2d(x, rng.standard_normal((2, 2, 5, 5)), None, padding=2, algo="winograd")
     with pytest.raises(ValueError, match="got method='col2im'"):
         F.conv2d_backward(np.zeros((1, 2, 8, 8)), x, w, padding=1, method="col2im", algo="winograd")
+
+
+@needs_numba
+def test_transposed_convolution_through_winograd_matches_the_exact_plan(monkeypatch, rng):
+    """conv_transpose2d's forward is conv2d's input gradient and its backward a conv2d forward
+    and filter gradient: on a layer the plan gives Winograd, results equal the exact plan's."""
+    x = rng.standard_normal((2, 16, 16, 16))
+    w = rng.standard_normal((16, 16, 3, 3))
+    assert F.conv2d_with_cache(x, w, None, padding=1)[1].algo == "winograd"  # the same geometry
+    y = F.conv_transpose2d(x, w, None, padding=1)
+    dy = rng.standard_normal(y.shape)
+    grads = F.conv_transpose2d_backward(dy, x, w, padding=1)
+    monkeypatch.setenv(_conv.WINOGRAD_ENV, "0")
+    np.testing.assert_allclose(y, F.conv_transpose2d(x, w, None, padding=1), rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, F.conv_transpose2d_backward(dy, x, w, padding=1)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
