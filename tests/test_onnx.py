@@ -274,7 +274,10 @@ def test_gemm_without_transposed_weight_and_same_padding_import(tmp_path):
     ([helper.make_node("Conv", ["x", "w64"], ["y"])], {"w64": W.astype(np.float64)},
      ["weight has dtype float64, but the graph input is float32"]),
     ([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]),
-      helper.make_node("Sum", ["a", "b"], ["y"])], {}, ["node 0 (Relu)", "not a chain", "'x' is read by 2 nodes"]),
+      helper.make_node("Tanh", ["x"], ["c"]), helper.make_node("Sum", ["a", "b", "c"], ["y"])], {},
+     ["value 'x' is read by 3 nodes", "node 0 (Relu)"]),
+    ([helper.make_node("Tanh", ["k"], ["c"]), helper.make_node("Relu", ["x"], ["y"])],
+     {"k": np.ones(2, np.float32)}, ["node 0 (Tanh): not on the chain from the graph input"]),
     ([helper.make_node("Conv", ["x", "x"], ["y"])], {}, ["input 'x' is not a constant initializer"]),
 ])
 def test_unsupported_graphs_are_refused_naming_the_node(tmp_path, nodes, inits, fragments):
