@@ -9,6 +9,12 @@ Layer -> ONNX op (default opset 17, any from 13 up):
 =============================  =============================================================
 ``Conv2d``                     ``Conv`` (strides, pads, dilations, group); ``padding="same"``
                                is written as explicit pads
+``ConvTranspose2d``            ``ConvTranspose`` (output_padding, group, dilations)
+``BatchNorm2d`` / ``1d``       ``BatchNormalization`` (inference form: running statistics)
+``AdaptiveAvgPool2d``          ``GlobalAveragePool`` for size 1, else ``AveragePool`` when the
+                               input size is known and divisible
+``Residual``                   the body's and shortcut's nodes, then ``Add``; nested
+                               ``Sequential`` stacks are written inline
 ``MaxPool2d``                  ``MaxPool`` (padding never wins: ONNX pads are ignored too)
 ``AvgPool2d``                  ``AveragePool`` with ``count_include_pad=1``: padded zeros
                                count in the mean, as in convnet (and PyTorch's default)
@@ -131,6 +137,17 @@ def _export_conv(b: _GraphBuilder, layer: Conv2d, x: str, name: str, sample) -> 
                   group=int(getattr(layer, "groups", 1)))
 
 
+def _export_conv_transpose(b: _GraphBuilder, layer: Layer, x: str, name: str, sample) -> str:
+    inputs = [x, b.const(f"{name}.weight", layer.weight)]
+    if layer.bias is not None:
+        inputs.append(b.const(f"{name}.bias", layer.bias))
+    p = _args.pair(_tuple(layer.padding), "padding", 0)
+    return b.node("ConvTranspose", inputs, name, kernel_shape=list(layer.weight.shape[2:]),
+                  strides=list(_args.pair(_tuple(layer.stride), "stride", 1)), pads=[p[0], p[1], p[0], p[1]],
+                  output_padding=list(_args.pair(_tuple(layer.output_padding), "output_padding", 0)),
+                  dilations=list(_args.pair(_tuple(layer.dilation), "dilation", 1)), group=int(layer.groups))
+
+
 def _pool_attrs(layer: MaxPool2d | AvgPool2d) -> dict[str, Any]:
     k = _args.pair(_tuple(layer.kernel_size), "kernel_size", 1)
     s = k if layer.stride is None else _args.pair(_tuple(layer.stride), "stride", 1)
@@ -213,6 +230,7 @@ def _simple(op: str) -> Callable:
 #: Layer class name -> exporter(builder, layer, input value, layer name, input sample or None) -> output value.
 EXPORTERS: dict[str, Callable] = {
     "Conv2d": _export_conv,
+    "ConvTranspose2d": _export_conv_transpose,
     "MaxPool2d": _export_maxpool,
     "AvgPool2d": _export_avgpool,
     "AdaptiveAvgPool2d": _export_adaptive_avgpool,
@@ -431,6 +449,8 @@ def _import_conv(node: _Node, dtype: np.dtype) -> list[Layer]:
     dilation = tuple(node.ints("dilations", [1, 1], 2))
     group = node.attr("group", 1)
     kwargs: dict[str, Any] = {}
+    if not isinstance(group, int) or group < 1:
+        raise node.error(f"unsupported group {group!r}")
     if group != 1:
         if "groups" not in inspect.signature(Conv2d).parameters:
             raise node.error(f"unsupported group {group} (this convnet has no grouped convolution)")
@@ -442,6 +462,40 @@ def _import_conv(node: _Node, dtype: np.dtype) -> list[Layer]:
         padding = _compact(padding)
     layer = Conv2d(w.shape[1] * int(group), w.shape[0], _compact(k), stride=_compact(stride), padding=padding,
                    dilation=_compact(dilation), bias=b is not None, dtype=dtype, rng=0, **kwargs)
+    _set(node, layer, "weight", w)
+    if b is not None:
+        _set(node, layer, "bias", b)
+    return [layer]
+
+
+def _import_conv_transpose(node: _Node, dtype: np.dtype) -> list[Layer]:
+    node.allow("kernel_shape", "strides", "pads", "dilations", "group", "output_padding", "auto_pad")
+    cls = getattr(_layers_module(), "ConvTranspose2d", None)
+    if cls is None:
+        raise node.error("unsupported op (this convnet has no transposed convolution)")
+    w = node.const(0, "weight")
+    b = node.const(1, "bias", required=False)
+    if w.ndim != 4:
+        raise node.error(f"unsupported weight shape {w.shape}: convnet has 2-D transposed convolution only "
+                         f"(weight (C_in, C_out/groups, KH, KW))")
+    k = tuple(w.shape[2:])
+    if list(node.attr("kernel_shape", list(k))) != list(k):
+        raise node.error(f"kernel_shape {node.attrs['kernel_shape']} does not match the weight shape {w.shape}")
+    mode = _auto_pad(node)
+    if mode not in ("NOTSET", "VALID"):
+        raise node.error(f"unsupported auto_pad {mode} for a transposed convolution")
+    pads = [0, 0, 0, 0] if mode == "VALID" else node.ints("pads", [0, 0, 0, 0], 4)
+    p = _symmetric(node, pads)
+    if p is None:
+        raise node.error(f"unsupported asymmetric pads {pads} (convnet pads top=bottom and left=right)")
+    group = int(node.attr("group", 1))
+    if group < 1:
+        raise node.error(f"unsupported group {group}")
+    if b is not None and b.shape != (w.shape[1] * group,):
+        raise node.error(f"unsupported bias shape {b.shape}, expected ({w.shape[1] * group},)")
+    layer = cls(w.shape[0], w.shape[1] * group, _compact(k), stride=_compact(node.ints("strides", [1, 1], 2)),
+                padding=_compact(p), output_padding=_compact(node.ints("output_padding", [0, 0], 2)), groups=group,
+                bias=b is not None, dilation=_compact(node.ints("dilations", [1, 1], 2)), dtype=dtype, rng=0)
     _set(node, layer, "weight", w)
     if b is not None:
         _set(node, layer, "bias", b)
@@ -619,6 +673,7 @@ def _no_attrs(cls: type[Layer] | None) -> Callable:
 #: ONNX op type -> importer(node, dtype) -> layers (none for the identity).
 IMPORTERS: dict[str, Callable[[_Node, np.dtype], list[Layer]]] = {
     "Conv": _import_conv,
+    "ConvTranspose": _import_conv_transpose,
     "MaxPool": _import_maxpool,
     "AveragePool": _import_avgpool,
     "GlobalAveragePool": _import_global_avgpool,
