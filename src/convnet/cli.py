@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``convnet train``: build, train, evaluate and save the default network."""
     import numpy as np
 
-    from . import model as model_mod
+    from . import models as model_mod
     from .datasets import random_shift
     from .optim import SGD, Adam, cosine_schedule
     from .training import evaluate, fit, format_epoch
