@@ -22,12 +22,9 @@ EPOCHS = 3  # timed epochs; the median is reported (an epoch is short, so one is
 
 
 def _defaults() -> tuple[int, float]:
-    """Batch size and Adam learning rate of ``convnet train``."""
-    try:
-        from convnet import cli
-        return int(cli.DEFAULT_BATCH_SIZE), float(cli.DEFAULT_LR["adam"])
-    except (ImportError, AttributeError, KeyError):
-        return 32, 1e-3
+    """Batch size and Adam learning rate of ``convnet train`` (the default network's recipe)."""
+    from convnet.models import LENET_RECIPE
+    return LENET_RECIPE.batch_size, float(LENET_RECIPE.lr["adam"])
 
 
 def torch_twin(model: Any, torch: Any) -> Any:
