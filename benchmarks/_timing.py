@@ -16,8 +16,9 @@ import statistics
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -223,7 +224,7 @@ class OtherLoad:
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self._busy0 = self._busy_s()
         t = os.times()
         self._own0, self._wall0 = t.user + t.system, time.perf_counter()

@@ -37,8 +37,9 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -160,7 +161,7 @@ class Options:
     seed: int = 0
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "Options":
+    def quick(cls, **overrides: Any) -> Options:
         base = dict(network=False, ref_images=1, ref_budget_s=0.3, budget_s=0.2, min_repeats=2,
                     gemm_n=1024)
         base.update(overrides)

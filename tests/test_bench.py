@@ -17,7 +17,6 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench  # noqa: E402
-
 import convnet.functional as F  # noqa: E402
 
 TINY = ["--quick", "--budget", "0.01", "--gemm-n", "64",
@@ -138,7 +137,6 @@ def test_bad_shape_options_are_rejected(capsys):
 def test_network_twin_agrees_and_a_wrong_twin_is_refused():
     torch = pytest.importorskip("torch")
     import _network
-
     import convnet
     from convnet.datasets import load_mnist_5k
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from strategies import readonly
 
 import convnet
 import convnet.functional as F
@@ -15,6 +14,7 @@ from convnet import layers as L
 from convnet.gradcheck import check_gradient
 from convnet.losses import CrossEntropyLoss
 from convnet.model import ModelFileError, Sequential
+from strategies import readonly
 
 DATA = Path(__file__).parent / "data"
 

@@ -6,7 +6,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convnet import core
-
 from strategies import out_len
 
 

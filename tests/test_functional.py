@@ -10,7 +10,6 @@ from scipy.signal import correlate
 import convnet.functional as F
 from convnet import core, reference
 from convnet.gradcheck import check_backward
-
 from strategies import conv_cases, pool_cases, readonly, tol
 
 PROPS = settings(max_examples=100, deadline=None)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import readonly, tol
 
 import convnet.functional as F
 from convnet import reference as R
 from convnet.gradcheck import check_backward
+from strategies import readonly, tol
 
 PROPS = settings(max_examples=60, deadline=None)
 

@@ -8,14 +8,13 @@ import pytest
 
 import convnet
 from convnet import layers as L
+from convnet.datasets import random_shift
 from convnet.gradcheck import numerical_gradient
 from convnet.layers import Parameter
 from convnet.losses import CrossEntropyLoss, MSELoss
 from convnet.model import Sequential
-from convnet.datasets import random_shift
 from convnet.optim import SGD, Adam, cosine_schedule
-from convnet.training import (TrainingDivergedError, confusion_matrix, evaluate, fit, format_epoch,
-                               limit_blas_threads)
+from convnet.training import TrainingDivergedError, confusion_matrix, evaluate, fit, format_epoch, limit_blas_threads
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,10 @@ before any work is done.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 
-IntOrPair = Union[int, tuple[int, int]]
-Padding = Union[int, tuple[int, int], str]
+IntOrPair = int | tuple[int, int]
+Padding = int | tuple[int, int] | str
 # ((top, bottom), (left, right)): "same" with an even kernel needs uneven sides.
 Pads = tuple[tuple[int, int], tuple[int, int]]
 

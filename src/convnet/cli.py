@@ -22,7 +22,8 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .models import LENET_RECIPE, MODELS
 

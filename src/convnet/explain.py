@@ -23,7 +23,8 @@ Usage from Python::
 from __future__ import annotations
 
 import sys
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 import numpy as np
 
@@ -471,7 +472,8 @@ def _pool(out: _Printer, x, dy) -> None:
                 a, b = np.unravel_index(int(np.argmax(win)), win.shape)
                 out.line(f"channel {ci} window ({i}, {j}) {format_array(win.ravel())}: max "
                          f"{_num(win[a, b], True if win[a, b] == round(win[a, b]) else False)} at input "
-                         f"({2 * i + a}, {2 * j + b}) receives {_num(dy[ci, i, j], dy[ci, i, j] == round(dy[ci, i, j]))}")
+                         f"({2 * i + a}, {2 * j + b}) receives "
+                         f"{_num(dy[ci, i, j], dy[ci, i, j] == round(dy[ci, i, j]))}")
     dx = F.max_pool2d_backward(dy[None], x, 2, 2)
     out.array("dx", dx[0])
     out.check("max pooling dx", dx, R.max_pool2d_backward(dy[None], x, 2, 2), "loop reference")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
@@ -37,7 +36,7 @@ __all__ = [
 # Central differences in float64: truncation error ~ eps^2, rounding error ~ 1e-16 / eps.
 DEFAULT_EPS = 1e-6
 
-Arrays = Union[Mapping[str, np.ndarray], Sequence[np.ndarray]]
+Arrays = Mapping[str, np.ndarray] | Sequence[np.ndarray]
 
 
 def _check_eps(eps: float | None) -> float:

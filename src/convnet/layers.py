@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +39,7 @@ __all__ = [
     "LAYER_TYPES",
 ]
 
-RngLike = Union[np.random.Generator, int, None]
+RngLike = np.random.Generator | int | None
 
 
 def _as_rng(rng: RngLike, name: str = "rng") -> np.random.Generator:
@@ -179,7 +179,7 @@ class Layer:
                 return child.dtype
         return None
 
-    def astype(self, dtype: Any) -> "Layer":
+    def astype(self, dtype: Any) -> Layer:
         """Convert parameters and float buffers (and zero the gradients) to ``dtype``; returns ``self``."""
         dt = _as_float_dtype(dtype)
         for n in list(self.params):
@@ -200,14 +200,14 @@ class Layer:
         return own + sum(child.num_parameters() for _, child in self.children())
 
     # -- modes ----------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Layer":
+    def train(self, mode: bool = True) -> Layer:
         """Training mode (``mode=True``) or eval mode, for this layer and its children."""
         self.training = bool(mode)
         for _, child in self.children():
             child.train(mode)
         return self
 
-    def eval(self) -> "Layer":
+    def eval(self) -> Layer:
         return self.train(False)
 
     # -- computation ----------------------------------------------------------------

@@ -26,7 +26,8 @@ import json
 import os
 import sys
 import zipfile
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -379,7 +380,8 @@ def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Se
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: architecture JSON is corrupted ({exc})") from None
     if not isinstance(arch, dict) or arch.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{path}: not a convnet model file (format {arch.get('format') if isinstance(arch, dict) else None!r})")
+        found = arch.get("format") if isinstance(arch, dict) else None
+        raise ModelFileError(f"{path}: not a convnet model file (format {found!r})")
     version = arch.get("version")
     if version not in READABLE_VERSIONS:
         raise ModelFileError(f"{path}: unsupported model file version {version!r} "

@@ -11,7 +11,7 @@ pass; its state (momentum buffers, Adam moments) is kept per parameter name.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -20,14 +20,12 @@ are never modified.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 
 from convnet._args import check_array, check_same_dtype, check_shape, conv_args, pool_args
 
-IntOrPair = Union[int, tuple[int, int]]
-Padding = Union[int, tuple[int, int], str]
+IntOrPair = int | tuple[int, int]
+Padding = int | tuple[int, int] | str
 
 __all__ = [
     "conv2d",
