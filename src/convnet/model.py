@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
 from ._io import atomic_open
 from .layers import (
     LAYER_TYPES,
@@ -172,9 +173,7 @@ class Sequential(Layer):
         """
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a numpy ndarray, got {type(x).__name__}")
-        if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = _args.positive_int(batch_size, "batch_size")
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
         from .training import limit_blas_threads  # deferred: training imports this module

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
 from ._io import atomic_open
 from .layers import AvgPool2d, Conv2d, MaxPool2d
 
@@ -485,8 +486,7 @@ def plot_model(model: Any, out_dir: str | os.PathLike, x: np.ndarray, y: np.ndar
     if not isinstance(x, np.ndarray) or x.ndim != 4 or len(x) == 0:
         raise ValueError(f"x must be a non-empty array of images (N, C, H, W), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(x):
-        raise ValueError(f"index must be an int in [0, {len(x) - 1}], got {index!r}")
+    index = _args.integer(index, "index", 0, len(x) - 1)
     if y is not None and (np.ndim(y) != 1 or len(y) != len(x)):
         raise ValueError(f"y must be 1-D with one label per image ({len(x)}), got shape {np.shape(y)}")
     os.makedirs(out_dir, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
 from .losses import CrossEntropyLoss, Loss
 from .model import Sequential
 from .optim import Adam, Optimizer
@@ -51,12 +52,6 @@ class TrainingDivergedError(FloatingPointError):
         super().__init__(message)
         self.epoch = epoch
         self.step = step
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_xy(x: Any, y: Any, loss: Loss, what: str) -> None:
@@ -149,13 +144,11 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         raise TypeError(f"loss must be a convnet.losses.Loss, got {type(loss).__name__}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a convnet.optim.Optimizer, got {type(optimizer).__name__}")
-    epochs = _positive_int(epochs, "epochs")
-    batch_size = _positive_int(batch_size, "batch_size")
-    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) \
-            or not 0 <= validation_split < 1:
-        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    epochs = _args.positive_int(epochs, "epochs")
+    batch_size = _args.positive_int(batch_size, "batch_size")
+    validation_split = _args.real(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+    if seed is not None:
+        seed = _args.integer(seed, "seed", 0)
     _check_xy(x, y, loss, "training")
     if model.dtype is not None and x.dtype != model.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {model.dtype}; "
@@ -165,7 +158,7 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
     if lr_schedule is not None and not callable(lr_schedule):
         raise TypeError(f"lr_schedule must be callable epoch -> lr, got {type(lr_schedule).__name__}")
     if blas_threads is not None:
-        blas_threads = _positive_int(blas_threads, "blas_threads")
+        blas_threads = _args.positive_int(blas_threads, "blas_threads")
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         directory = os.path.dirname(os.path.abspath(checkpoint))
@@ -212,8 +205,7 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
         t0 = time.perf_counter()
         if lr_schedule is not None:
             lr = lr_schedule(epoch)
-            if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not lr > 0 \
-                    or not math.isfinite(lr):
+            if not (_args.is_real(lr) and 0 < lr < math.inf):
                 raise ValueError(f"lr_schedule({epoch}) must return a positive finite number, got {lr!r}")
             optimizer.lr = float(lr)
         order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
