@@ -11,7 +11,7 @@ columns that no window reaches get zero gradient.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -558,12 +558,8 @@ def _bn_args(x, weight, bias, running_mean, running_var, training, momentum, eps
                          f"running_var={'None' if running_var is None else 'an array'}")
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be True or False, got {training!r}")
-    momentum = _args.real(momentum, "momentum")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
-    eps = _args.real(eps, "eps")
-    if not (eps > 0 and np.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    momentum = _args.real(momentum, "momentum", 0.0, 1.0)
+    eps = _args.real(eps, "eps", 0.0, low_open=True, finite=True)
     if training and running_mean is not None:
         for name, a in (("running_mean", running_mean), ("running_var", running_var)):
             if not a.flags.writeable:

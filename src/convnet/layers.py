@@ -571,13 +571,9 @@ class _BatchNorm(Layer):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  track_running_stats: bool = True, *, dtype: Any = np.float32) -> None:
         super().__init__()
-        self.num_features = _positive_int(num_features, "num_features")
-        self.eps = _args.real(eps, "eps")
-        if not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-        self.momentum = _args.real(momentum, "momentum")
-        if not 0 <= self.momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.num_features = _args.positive_int(num_features, "num_features")
+        self.eps = _args.real(eps, "eps", 0.0, low_open=True, finite=True)
+        self.momentum = _args.real(momentum, "momentum", 0.0, 1.0)
         for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
 from .layers import (
     AdaptiveAvgPool2d,
     BatchNorm2d,
@@ -29,7 +30,6 @@ from .layers import (
     Residual,
     RngLike,
     _as_rng,
-    _positive_int,
 )
 from .model import Sequential
 
@@ -157,11 +157,11 @@ def resnet(depth: int = 20, num_classes: int = 10, width: int = 16, *, input_sha
     Sequential: ``stem conv, BN, ReLU, Residual + ReLU (x 3n), AdaptiveAvgPool2d(1),
     Flatten, Linear``; parameters named as PyTorch would (``"3.body.0.weight"``).
     """
-    depth = _positive_int(depth, "depth")
+    depth = _args.positive_int(depth, "depth")
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
-    num_classes = _positive_int(num_classes, "num_classes")
-    width = _positive_int(width, "width")
+    num_classes = _args.positive_int(num_classes, "num_classes")
+    width = _args.positive_int(width, "width")
     c, h, w = _input_shape(input_shape)
     gen = _as_rng(rng)
     n = (depth - 2) // 6
