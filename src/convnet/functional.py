@@ -500,9 +500,9 @@ def dropout_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # Batch norm works on the (N, C, L) view of its input (L = H*W, or 1 for (N, C)) and
 # walks it a block of images at a time, so the centred temporary it needs lives in the
 # cache instead of being written to memory. Passes over the activation (memory traffic;
-# the block temporaries stay in cache): forward in training reads x three times (sum,
-# centred squares, normalize) and writes y once; backward reads x and dy twice each
-# (the sums, then dx) and writes dx once. In eval mode forward is one read and one write.
+# the block temporaries stay in cache): forward in training reads x twice (statistics,
+# then normalize) and writes y once; backward reads x and dy twice each (the sums, then
+# dx) and writes dx once. In eval mode forward is one read and one write.
 # Per-channel sums are taken per (image, channel) row in x's dtype (at most H*W terms)
 # and added over the images in float64.
 
@@ -578,17 +578,31 @@ def _channels_view(x: np.ndarray) -> np.ndarray:
 
 
 def _bn_batch_stats(x3: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, biased variance and ``1/sqrt(var + eps)`` per channel, float64 (two passes)."""
-    m = x3.shape[0] * x3.shape[2]
-    mean = np.add.reduce(x3, axis=2).sum(axis=0, dtype=np.float64) / m
-    mean_x = mean.astype(x3.dtype)[:, None]
-    squares = np.zeros(x3.shape[1], dtype=np.float64)
+    """Mean, biased variance and ``1/sqrt(var + eps)`` per channel, float64.
+
+    One read of ``x`` from memory: each block's mean and centred sum of squares are taken
+    while the block is in cache (two passes over the block), and the blocks are combined
+    with Chan et al.'s pairwise update, so a mean far from zero costs no accuracy.
+    """
+    c = x3.shape[1]
+    count, mean, m2 = 0, np.zeros(c), np.zeros(c)
     blocks = _bn_blocks(x3)
     tmp = np.empty((blocks[0].stop,) + x3.shape[1:], dtype=x3.dtype)
     for sl in blocks:
-        xc = np.subtract(x3[sl], mean_x, out=tmp[:sl.stop - sl.start])
-        squares += np.einsum("ncl,ncl->nc", xc, xc).sum(axis=0, dtype=np.float64)
-    var = squares / m
+        xb = x3[sl]
+        n_b = xb.shape[0] * xb.shape[2]
+        mean_b = np.add.reduce(xb, axis=2).sum(axis=0, dtype=np.float64) / n_b
+        xc = np.subtract(xb, mean_b.astype(x3.dtype)[:, None], out=tmp[:sl.stop - sl.start])
+        m2_b = np.einsum("ncl,ncl->nc", xc, xc).sum(axis=0, dtype=np.float64)
+        # xc was centred on the float32-rounded mean; correct for the rounding offset.
+        offset = np.add.reduce(xc, axis=2).sum(axis=0, dtype=np.float64) / n_b
+        m2_b -= n_b * offset * offset
+        delta = mean_b - mean
+        total = count + n_b
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    var = np.maximum(m2 / count, 0.0)
     return mean, var, 1.0 / np.sqrt(var + eps)
 
 
