@@ -27,6 +27,8 @@ $(LINT_STAMP): $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	@echo "engine tests again on the numpy fallback of the GEMM (CONVNET_BLAS_FALLBACK=1):"
+	CONVNET_BLAS_FALLBACK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_core.py tests/test_functional.py
 
 lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -143,15 +143,15 @@ def blas_threads(threads: int | None) -> Iterator[str | None]:
     Yields a note for the report when the limit could not be applied (no
     threadpoolctl), else None.
     """
-    if threads is None:
-        yield None
-        return
+    from convnet._blas import limit_blas_threads
+
     try:
-        from threadpoolctl import threadpool_limits
+        import threadpoolctl  # noqa: F401
     except ImportError:
-        yield f"numpy BLAS threads NOT set to {threads}: threadpoolctl is not installed"
+        note = None if threads is None else f"numpy BLAS threads NOT set to {threads}: threadpoolctl is not installed"
+        yield note
         return
-    with threadpool_limits(limits=threads, user_api="blas"):
+    with limit_blas_threads(threads):
         yield None
 
 

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from . import _args
+from ._blas import blas_threads as _blas_threads
+from ._blas import resolve_threads
 from ._io import atomic_open
 from .layers import (
     LAYER_TYPES,
@@ -160,12 +162,12 @@ class Sequential(Layer):
                 raise type(exc)(f"{_layer_label(i, layer)} backward, gradient shape {shape}: {exc}") from exc
         return dy if input_grad else None
 
-    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | None = None) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | str | None = None) -> np.ndarray:
         """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.
 
-        The model's train/eval mode is restored afterwards. ``blas_threads`` limits the
-        BLAS thread pool meanwhile (see :func:`convnet.training.limit_blas_threads`;
-        None leaves it alone).
+        The model's train/eval mode is restored afterwards. ``blas_threads`` sets the
+        BLAS threads meanwhile, as in :func:`convnet.fit` ("auto", an int, or None for
+        the environment variable ``CONVNET_BLAS_THREADS`` or else "auto").
 
         Returns
         -------
@@ -176,13 +178,15 @@ class Sequential(Layer):
         batch_size = _args.positive_int(batch_size, "batch_size")
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
-        from .training import limit_blas_threads  # deferred: training imports this module
-
+        blas_threads = resolve_threads(blas_threads)
         modes = self._modes()
         self.eval()
         try:
-            with limit_blas_threads(blas_threads):
-                outs = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            outs = []
+            with _blas_threads(blas_threads) as threads:
+                for i in range(0, len(x), batch_size):
+                    threads.step()
+                    outs.append(self.forward(x[i:i + batch_size]))
         finally:
             self.clear_cache()
             self._restore_modes(modes)
