@@ -379,3 +379,19 @@ def test_optimizer_argument_checks():
     opt.step([_param([1.0, 2.0], [1.0, 1.0])])
     with pytest.raises(ValueError, match="different model"):
         opt.step([_param([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])])
+
+
+def test_confusion_matrix_counts_and_refusals():
+    cm = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2], np.int32))
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    assert cm.dtype == np.int64
+    assert confusion_matrix(np.array([1]), np.array([1]), np.int64(4)).shape == (4, 4)
+    assert confusion_matrix(np.array([], np.int64), np.array([], np.int64)).shape == (0, 0)
+    assert confusion_matrix([], [], 3).tolist() == [[0] * 3] * 3
+    for args, exc, match in [(([0, 1], [0]), ValueError, "same length"),
+                             (([0, -1], [0, 1]), ValueError, r"must lie in \[0, 2\), got values from -1 to 1"),
+                             (([0, 3], [0, 0], 3), ValueError, r"must lie in \[0, 3\), got values from 0 to 3"),
+                             (([0.0, 1.0], [0, 1]), TypeError, "y_true must hold integer class labels"),
+                             (([0, 1], [0, 1], True), TypeError, "num_classes must be a positive int")]:
+        with pytest.raises(exc, match=match):
+            confusion_matrix(*(np.asarray(a) if isinstance(a, list) else a for a in args))

@@ -208,10 +208,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             say(format_epoch(rec, epochs), flush=True)
 
     t0 = time.perf_counter()
-    history = fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                  validation_split=args.val_split, seed=args.seed, progress=progress,
-                  checkpoint=out, lr_schedule=cosine_schedule(lr, epochs), augment=augment,
-                  on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
+    fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+        validation_split=args.val_split, seed=args.seed, progress=progress,
+        checkpoint=out, lr_schedule=cosine_schedule(lr, epochs), augment=augment,
+        on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
     result = evaluate(model, x_test, y_test)
     correct = int(np.count_nonzero(result["predictions"] == y_test))
@@ -219,8 +219,6 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"test loss {result['loss']:.4f}; trained in {train_time:.1f}s")
     model.save(out)
     print(f"model saved to {out}")
-    # Extra outputs derived from `history` (e.g. plots) belong here.
-    _ = history
     if plots is not None:
         plots.finish(model, x_test, y_test)
     return 0

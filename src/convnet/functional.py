@@ -75,6 +75,12 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     cache : ConvCache or None
         None when the batch was processed in chunks because its workspace exceeds
         :func:`convnet.core.get_workspace_limit`.
+
+    Raises
+    ------
+    convnet.core.WorkspaceLimitError
+        (a ``MemoryError``) when one image's workspace alone exceeds the limit; nothing
+        is allocated then.
     """
     g = _conv_geometry(x, weight, bias, stride, padding, dilation)
     _check_algo(algo, g)
@@ -118,7 +124,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     x : ndarray, shape (N, C, H, W), the forward input
     weight : ndarray, shape (F, C, KH, KW)
     stride, padding, dilation : as in the forward call
-    cache : ConvCache, optional, from :func:`conv2d_with_cache` on the same ``x``
+    cache : ConvCache, optional, from :func:`conv2d_with_cache` on the same ``x``. A cache
+        of another input, or of ``x`` before an in-place change, is a ``ValueError``
+        (checked by a fingerprint of ``x``'s contents: one cheap pass over it).
     method : "auto", "zero_insert" or "col2im"
     algo : "auto", "im2col" or "taps": how the input gradient is summed, with a column
         matrix and one GEMM, or by one GEMM per kernel tap (any stride here). The filter
@@ -140,8 +148,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     _args.choice(method, "method", ("auto",) + _conv.METHODS)
     _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
     if cache is not None and not _conv.cache_matches(cache, x, g):
-        raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
-                         "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
+        raise ValueError("cache does not belong to this input and geometry (another x, x changed in place "
+                         "since the forward, or other shapes); pass the cache returned by conv2d_with_cache "
+                         "for the same x, weight shape, stride, padding and dilation")
     p = _conv.plan(g, backward=True, method=method, dx_algo=algo)
     return _conv.backward(dy, x, weight, g, p, cache, input_grad)
 

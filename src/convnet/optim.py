@@ -18,7 +18,7 @@ import numpy as np
 from . import _args
 from .layers import Parameter
 
-__all__ = ["Optimizer", "SGD", "Adam", "OPTIMIZERS", "cosine_schedule"]
+__all__ = ["Optimizer", "SGD", "Adam", "cosine_schedule"]
 
 
 def _number(value, name: str, low: float, high: float | None = None, low_open: bool = False) -> float:
@@ -134,10 +134,6 @@ class Adam(Optimizer):
 
     def __repr__(self) -> str:
         return f"Adam(lr={self.lr:g}, betas={self.betas}, eps={self.eps:g}, weight_decay={self.weight_decay:g})"
-
-
-#: Optimizers by lower-case name (used by the command line).
-OPTIMIZERS = {"sgd": SGD, "adam": Adam}
 
 
 def cosine_schedule(lr: float, epochs: int, min_lr: float = 0.0):

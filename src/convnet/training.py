@@ -310,10 +310,23 @@ def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, *, loss: Loss | No
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    """Counts ``m[i, j]`` of samples of true class ``i`` predicted as ``j``; int64 (K, K)."""
+    """Counts ``m[i, j]`` of samples of true class ``i`` predicted as ``j``; int64 (K, K).
+
+    ``num_classes`` (K) defaults to the largest label + 1; labels must be integers in [0, K).
+    """
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true and y_pred must be 1-D of the same length, got {y_true.shape} and {y_pred.shape}")
-    k = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1 if num_classes is None else int(num_classes)
-    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k).astype(np.int64)
+    if y_true.size == 0:
+        k = 0 if num_classes is None else _args.non_negative_int(num_classes, "num_classes")
+        return np.zeros((k, k), np.int64)
+    for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+    low, top = int(min(y_true.min(), y_pred.min())), int(max(y_true.max(), y_pred.max()))
+    k = top + 1 if num_classes is None else _args.positive_int(num_classes, "num_classes")
+    if low < 0 or top >= k:
+        raise ValueError(f"class labels must lie in [0, {k}), got values from {low} to {top}")
+    flat = y_true.astype(np.int64) * k + y_pred.astype(np.int64)
+    return np.bincount(flat, minlength=k * k).reshape(k, k)
