@@ -276,3 +276,34 @@ def test_bad_nested_files_say_what_is_wrong(tmp_path, mutate, match):
     _rewrite(path, mutate)
     with pytest.raises(ModelFileError, match=match):
         convnet.load(path)
+
+
+def test_resumed_training_restores_batch_norm_running_estimates(tmp_path):
+    """A ResNet checkpointed after one epoch and resumed ends bit-identical to an
+    uninterrupted run, buffers included."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((24, 2, 6, 6)).astype(np.float32), rng.integers(0, 3, 24)
+    kwargs = dict(epochs=2, batch_size=8, seed=1, progress=False)
+
+    def make():
+        return small_resnet(dtype=np.float32, seed=0)
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    full = make()
+    convnet.fit(full, x, y, optimizer=convnet.SGD(0.05, momentum=0.9), **kwargs)
+    ckpt = tmp_path / "ckpt.npz"
+    with pytest.raises(Stop):
+        convnet.fit(make(), x, y, optimizer=convnet.SGD(0.05, momentum=0.9), checkpoint=ckpt, on_epoch_end=stop,
+                    **kwargs)
+    resumed = small_resnet(dtype=np.float32, seed=5)
+    convnet.fit(resumed, x, y, optimizer=convnet.SGD(0.05, momentum=0.9), checkpoint=ckpt, resume_from=ckpt,
+                **kwargs)
+    for (n, a), (m, b) in zip(full.named_buffers(), resumed.named_buffers()):
+        assert n == m and np.array_equal(a, b), n
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert np.array_equal(p.data, q.data), p.name

@@ -13,6 +13,9 @@ File format (``model.save`` / ``convnet.load``): one ``.npz`` archive, readable 
 * one array per parameter and per buffer, named as in PyTorch's ``state_dict``: the path
   of layer indices and child names, then the array's name (``"0.weight"``,
   ``"4.running_mean"``, ``"3.body.0.weight"``).
+* only in checkpoints written by ``fit(checkpoint=...)``: the training state, in members
+  whose names start with ``"__training__"`` (see :mod:`convnet._checkpoint`); ``load``
+  ignores them.
 
 Version 1 files (no containers, no buffers) still load. Writes go to a temporary file in
 the target directory, are flushed to disk and then renamed over the target
@@ -51,6 +54,8 @@ READABLE_VERSIONS = (1, 2)
 # A saved architecture nests containers at most this deep (a hostile file cannot recurse forever).
 MAX_NESTING = 32
 _ARCH_KEY = "__architecture__"
+#: Members of a training checkpoint that hold the training state (see ``convnet.fit``).
+TRAINING_STATE_PREFIX = "__training__"
 
 
 class ModelFileError(ValueError):
@@ -257,10 +262,14 @@ class Sequential(Layer):
     def save(self, path: str | os.PathLike) -> None:
         """Save architecture and weights to ``path`` (one ``.npz``), atomically.
 
-        The file name is used as given (no ``.npz`` is appended). See the module docstring
+        The file name is used as given (no ``.npz`` is appended). If ``path`` is a symbolic
+        link, the file it points to is replaced and the link kept. See the module docstring
         for the format.
         """
-        path = os.fspath(path)
+        _atomic_savez(os.fspath(path), self._file_arrays())
+
+    def _file_arrays(self) -> dict[str, np.ndarray]:
+        """The members of a saved file: architecture JSON and one array per parameter and buffer."""
         arch = self.architecture()  # rejects layer types it cannot describe
         params = {p.name: np.ascontiguousarray(p.data) for p in self.parameters()}
         buffers = {name: np.asarray(b, order="C") for name, b in self.named_buffers()}  # keeps 0-d
@@ -270,7 +279,7 @@ class Sequential(Layer):
         arrays = {_ARCH_KEY: np.array(json.dumps(arch))}
         arrays.update(params)
         arrays.update(buffers)
-        _atomic_savez(path, arrays)
+        return arrays
 
 
 def _summary_rows(layer: Layer, name: str, x: np.ndarray | None, rows: list[list[str]]) -> np.ndarray | None:
@@ -365,7 +374,9 @@ def load(path: str | os.PathLike) -> Sequential:
                 raise ModelFileError(f"{path}: not a convnet model file (no {_ARCH_KEY!r} entry; "
                                      f"entries: {sorted(names)[:5]})")
             arch_raw = data[_ARCH_KEY]
-            arrays = {name: data[name] for name in names if name != _ARCH_KEY}
+            # A training checkpoint (convnet.fit) also holds the training state: not weights.
+            arrays = {name: data[name] for name in names
+                      if name != _ARCH_KEY and not name.startswith(TRAINING_STATE_PREFIX)}
     except ModelFileError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
