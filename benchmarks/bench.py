@@ -505,7 +505,15 @@ def loaded_figures(opts: Options, torch: Any, log: Callable[[str], None]) -> dic
 
 # --------------------------------------------------------------------------- targets
 
-def evaluate_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+# Whole-network and busy-machine targets: the default network's training step against torch's
+# (convnet's default threads vs torch's best), idle and loaded, and the default thread policy
+# within a factor of the best fixed thread count in every condition.
+TARGET_STEP_TORCH_IDLE = 0.7
+TARGET_STEP_TORCH_LOADED = 0.6
+TARGET_AUTO_OVER_BEST = 1.5
+
+
+def evaluate_targets(cases: list[dict[str, Any]], loaded: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The targets, each with its measured value and pass/fail (None = not measured)."""
     rows: list[dict[str, Any]] = []
 
@@ -539,6 +547,14 @@ def evaluate_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "memory" in c:
             add(f"{c['name']} forward peak extra memory / one im2col buffer",
                 c["memory"]["forward_ratio"], "<=", TARGET_FWD_MEMORY)
+    for row in (loaded or {}).get("summary", []):
+        where = f"{row['workload']}, {row['condition']}"
+        if row["workload"].startswith("lenet") and row["throughput_vs_torch_auto"] is not None:
+            idle = row["condition"] == "idle"
+            add(f"{where}: throughput vs torch (default threads vs torch's best)", row["throughput_vs_torch_auto"],
+                ">=", TARGET_STEP_TORCH_IDLE if idle else TARGET_STEP_TORCH_LOADED)
+        add(f"{where}: default threads time / best fixed threads", row["auto_over_best_fixed"], "<=",
+            TARGET_AUTO_OVER_BEST)
     return rows
 
 
@@ -848,7 +864,7 @@ def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str]
             report["loaded"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
                                 "traceback": traceback.format_exc()}
             log(report["loaded"]["traceback"])
-    report["targets"] = evaluate_targets(cases)
+    report["targets"] = evaluate_targets(cases, report.get("loaded"))
 
     network_ok = all(report.get(part, {}).get("status") not in ("ERROR", "FAILED")
                      for part in ("network", "resnet")) and report.get("loaded", {}).get("status") != "ERROR"

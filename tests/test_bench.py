@@ -214,4 +214,9 @@ def test_loaded_mode_reports_every_condition_and_setting(tmp_path, monkeypatch, 
     for row in loaded["summary"]:
         assert row["best_fixed"] in ("convnet 1", "convnet 2") and row["auto_over_best_fixed"] > 0
     assert "Idle and loaded" in out and "2 busy" in out and "auto/best" in out
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets["lenet train step (batch 32), 1 busy: default threads time / best fixed threads"]["limit"] == 1.5
+    if torch_used:
+        idle = targets["lenet train step (batch 32), idle: throughput vs torch (default threads vs torch's best)"]
+        assert idle["limit"] == 0.7 and idle["value"] > 0
     assert {"lenet", "conv"} <= set(calls)

@@ -350,6 +350,61 @@ def test_pooling_gradients_match_numerical(case, ops):
     assert report.ok, report
 
 
+def _window_argmax(x, kernel, stride, padding):
+    """np.argmax of every flattened window of the -inf padded input: the witness of the arg-max."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
+    oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = np.empty(x.shape[:2] + (oh, ow), dtype=np.int64)
+    for i in range(oh):
+        for j in range(ow):
+            window = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            out[:, :, i, j] = window.reshape(x.shape[:2] + (-1,)).argmax(axis=-1)
+    return out
+
+
+@PROPS
+@given(pool_cases())
+def test_max_pool_argmax_is_the_first_maximum_and_routes_as_recomputing(case):
+    y, argmax = F.max_pool2d_with_argmax(case.x, *case.args)
+    assert argmax.dtype == np.uint8 and argmax.shape == y.shape
+    np.testing.assert_array_equal(y, F.max_pool2d(case.x, *case.args))
+    np.testing.assert_array_equal(argmax, _window_argmax(case.x, *case.args))
+    dx = F.max_pool2d_backward(case.dy, case.x, *case.args, argmax=argmax)
+    np.testing.assert_array_equal(dx, F.max_pool2d_backward(case.dy, case.x, *case.args))
+    np.testing.assert_allclose(dx, reference.max_pool2d_backward(case.dy, case.x, *case.args),
+                               **tol(case.x.dtype))
+
+
+def test_max_pool_argmax_of_nan_windows_is_the_first_nan():
+    x = np.array([[[[1.0, np.nan, 3.0, np.nan], [np.nan, 0.0, 2.0, 5.0]]]])
+    y, argmax = F.max_pool2d_with_argmax(x, 2)
+    assert np.isnan(y).all()
+    np.testing.assert_array_equal(argmax, _window_argmax(x, (2, 2), (2, 2), (0, 0)))  # [[1, 1]]
+    dx = F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax)
+    np.testing.assert_array_equal(dx, reference.max_pool2d_backward(np.ones_like(y), x, 2))
+
+
+def test_max_pool_backward_rejects_a_foreign_argmax():
+    x = np.zeros((1, 2, 4, 4))
+    y, argmax = F.max_pool2d_with_argmax(x, 2)
+    with pytest.raises(ValueError, match="argmax"):
+        F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax[:, :1])
+    with pytest.raises(TypeError, match="argmax must be the uint8 array"):
+        F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax.astype(np.int64))
+    with pytest.raises(TypeError, match="argmax"):
+        F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=[[0]])
+
+
+@pytest.mark.parametrize("dy_value", [np.inf, np.nan, 1.0])
+def test_relu_backward_is_zero_where_x_is_not_positive(dy_value):
+    x = np.array([-1.0, 0.0, 2.0, -0.0, 3.0], np.float32)
+    dy = np.array([dy_value, dy_value, 4.0, dy_value, dy_value], np.float32)
+    dx = F.relu_backward(dy, x)
+    assert dx.dtype == np.float32
+    np.testing.assert_array_equal(dx, [0, 0, 4, 0, dy_value])
+
+
 def test_padded_max_pool_pads_with_minus_infinity():
     x = -np.ones((1, 1, 2, 2))
     y = F.max_pool2d(x, 2, stride=1, padding=1)

@@ -417,6 +417,56 @@ def test_adam_follows_the_pytorch_update_rule():
         np.testing.assert_allclose(p.data, w, rtol=1e-12)
 
 
+class _StepByStepAdam(Adam):
+    def _step_all(self, params):
+        return False
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_adam_in_one_pass_equals_step_by_step_bit_for_bit(dtype, wd):
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3, 2, 2), (4,), (5, 7), (1,)]
+
+    def params():
+        return [Parameter(f"{i}.w", rng.standard_normal(s).astype(dtype), np.zeros(s, dtype))
+                for i, s in enumerate(shapes)]
+
+    a, b = params(), params()
+    for p, q in zip(a, b):
+        q.data[...] = p.data
+    fast, slow = Adam(lr=0.01, weight_decay=wd), _StepByStepAdam(lr=0.01, weight_decay=wd)
+    for _ in range(4):
+        for p, q in zip(a, b):
+            p.grad[...] = q.grad[...] = rng.standard_normal(p.grad.shape)
+        fast.step(a)
+        slow.step(b)
+        for p, q in zip(a, b):
+            np.testing.assert_array_equal(p.data, q.data)
+    assert fast._flat is not None  # the one-pass route ran
+    for p in a:  # the per-name state is still there, as views of the flat moments
+        st, ref = fast.state[p.name], slow.state[p.name]
+        assert st["step"] == ref["step"] == 4 and np.shares_memory(st["m"], fast._flat["m"])
+        np.testing.assert_array_equal(st["m"], ref["m"])
+        np.testing.assert_array_equal(st["v"], ref["v"])
+
+
+def test_adam_in_one_pass_follows_state_set_from_outside_and_refuses_another_model():
+    ps = [_param([1.0, 2.0], [0.5, -0.5]), Parameter("b", np.array([3.0]), np.array([1.0]))]
+    opt, ref = Adam(lr=0.1), _StepByStepAdam(lr=0.1)
+    qs = [Parameter(p.name, p.data.copy(), p.grad.copy()) for p in ps]
+    opt.step(ps)
+    ref.step(qs)
+    for o in (opt, ref):  # e.g. moments restored from a checkpoint: new arrays
+        o.state["b"]["m"] = np.array([0.25])
+    opt.step(ps)
+    ref.step(qs)
+    for p, q in zip(ps, qs):
+        np.testing.assert_array_equal(p.data, q.data)
+    with pytest.raises(ValueError, match="different model"):
+        opt.step([_param([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]), ps[1]])
+
+
 def test_optimizer_argument_checks():
     for make, match in [(lambda: SGD(lr=0), "lr"), (lambda: SGD(0.1, momentum=1.0), "momentum"),
                         (lambda: SGD(0.1, nesterov=True), "nesterov"), (lambda: Adam(betas=(0.9,)), "betas"),

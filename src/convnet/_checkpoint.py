@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from typing import Any
 
 import numpy as np
 
+from ._npz import NpzArchive
 from .model import TRAINING_STATE_PREFIX, ModelFileError, Sequential, _atomic_savez, _digest, load
 from .optim import Optimizer
 
 FORMAT_NAME = "convnet.training"
 FORMAT_VERSION = 1
 _STATE_KEY = TRAINING_STATE_PREFIX
+#: Largest training-state JSON read (the history grows by ~200 bytes an epoch).
+MAX_STATE_BYTES = 64 << 20
 
 
 class ResumeError(ValueError):
@@ -123,32 +125,44 @@ class Checkpoint:
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by :func:`save`; ``ResumeError`` if it holds no usable state."""
+    """Read a checkpoint written by :func:`save`; ``ResumeError`` if it holds no usable state.
+
+    Like :func:`convnet.load`, it checks every size before allocating: the optimizer
+    arrays must have their parameters' shapes and dtypes, the JSON at most
+    ``MAX_STATE_BYTES``.
+    """
     path = os.fspath(path)
     model = load(path)  # FileNotFoundError / ModelFileError for a missing or bad model file
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if _STATE_KEY not in data.files:
-                raise ResumeError(f"{path} holds no training state to resume from (a finished model, or one "
-                                  f"saved with model.save); train without resuming to start anew")
-            raw = data[_STATE_KEY]
-            arrays = {name[len(_STATE_KEY) + 1:]: data[name] for name in data.files
-                      if name.startswith(_STATE_KEY + "/")}
-    except ResumeError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ResumeError(f"{path}: training state is truncated or corrupted ({exc})") from None
+    params = {p.name: p.data for p in model.parameters()}
+    with NpzArchive(path, ResumeError) as npz:
+        if _STATE_KEY not in npz.members:
+            raise ResumeError(f"{path} holds no training state to resume from (a finished model, or one "
+                              f"saved with model.save); train without resuming to start anew")
+        raw = npz.read_small(_STATE_KEY, MAX_STATE_BYTES)
+        arrays: dict[str, np.ndarray] = {}
+        for name in npz.members:
+            if not name.startswith(_STATE_KEY + "/"):
+                continue
+            key = name[len(_STATE_KEY) + 1:]
+            pname = key.rsplit("/", 1)[0]
+            head = npz.header(name)
+            target = params.get(pname)
+            if target is None or head.shape != target.shape or head.dtype.newbyteorder("=") != target.dtype:
+                raise ResumeError(f"{path}: training state is corrupted (optimizer array {key} {head.dtype} "
+                                  f"{head.shape} does not fit the model)")
+            arrays[key] = np.empty(target.shape, target.dtype)
+            npz.read_into(name, arrays[key])
     if raw.shape != () or raw.dtype.kind != "U":
         raise ResumeError(f"{path}: training state is not a JSON string")
     try:
         state = json.loads(str(raw))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ResumeError(f"{path}: training state JSON is corrupted ({type(exc).__name__})") from None
-    _check_state(path, state, arrays, model)
+    _check_state(path, state, arrays)
     return Checkpoint(path, model, state, arrays)
 
 
-def _check_state(path: str, state: Any, arrays: dict[str, np.ndarray], model: Sequential) -> None:
+def _check_state(path: str, state: Any, arrays: dict[str, np.ndarray]) -> None:
     def bad(what: str) -> ResumeError:
         return ResumeError(f"{path}: training state is corrupted ({what})")
 
@@ -173,11 +187,6 @@ def _check_state(path: str, state: Any, arrays: dict[str, np.ndarray], model: Se
         raise bad(f"optimizer arrays {sorted(set(arrays) ^ listed)[:3]} listed or stored alone")
     if state.get("sha256") != _digest({f"{_STATE_KEY}/{k}": v for k, v in arrays.items()}):
         raise bad("optimizer state checksum mismatch")
-    params = {p.name: p.data for p in model.parameters()}
-    for name, value in arrays.items():
-        pname = name.rsplit("/", 1)[0]
-        if pname not in params or value.shape != params[pname].shape or value.dtype != params[pname].dtype:
-            raise bad(f"optimizer array {name} {value.dtype} {value.shape} does not fit the model")
 
 
 def restore(ckpt: Checkpoint, model: Sequential, optimizer: Optimizer, settings: dict[str, Any],

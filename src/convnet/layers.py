@@ -445,14 +445,22 @@ class MaxPool2d(_Pool2d):
     """
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        y = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        if self.training:  # the arg-max kept for backward routes the error without a second max
+            y, self._argmax = F.max_pool2d_with_argmax(x, self.kernel_size, self.stride, self.padding)
+        else:
+            y, self._argmax = F.max_pool2d(x, self.kernel_size, self.stride, self.padding), None
         self._x = x
         return y
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         if not input_grad:
             return None
-        return F.max_pool2d_backward(dy, self._cached("_x"), self.kernel_size, self.stride, self.padding)
+        return F.max_pool2d_backward(dy, self._cached("_x"), self.kernel_size, self.stride, self.padding,
+                                     argmax=getattr(self, "_argmax", None))
+
+    def clear_cache(self) -> None:
+        super().clear_cache()
+        self._argmax = None
 
 
 class AvgPool2d(_Pool2d):
