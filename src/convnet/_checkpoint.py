@@ -68,7 +68,9 @@ def layer_rngs(layers: list, prefix: str = "") -> dict[str, np.random.Generator]
 
 def optimizer_config(optimizer: Optimizer) -> dict[str, Any]:
     """Hyperparameters that must match for a resumed run (``lr`` follows the schedule)."""
-    return _jsonable({k: v for k, v in sorted(vars(optimizer).items()) if k not in ("state", "lr")})
+    # Private attributes are working memory (Adam's flat moment buffers), not settings.
+    return _jsonable({k: v for k, v in sorted(vars(optimizer).items())
+                      if k not in ("state", "lr") and not k.startswith("_")})
 
 
 def data_digest(x: np.ndarray, y: np.ndarray) -> str:
