@@ -307,3 +307,30 @@ def test_resumed_training_restores_batch_norm_running_estimates(tmp_path):
         assert n == m and np.array_equal(a, b), n
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert np.array_equal(p.data, q.data), p.name
+
+
+def test_state_dict_of_a_resnet_has_pytorch_names_and_order():
+    model = convnet.resnet(8, width=4, rng=0)
+    sd = model.state_dict()
+    names = list(sd)
+    assert names[:7] == ["0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                         "1.num_batches_tracked", "3.body.0.weight"]
+    assert "5.shortcut.1.running_var" in names and names[-2:] == ["11.weight", "11.bias"]
+    other = convnet.resnet(8, width=4, rng=1)
+    other.load_state_dict(sd)
+    for (n, a), (m, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert n == m and np.array_equal(a, b)
+    try:
+        import torch
+    except Exception:
+        return  # the torch round trip needs torch (the bench extra)
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from _network import torch_twin
+
+    twin = torch_twin(convnet.resnet(8, width=4, rng=2), torch)
+    assert list(twin.state_dict()) == names  # same names, same order
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    twin.eval()
+    np.testing.assert_allclose(model.predict(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-4)
