@@ -670,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message, code = f"{exc} (set CONVNET_DEBUG=1 for a traceback)", 1
+    except MemoryError as exc:
+        # Files are checked before allocating; this is the last line of defence (e.g. a
+        # model too big for this machine), still one line.
+        if debug:
+            raise
+        message, code = f"out of memory ({exc or 'MemoryError'})", 1
     print(f"convnet {args.command}: error: {message}", file=sys.stderr)
     return code
 
