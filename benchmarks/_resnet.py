@@ -1,7 +1,8 @@
 """ResNet and batch-norm figures for ``benchmarks/bench.py``.
 
 * Training step throughput (images/s) of the CIFAR ResNets (``convnet.resnet``, depth 8
-  and 20) on 32x32x3 batches of 128: forward, cross-entropy, backward (no input
+  and 20) and of the depthwise-separable ``convnet.models.mobilenet`` on 32x32x3 batches
+  of 128: forward, cross-entropy, backward (no input
   gradient) and an SGD step with momentum and weight decay, convnet next to the same
   network in PyTorch (built by ``_network.torch_twin``, same weights), with the same
   threads. Before timing, one training-mode batch's logits, loss and every parameter
@@ -77,22 +78,22 @@ def _check(model: Any, tmodel: Any, x: np.ndarray, y: np.ndarray, torch: Any) ->
             "worst_rel_err": errs[worst], "tol": TOLERANCE, "arrays": len(errs)}
 
 
-def _train_steps(depth: int, torch: Any, rounds: int, seed: int) -> dict[str, Any]:
+def _train_steps(name: str, torch: Any, rounds: int, seed: int) -> dict[str, Any]:
     import convnet
     from convnet.losses import CrossEntropyLoss
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((BATCH, 3, 32, 32), dtype=np.float32)
     y = rng.integers(0, 10, BATCH)
-    model = convnet.resnet(depth, rng=seed)
-    name = f"resnet{depth}"
+    build = convnet.models.MODELS[name][0]
+    model = build(num_classes=10, input_shape=(3, 32, 32), rng=seed)
     result: dict[str, Any] = {"network": name, "batch": BATCH, "parameters": model.num_parameters()}
     tmodel = None
     if torch is not None:
         from _network import torch_twin  # type: ignore[import-not-found]
 
         tmodel = torch_twin(model, torch)
-        exact = convnet.resnet(depth, rng=seed, dtype=np.float64)
+        exact = build(num_classes=10, input_shape=(3, 32, 32), rng=seed).astype(np.float64)
         result["check"] = check = _check(exact, torch_twin(exact, torch), x[:16].astype(np.float64), y[:16], torch)
         if not check["pass"]:
             result["status"] = "FAILED"
@@ -172,10 +173,13 @@ def _batch_norm(shape: tuple[int, ...], torch: Any, rounds: int, seed: int) -> d
     return result
 
 
-def run_resnets(opts: Any, torch: Any, depths: tuple[int, ...] = (8, 20)) -> dict[str, Any]:
-    """The ResNet training-step and batch-norm rows, with ``lines`` for the text report."""
+NETWORKS = ("resnet8", "resnet20", "mobilenet")
+
+
+def run_resnets(opts: Any, torch: Any, networks: tuple[str, ...] = NETWORKS) -> dict[str, Any]:
+    """The ResNet / depthwise-net training-step and batch-norm rows, with ``lines`` for the text report."""
     rounds = 3 if opts.budget_s < 1 else 5
-    nets = [_train_steps(d, torch, rounds, opts.seed) for d in depths]
+    nets = [_train_steps(name, torch, rounds, opts.seed) for name in networks]
     norms = [_batch_norm(s, torch, rounds * 2, opts.seed) for s in BN_SHAPES]
     lines = [f"training step, batch {BATCH} of 32x32x3, SGD (momentum, weight decay); median of "
              f"{2 * rounds} interleaved steps"]
@@ -183,7 +187,7 @@ def run_resnets(opts: Any, torch: Any, depths: tuple[int, ...] = (8, 20)) -> dic
         if r["status"] != "ok":
             lines.append(f"  {r['network']}: {r['status']}: {r['reason']}")
             continue
-        line = (f"  {r['network']:9s} ({r['parameters']:,} params): convnet {r['convnet']['images_per_s']:6.0f} "
+        line = (f"  {r['network']:9s} ({r['parameters']:>7,} params): convnet {r['convnet']['images_per_s']:6.0f} "
                 f"images/s ({r['convnet']['step_median_s'] * 1e3:.0f} ms/step)")
         if "torch" in r:
             line += (f", torch {r['torch']['images_per_s']:6.0f} images/s ({r['torch']['step_median_s'] * 1e3:.0f} "

@@ -83,3 +83,17 @@ def test_width_and_classes():
     assert convnet.models.build("resnet14", 10, (3, 32, 32)).num_parameters() == 175_258
     with pytest.raises(ValueError, match="model must be one of lenet, resnet8"):
         convnet.models.build("vgg", 10, (3, 32, 32))
+
+
+def test_mobilenet_is_depthwise_separable():
+    model = convnet.models.mobilenet()
+    convs = [layer for layer in model if isinstance(layer, L.Conv2d)]
+    depthwise = [c for c in convs if c.groups > 1]
+    assert len(depthwise) == 6 and all(c.groups == c.in_channels == c.out_channels for c in depthwise)
+    assert all(c.weight.shape[1] == 1 for c in depthwise)  # one 3x3 filter per channel
+    assert [c.stride for c in depthwise] == [1, 2, 1, 2, 1, 2]
+    assert model.num_parameters() == 73_130
+    assert model.predict(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+    assert convnet.models.build("mobilenet", 4, (3, 16, 16)).predict(np.zeros((1, 3, 16, 16), np.float32)).shape \
+        == (1, 4)
+

@@ -2,7 +2,9 @@
 
 * :func:`lenet`: the LeNet-style network ``convnet train`` trains on digits by default;
 * :func:`resnet`: the CIFAR-10 ResNets of He et al., "Deep Residual Learning for Image
-  Recognition" (CVPR 2016), section 4.2 (ResNet-8, -14, -20, -32, ...).
+  Recognition" (CVPR 2016), section 4.2 (ResNet-8, -14, -20, -32, ...);
+* :func:`mobilenet`: a small depthwise-separable network (MobileNet blocks, Howard et al.
+  2017) for 32x32 images.
 
 Each network comes with the recipe ``convnet train`` uses for it (:data:`RECIPES`), so a
 benchmark or a script can train it the same way without importing the command line.
@@ -33,7 +35,7 @@ from .layers import (
 )
 from .model import Sequential
 
-__all__ = ["lenet", "resnet", "Recipe", "RECIPES", "MODELS", "build"]
+__all__ = ["lenet", "resnet", "mobilenet", "Recipe", "RECIPES", "MODELS", "build"]
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,44 @@ def resnet(depth: int = 20, num_classes: int = 10, width: int = 16, *, input_sha
     return Sequential(*layers, input_shape=(c, h, w))
 
 
+def separable_block(c_in: int, c_out: int, stride: int, gen: np.random.Generator, dtype: Any) -> list:
+    """MobileNet's block: a 3x3 depthwise conv (``groups=c_in``: one filter per channel), BN,
+    ReLU, then a 1x1 pointwise conv that mixes the channels, BN, ReLU."""
+    depthwise = Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False, rng=gen, dtype=dtype)
+    depthwise.set_param("weight", gen.normal(0.0, math.sqrt(2.0 / 9), depthwise.weight.shape))
+    return [depthwise, BatchNorm2d(c_in, dtype=dtype), ReLU(),
+            _he_conv(c_in, c_out, 1, 1, gen, dtype), BatchNorm2d(c_out, dtype=dtype), ReLU()]
+
+
+#: (output channels as a multiple of ``width``, stride) of each separable block of :func:`mobilenet`.
+MOBILENET_BLOCKS = ((2, 1), (4, 2), (4, 1), (8, 2), (8, 1), (16, 2))
+
+
+def mobilenet(num_classes: int = 10, width: int = 16, *, input_shape: Sequence[int] = (3, 32, 32),
+              rng: RngLike = 0, dtype: Any = np.float32) -> Sequential:
+    """A small depthwise-separable network for 32x32 images, after MobileNet v1 (Howard et al.
+    2017): a 3x3 conv with ``width`` filters (BN, ReLU), six separable blocks
+    (:func:`separable_block`) widening to 2, 4, 4, 8, 8, 16 x ``width`` channels with stride 2
+    at the 2nd, 4th and 6th (32x32 -> 4x4), global average pooling and a linear layer.
+    With ``width=16``: 73K parameters (ResNet-20: 272K).
+
+    Returns
+    -------
+    Sequential of plain layers (no nesting): depthwise convs are ``Conv2d(c, c, 3, groups=c)``.
+    """
+    num_classes = _args.positive_int(num_classes, "num_classes")
+    width = _args.positive_int(width, "width")
+    c, h, w = _input_shape(input_shape)
+    gen = _as_rng(rng)
+    layers: list = [_he_conv(c, width, 3, 1, gen, dtype), BatchNorm2d(width, dtype=dtype), ReLU()]
+    c_in = width
+    for mult, stride in MOBILENET_BLOCKS:
+        layers += separable_block(c_in, mult * width, stride, gen, dtype)
+        c_in = mult * width
+    layers += [AdaptiveAvgPool2d(1), Flatten(), Linear(c_in, num_classes, rng=gen, dtype=dtype)]
+    return Sequential(*layers, input_shape=(c, h, w))
+
+
 #: Networks by the name ``convnet train --model`` takes: ``name -> (builder, recipe)``;
 #: each builder takes ``num_classes``, ``input_shape``, ``rng``.
 MODELS: dict[str, tuple[Callable[..., Sequential], Recipe]] = {
@@ -183,6 +223,7 @@ MODELS: dict[str, tuple[Callable[..., Sequential], Recipe]] = {
     "resnet8": (lambda **kw: resnet(8, **kw), RESNET_RECIPE),
     "resnet14": (lambda **kw: resnet(14, **kw), RESNET_RECIPE),
     "resnet20": (lambda **kw: resnet(20, **kw), RESNET_RECIPE),
+    "mobilenet": (mobilenet, RESNET_RECIPE),
 }
 RECIPES = {name: recipe for name, (_, recipe) in MODELS.items()}
 
