@@ -9,6 +9,7 @@ Subcommands, one ``cmd_<name>(args) -> int`` function each, registered in
 * ``convnet summary MODEL``: the architecture, output shapes and parameter counts.
 * ``convnet plot MODEL --out DIR``: PNG pictures of a saved model (needs matplotlib).
 * ``convnet explain [conv|backward|pool]``: the tutorial's worked examples, step by step.
+* ``convnet serve [MODEL]``: a local web page to draw digits and watch the network (``serve.py``).
 
 User mistakes (missing files, bad option values, corrupted models) print one line
 ``convnet: error: ...`` to stderr and exit with status 2 (bad usage) or 1 (anything
@@ -329,9 +330,46 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if mismatches else 0
 
 
+def _add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="a local web page: draw a digit and watch the network see it",
+                       description="Serve a page where you draw a digit and see the class probabilities, the "
+                                   "feature maps of every conv and pooling layer and the saliency map as you draw; "
+                                   "step through the tutorial's worked examples; train a network and watch its "
+                                   "learning curve and filters. Listens on 127.0.0.1 (this machine only) unless "
+                                   "--host says otherwise; Ctrl-C stops it.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help=f"model file (default {DEFAULT_OUT}, which `make demo` / `convnet train` write; "
+                        f"trained first when missing)")
+    p.add_argument("--port", type=_checked(int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535"),
+                   default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1); 0.0.0.0 opens the page to other machines")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``convnet serve [MODEL]``: serve the page until Ctrl-C."""
+    from . import serve
+    from .model import load
+
+    path = DEFAULT_OUT if args.model is None else args.model
+    if args.model is None and not os.path.exists(path):
+        print(f"no model at {path} yet: training the default network first (convnet train)", flush=True)
+        cmd_train(build_parser().parse_args(["train", "--out", path]))
+    model = load(path)
+    try:
+        server = serve.make_server(model, args.host, args.port, model_name=path)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host} port {args.port}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CliError(f"{path}: {exc}") from None
+    return serve.run_server(server)
+
+
 # Each entry adds one subcommand's parser (which sets `func`); add new subcommands here.
 SUBCOMMANDS: list[Callable] = [_add_train_parser, _add_evaluate_parser, _add_summary_parser,
-                               _add_plot_parser, _add_explain_parser]
+                               _add_plot_parser, _add_explain_parser, _add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
