@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.installed-lint
 
 # torch is optional (the harness compares against it when importable); override TORCH to
 # pick another build, or set TORCH= to skip it.
@@ -10,7 +11,7 @@ TORCH ?= torch==2.13.0
 # OpenBLAS reads these to force a CPU kernel; benchmarks let it pick the one for this CPU.
 BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 
-.PHONY: test demo bench bench-train venv clean
+.PHONY: test lint demo bench bench-train venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +21,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $(LINT_STAMP)
+
 test: $(STAMP)
 	$(PY) -m pytest -q
+	@echo "engine tests again on the numpy fallback of the GEMM (CONVNET_BLAS_FALLBACK=1):"
+	CONVNET_BLAS_FALLBACK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_core.py tests/test_functional.py
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 
 demo: $(STAMP)
 	$(VENV)/bin/convnet train

@@ -127,12 +127,15 @@ def _summary(history: list[dict[str, Any]], images: int) -> dict[str, Any]:
 
 
 def _fit_blas_threads() -> Any:
-    """The BLAS thread count ``convnet.fit`` trains with by default (None: it leaves the pool alone)."""
+    """The BLAS thread setting ``convnet.fit`` trains with by default ("auto" or a count)."""
     import inspect
 
     import convnet
+    from convnet import _blas
+
     param = inspect.signature(convnet.fit).parameters.get("blas_threads")
-    return None if param is None else param.default
+    default = None if param is None else param.default
+    return _blas.resolve_threads(None) if default is None else default
 
 
 def run_network(opts: Any, torch: Any) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import statistics
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -142,15 +143,15 @@ def blas_threads(threads: int | None) -> Iterator[str | None]:
     Yields a note for the report when the limit could not be applied (no
     threadpoolctl), else None.
     """
-    if threads is None:
-        yield None
-        return
+    from convnet._blas import limit_blas_threads
+
     try:
-        from threadpoolctl import threadpool_limits
+        import threadpoolctl  # noqa: F401
     except ImportError:
-        yield f"numpy BLAS threads NOT set to {threads}: threadpoolctl is not installed"
+        note = None if threads is None else f"numpy BLAS threads NOT set to {threads}: threadpoolctl is not installed"
+        yield note
         return
-    with threadpool_limits(limits=threads, user_api="blas"):
+    with limit_blas_threads(threads):
         yield None
 
 
@@ -223,7 +224,7 @@ class OtherLoad:
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self._busy0 = self._busy_s()
         t = os.times()
         self._own0, self._wall0 = t.user + t.system, time.perf_counter()

@@ -37,8 +37,9 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -157,11 +158,13 @@ class Options:
     memory: bool = True
     profile: bool = False        # cProfile the vectorized forward + backward (where its time goes)
     threads: int | None = None   # BLAS and torch threads (None: torch gets every core, BLAS as set)
+    loaded: bool = True          # idle vs loaded figures: 1 and 2 threads and "auto", with busy processes
+    loaded_rounds: int = 5
     seed: int = 0
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "Options":
-        base = dict(network=False, ref_images=1, ref_budget_s=0.3, budget_s=0.2, min_repeats=2,
+    def quick(cls, **overrides: Any) -> Options:
+        base = dict(network=False, loaded=False, ref_images=1, ref_budget_s=0.3, budget_s=0.2, min_repeats=2,
                     gemm_n=1024)
         base.update(overrides)
         return cls(**base)
@@ -482,6 +485,13 @@ def network_throughput(opts: Options, torch: Any) -> dict[str, Any]:
     return run_network(opts, torch)
 
 
+def loaded_figures(opts: Options, torch: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """The default network's step and the cifar conv layer, idle and with busy processes."""
+    import _loaded  # type: ignore[import-not-found]
+
+    return _loaded.run_loaded(torch, SUITE["cifar"], rounds=opts.loaded_rounds, log=log)
+
+
 # --------------------------------------------------------------------------- targets
 
 def evaluate_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -577,6 +587,8 @@ def render(report: dict[str, Any]) -> str:
     thr = report["threads"]
     out.append(f"threads: numpy BLAS {thr['numpy_blas']}, torch {thr['torch']} "
                f"(os.cpu_count() = {thr['cpu_count']})" + (f"; {thr['note']}" if thr.get("note") else ""))
+    if report.get("gemm_path"):
+        out.append(f"convnet GEMM: {report['gemm_path']}")
     if m["env"]:
         out.append("env: " + " ".join(f"{k}={v}" for k, v in m["env"].items()))
     out.append(f"torch: {report['torch']}")
@@ -683,6 +695,15 @@ def render(report: dict[str, Any]) -> str:
             for line in net.get("lines", []):
                 out.append("  " + line)
 
+    loaded = report.get("loaded")
+    if loaded is not None:
+        out.append("")
+        if loaded.get("status") == "ERROR":
+            out.append(f"Idle and loaded: ERROR {loaded.get('reason', '')}")
+        else:
+            import _loaded  # type: ignore[import-not-found]
+            out += _loaded.render_loaded(loaded)
+
     out.append("")
     out.append("Targets (issue 4):")
     rows = []
@@ -764,7 +785,9 @@ def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str]
         "dtype": str(DTYPE),
     }
     import convnet
+    from convnet import _blas
     report["convnet"] = getattr(convnet, "__version__", None)
+    report["gemm_path"] = str(_blas.backend())
     log(f"measuring the float32 GEMM rate ({opts.gemm_n}x{opts.gemm_n}) ...")
     with _timing.OtherLoad() as load:
         report["gemm"] = _timing.gemm_rate(opts.gemm_n, budget_s=opts.budget_s,
@@ -796,9 +819,18 @@ def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str]
                                  "traceback": traceback.format_exc()}
             log(report["network"]["traceback"])
         report["network"]["other_load"] = load.fraction
+    if opts.loaded:
+        log("idle and loaded: BLAS threads with competing busy processes ...")
+        try:
+            report["loaded"] = loaded_figures(opts, torch, log)
+        except Exception as exc:
+            report["loaded"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
+                                "traceback": traceback.format_exc()}
+            log(report["loaded"]["traceback"])
     report["targets"] = evaluate_targets(cases)
 
-    network_ok = report.get("network", {}).get("status") not in ("ERROR", "FAILED")
+    network_ok = report.get("network", {}).get("status") not in ("ERROR", "FAILED") \
+        and report.get("loaded", {}).get("status") != "ERROR"
     report["ok"] = all(c.get("status") == "ok" for c in cases) and network_ok
     return report
 
@@ -839,6 +871,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true", help="do not run the loop reference")
     p.add_argument("--no-torch", action="store_true", help="do not use torch even if importable")
     p.add_argument("--no-network", action="store_true", help="skip the whole-network training figure")
+    p.add_argument("--loaded", action=argparse.BooleanOptionalAction, default=None,
+                   help="idle vs loaded figures: the default network's training step and the cifar conv "
+                        "layer with 1 and 2 BLAS threads and 'auto', vs torch, while the harness runs 0, 1 "
+                        "and 2 busy processes of its own (default: on for the whole suite, off with --quick)")
+    p.add_argument("--loaded-rounds", type=int, default=None, metavar="N",
+                   help="interleaved rounds per condition of the idle vs loaded figures (5)")
     p.add_argument("--ref-images", type=int, default=None, help="images the loop reference runs on")
     p.add_argument("--ref-limit", type=float, default=None,
                    help="skip a loop-reference phase (forward, forward+backward) where one image "
@@ -866,6 +904,12 @@ def main(argv: list[str] | None = None) -> int:
     opts.torch = not args.no_torch
     opts.network = opts.network and not args.no_network
     opts.profile = args.profile
+    if args.loaded is not None:
+        opts.loaded = args.loaded
+    if args.loaded_rounds is not None:
+        if args.loaded_rounds < 1:
+            raise SystemExit(f"--loaded-rounds must be >= 1, got {args.loaded_rounds}")
+        opts.loaded_rounds = args.loaded_rounds
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -888,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes: list[ConvShape | PoolShape] = [SUITE[n] for n in (args.shape or [])] + args.conv + args.pool
     if shapes:
         opts.network = False  # the network figure belongs to the whole suite
+        opts.loaded = bool(args.loaded)  # and so do the loaded figures, unless asked for
     else:
         shapes = CONV_SUITE + POOL_SUITE
     report = run(shapes, opts)

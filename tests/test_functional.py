@@ -10,7 +10,6 @@ from scipy.signal import correlate
 import convnet.functional as F
 from convnet import core, reference
 from convnet.gradcheck import check_backward
-
 from strategies import conv_cases, pool_cases, readonly, tol
 
 PROPS = settings(max_examples=100, deadline=None)
@@ -117,7 +116,7 @@ def test_cached_backward_equals_uncached(case, algo):
 @PROPS
 @given(conv_cases(max_c=20, max_f=20, max_hw=7))
 def test_taps_and_im2col_agree_at_the_auto_threshold(case):
-    """Channel counts around TAPS_MIN_CHANNELS exercise both choices of "auto"."""
+    """Channel counts around the plan's taps_min_channels exercise both choices of "auto"."""
     algos = algos_for(case)
     outs = [F.conv2d(case.x, case.weight, case.bias, **case.kwargs, algo=a) for a in algos]
     grads = [F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, algo=a) for a in algos]

@@ -5,8 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convnet.gradcheck import (DEFAULT_EPS, GradCheckReport, check_backward, check_gradient,
-                               numerical_gradient)
+from convnet.gradcheck import DEFAULT_EPS, GradCheckReport, check_backward, check_gradient, numerical_gradient
 
 
 def _rng(seed=0):

@@ -8,16 +8,15 @@ import struct
 import subprocess
 import sys
 
+# matplotlib is in the [test] extra: a missing one fails here loudly instead of skipping.
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from convnet import plot
 from convnet import layers as L
+from convnet import plot
 from convnet.gradcheck import numerical_gradient
 from convnet.model import Sequential, lenet
-
-# matplotlib is in the [test] extra: a missing one fails here loudly instead of skipping.
-import matplotlib.image as mpimg  # noqa: E402
 
 
 def png_size(path: str) -> tuple[int, int]:

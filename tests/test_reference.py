@@ -6,13 +6,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import golden
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import signal
 
+import golden
 from convnet import reference as R
 from convnet._args import padding_pads
 from convnet.gradcheck import check_backward
@@ -254,7 +254,7 @@ def test_pool_backward_matches_numerical_gradient(problem):
     dy = np.random.default_rng(seed + 1).standard_normal(y.shape)
     for forward, backward in ((R.max_pool2d, R.max_pool2d_backward), (R.avg_pool2d, R.avg_pool2d_backward)):
         dx = backward(dy, x, kernel, stride, padding)
-        report = check_backward(lambda x: forward(x, kernel, stride, padding), [x], dy, [dx],
+        report = check_backward(lambda x, forward=forward: forward(x, kernel, stride, padding), [x], dy, [dx],
                                 rtol=1e-6, atol=1e-6)
         assert report.ok, f"{forward.__name__}:\n{report}"
 

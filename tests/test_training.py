@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 import convnet
+from convnet import _blas
 from convnet import layers as L
+from convnet.datasets import random_shift
 from convnet.gradcheck import numerical_gradient
 from convnet.layers import Parameter
 from convnet.losses import CrossEntropyLoss, MSELoss
 from convnet.model import Sequential
-from convnet.datasets import random_shift
 from convnet.optim import SGD, Adam, cosine_schedule
-from convnet.training import (TrainingDivergedError, confusion_matrix, evaluate, fit, format_epoch,
-                               limit_blas_threads)
+from convnet.training import TrainingDivergedError, confusion_matrix, evaluate, fit, format_epoch, limit_blas_threads
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +100,76 @@ def test_blas_threads_are_limited_during_training(digits):
     during.clear()
     model = Sequential(L.Flatten(), Spy())
     model.predict(x[:2], blas_threads=1)
-    model.predict(x[:2])  # the default leaves the pool alone
-    assert during == [[1] * len(before), before]
+    model.predict(x[:2])  # the default: the thread policy's choice for numpy's pool, at most its size
+    assert during[0] == [1] * len(before)
+    numpy_pool = [p["filepath"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"].index(
+        _blas.backend().library)
+    assert during[1][numpy_pool] == _blas.policy().threads <= before[numpy_pool]
+    assert blas_threads() == before
     with pytest.raises(ValueError, match="blas_threads"):
         fit(small_cnn(), x, y, blas_threads=0, progress=False)
+    with pytest.raises(ValueError, match="blas_threads"):
+        model.predict(x[:2], blas_threads="fast")
+
+
+def test_environment_sets_the_default_threads(digits, monkeypatch):
+    import threadpoolctl
+
+    x = digits[0]
+    seen = []
+
+    class Spy(L.ReLU):
+        def forward(self, x):
+            seen.extend(p["num_threads"] for p in threadpoolctl.threadpool_info()
+                        if p["filepath"] == _blas.backend().library)
+            return super().forward(x)
+
+    monkeypatch.setenv(_blas.THREADS_ENV, "1")
+    Sequential(L.Flatten(), Spy()).predict(x[:2])
+    assert seen == [1]
+    monkeypatch.setenv(_blas.THREADS_ENV, "0")
+    with pytest.raises(ValueError, match=_blas.THREADS_ENV):
+        Sequential(L.Flatten(), Spy()).predict(x[:2])
+
+
+def test_auto_threads_follow_the_load_step_by_step(digits, monkeypatch):
+    """fit consults the policy every step: fake readings, idle then loaded, drive the pool."""
+    if _blas.get_num_threads() is None or _blas.get_num_threads() < 2 or _blas.usable_cpus() < 2:
+        pytest.skip("needs a controllable BLAS pool of at least 2 threads on 2 CPUs")
+    state = {"now": 0.0, "busy": 0.0, "others": 0.0}
+
+    def clock():  # every reading of the clock is 0.3 s later: each step may re-decide
+        state["now"] += 0.3
+        state["busy"] += 0.3 * state["others"]
+        return state["now"]
+
+    applied = []
+
+    def apply(n):
+        applied.append(n)
+        _blas.set_num_threads(n)
+
+    fake = _blas.ThreadPolicy(cpus=2, busy=lambda: state["busy"], own=lambda: 0.0, clock=clock, apply=apply)
+    monkeypatch.setattr(_blas, "_POLICY", fake)
+    pool = []
+
+    def on_step(layer_x):
+        pool.append(_blas.get_num_threads())
+        if len(pool) == 4:
+            state["others"] = 1.5  # other processes start using the machine
+
+    class Spy(L.ReLU):
+        def forward(self, x):
+            on_step(x)
+            return super().forward(x)
+
+    x, y, _, _ = digits
+    before = _blas.get_num_threads()
+    model = Sequential(L.Conv2d(1, 2, 3, rng=0), Spy(), L.Flatten(), L.Linear(2 * 26 * 26, 10, rng=1))
+    fit(model, x[:256], y[:256], epochs=1, batch_size=32, progress=False)
+    assert applied == [2, 1]  # idle, then loaded; applied only when the choice changes
+    assert pool[:4] == [2, 2, 2, 2] and pool[-1] == 1 and len(pool) == 8
+    assert _blas.get_num_threads() == before
 
 
 def test_history_format_and_validation_split(digits):

@@ -7,32 +7,121 @@ before any work is done.
 
 from __future__ import annotations
 
-from typing import Union
+import math
 
 import numpy as np
 
-IntOrPair = Union[int, tuple[int, int]]
-Padding = Union[int, tuple[int, int], str]
+IntOrPair = int | tuple[int, int]
+Padding = int | tuple[int, int] | str
 # ((top, bottom), (left, right)): "same" with an even kernel needs uneven sides.
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+# --------------------------------------------------------------------------- scalars
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type.
+
+    A ``TypeError``; also a ``ValueError`` because the checks it replaced raised that,
+    and callers catch it.
+    """
+
+
+def is_int(value: object) -> bool:
+    """True for Python and numpy integers; False for bools (``True`` is not a size)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: object) -> bool:
+    """True for Python and numpy integers and floats; False for bools and complex numbers."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def integer(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as a Python int in ``[minimum, maximum]`` (either bound optional), or raise.
+
+    The message names the argument and the value, e.g. ``epochs must be a positive int, got 0``.
+    """
+    if minimum == 1 and maximum is None:
+        what = "a positive int"
+    elif minimum == 0 and maximum is None:
+        what = "a non-negative int"
+    elif minimum is None and maximum is None:
+        what = "an int"
+    else:
+        what = f"an int in [{'-inf' if minimum is None else minimum}, {'inf' if maximum is None else maximum}]"
+    if not is_int(value):
+        raise ArgumentTypeError(f"{name} must be {what}, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def positive_int(value: object, name: str) -> int:
+    """Return ``value`` as a Python int >= 1, or raise naming ``name``."""
+    return integer(value, name, 1)
+
+
+def non_negative_int(value: object, name: str) -> int:
+    """Return ``value`` as a Python int >= 0, or raise naming ``name``."""
+    return integer(value, name, 0)
+
+
+def real(value: object, name: str, low: float | None = None, high: float | None = None, *,
+         low_open: bool = False, high_open: bool = False, finite: bool = False, what: str | None = None) -> float:
+    """Return ``value`` as a Python float (so it never upcasts a float32 array), or raise.
+
+    ``low`` / ``high`` bound it (closed unless ``low_open`` / ``high_open``; a bound also
+    refuses nan); ``finite`` refuses inf and nan. Bools and non-numbers are a
+    ``TypeError``, a number out of range a ``ValueError``; both messages say what is
+    expected (``what`` overrides the wording), name the argument and show the value.
+    """
+    if what is None:
+        kind = "finite number" if finite else "number"
+        if low is None and high is None:
+            what = "a finite real number" if finite else "a real number"
+        elif low == 0 and high is None:
+            what = f"a {'positive' if low_open else 'non-negative'} {kind}"
+        else:
+            left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+            right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+            what = f"a {kind} in {left}, {right}"
+    if not is_real(value):
+        raise ArgumentTypeError(f"{name} must be {what}, got {value!r}")
+    v = float(value)
+    above = low is None or (v > low if low_open else v >= low)
+    below = high is None or (v < high if high_open else v <= high)
+    if not (above and below) or (finite and not math.isfinite(v)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def probability(value: object, name: str) -> float:
+    """A drop probability: a real number in ``[0, 1)`` (1 would drop everything)."""
+    return real(value, name, 0.0, 1.0, high_open=True, what="a probability in [0, 1)")
+
+
+def choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``; else raise ``name must be 'a', 'b' or 'c', got ...``."""
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}" if len(choices) > 1 \
+            else repr(choices[0])
+        raise ValueError(f"{name} must be {options}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- geometry
+
 def pair(value: IntOrPair, name: str, minimum: int) -> tuple[int, int]:
     """Return ``value`` as an ``(h, w)`` pair of ints, each at least ``minimum``."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, (int, np.integer)):
+    if is_int(value):
         out = (int(value), int(value))
-    elif (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value)
-    ):
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
         out = (int(value[0]), int(value[1]))
     else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return out
@@ -64,13 +153,6 @@ def padding_pads(padding: Padding, kernel: tuple[int, int], stride: tuple[int, i
     return ((ph, ph), (pw, pw))
 
 
-def real(value: object, name: str) -> float:
-    """Return ``value`` as a Python float (so it never upcasts a float32 array), or raise."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
-
-
 def check_array(x: object, name: str, ndim: int, layout: str) -> np.ndarray:
     """Check that ``x`` is a float32/float64 ndarray of ``ndim`` dimensions."""
     if not isinstance(x, np.ndarray):
@@ -96,11 +178,18 @@ def check_shape(x: np.ndarray, name: str, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
 
 
-def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, axis: str) -> int:
-    """Floor-rule output length ``(H + P0 + P1 - D*(K-1) - 1) // S + 1``, or raise.
+def output_size(size: int, k: int, s: int, pads: tuple[int, int], d: int = 1) -> int:
+    """Output length of one spatial axis of a convolution or pooling window: the floor rule.
 
-    Raises ``ValueError`` when the (dilated) kernel is larger than the padded input.
+    ``OH = (H + P0 + P1 - D*(K-1) - 1) // S + 1``: the number of windows of ``D*(K-1) + 1``
+    inputs, ``S`` apart, that fit in the padded axis. This is the one rule of the
+    vectorized side (the loop reference keeps its own, as an independent witness).
     """
+    return (size + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
+
+
+def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, axis: str) -> int:
+    """:func:`output_size`, or ``ValueError`` when the (dilated) kernel is larger than the padded input."""
     padded = size + pads[0] + pads[1]
     span = d * (k - 1) + 1
     if span > padded:
@@ -108,7 +197,7 @@ def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, 
             f"kernel {axis} extent {span} (kernel_size={k}, dilation={d}) is larger than the "
             f"padded input {axis} {padded} (input {size} + padding {pads[0]}+{pads[1]})"
         )
-    return (padded - span) // s + 1
+    return output_size(size, k, s, pads, d)
 
 
 def conv_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: IntOrPair,
@@ -137,24 +226,31 @@ def conv_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride
     return s, pads, d, (oh, ow)
 
 
-def pool_args(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None, padding: IntOrPair):
-    """Validate pooling arguments; return ``(kernel, stride, pads, (OH, OW))``.
+def pool_params(kernel_size: IntOrPair, stride: IntOrPair | None,
+                padding: IntOrPair) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validate pooling's scalar arguments; return ``(kernel, stride, padding)`` pairs.
 
-    Padding may be at most half the kernel (as in PyTorch), so every window holds
-    at least one real input element.
+    ``stride`` defaults to the kernel. Padding may be at most half the kernel (as in
+    PyTorch), so every window holds at least one real input element.
     """
-    check_array(x, "x", 4, "(N, C, H, W)")
-    if min(x.shape) < 1:
-        raise ValueError(f"empty arrays are not supported: x {x.shape}")
     k = pair(kernel_size, "kernel_size", 1)
     s = k if stride is None else pair(stride, "stride", 1)
     if isinstance(padding, str):
-        raise TypeError(f"padding for pooling must be an int or a pair, got {padding!r}")
+        raise ArgumentTypeError(f"padding for pooling must be an int or a pair, got {padding!r}")
     p = pair(padding, "padding", 0)
     for pi, ki in zip(p, k):
         if 2 * pi > ki:
             raise ValueError(f"padding must be at most half of kernel_size, got padding={padding!r}, "
                              f"kernel_size={kernel_size!r}")
+    return k, s, p
+
+
+def pool_args(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None, padding: IntOrPair):
+    """Validate pooling arguments; return ``(kernel, stride, pads, (OH, OW))`` (see :func:`pool_params`)."""
+    check_array(x, "x", 4, "(N, C, H, W)")
+    if min(x.shape) < 1:
+        raise ValueError(f"empty arrays are not supported: x {x.shape}")
+    k, s, p = pool_params(kernel_size, stride, padding)
     pads = ((p[0], p[0]), (p[1], p[1]))
     oh = out_size_or_raise(x.shape[2], pads[0], k[0], s[0], 1, "height")
     ow = out_size_or_raise(x.shape[3], pads[1], k[1], s[1], 1, "width")

@@ -22,7 +22,8 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 DEFAULT_OUT = os.path.join("out", "convnet_mnist.npz")
 # Default recipe for `convnet train` (see benchmarks/train_mnist.py for its measured time and accuracy).
@@ -145,7 +146,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"training on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
-        f"{num_classes} classes); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, batch size {args.batch_size}, {args.optimizer} lr {lr:g} "
+        f"{num_classes} classes); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, "
+        f"batch size {args.batch_size}, {args.optimizer} lr {lr:g} "
         f"with cosine decay, seed {args.seed}" + (", random 1-pixel shifts" if args.augment else ""), flush=True)
 
     # On a terminal, fit draws a progress bar and prints each epoch's line on stderr;

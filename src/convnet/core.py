@@ -6,9 +6,9 @@ copy moves whole ``H*W`` planes; and since a channel's planes of all images lie 
 side, each convolution pass is *one* matrix multiply over the whole batch.
 
 Geometry, for one spatial axis with input length ``H``, kernel ``K``, stride ``S``,
-dilation ``D`` and pads ``(P0, P1)``::
+dilation ``D`` and pads ``(P0, P1)``, is the floor rule of :func:`convnet._args.output_size`::
 
-    OH = (H + P0 + P1 - D*(K-1) - 1) // S + 1          (the floor rule)
+    OH = (H + P0 + P1 - D*(K-1) - 1) // S + 1
 
 Column layout: ``im2col`` returns the C-contiguous ``(KH*KW*C, N*OH*OW)`` matrix with rows
 ordered ``(kh, kw, c)`` and columns ``(n, oh, ow)``; a weight ``(F, C, KH, KW)`` matches it
@@ -68,17 +68,6 @@ def workspace_limit(nbytes: int) -> Iterator[None]:
         yield
     finally:
         set_workspace_limit(old)
-
-
-def output_size(size: int, k: int, s: int, pads: tuple[int, int], d: int = 1) -> int:
-    """Floor-rule output length of one spatial axis (see module docstring)."""
-    return (size + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
-
-
-def chunks(n: int, per_item_bytes: int) -> list[slice]:
-    """Split ``range(n)`` into slices whose buffers stay under the workspace limit."""
-    step = max(1, min(n, _WORKSPACE_LIMIT // max(per_item_bytes, 1)))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def row_buffer(shape: tuple[int, ...], dtype, fill: float | None = None,

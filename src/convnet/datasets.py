@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _args
+
 __all__ = [
     "Split",
     "IdxFormatError",
@@ -266,12 +268,9 @@ def random_shift(x: np.ndarray, rng: np.random.Generator, max_shift: int = 1) ->
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     n, _, h, w = x.shape
-    if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) \
-            or not 0 <= max_shift < min(h, w):
-        raise ValueError(f"max_shift must be an int in [0, {min(h, w)}), got {max_shift!r}")
-    if max_shift == 0:
+    s = _args.integer(max_shift, "max_shift", 0, min(h, w) - 1)
+    if s == 0:
         return x.copy()
-    s = int(max_shift)
     padded = np.pad(x, ((0, 0), (0, 0), (s, s), (s, s)))
     dy = rng.integers(0, 2 * s + 1, n)
     dx = rng.integers(0, 2 * s + 1, n)

@@ -28,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-from typing import IO, Any, Sequence
+from collections.abc import Sequence
+from typing import IO, Any
 
 import numpy as np
 
 import convnet.functional as F
 import convnet.reference as R
+from convnet import _args
 
 PARTS = ("conv", "backward", "pool")
 
@@ -270,14 +272,8 @@ def _as_weight(weight: object) -> np.ndarray:
 
 
 def _as_pair(value: object, name: str, minimum: int) -> tuple[int, int]:
-    a = np.asarray(value)
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer) or a.ndim > 1 \
-            or (a.ndim == 1 and a.shape[0] != 2):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    pair = (int(a), int(a)) if a.ndim == 0 else (int(a[0]), int(a[1]))
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
+    # Members of a weights .npz arrive as 0-d or (2,) arrays: check them as an int or a pair.
+    return _args.pair(value.tolist() if isinstance(value, np.ndarray) else value, name, minimum)
 
 
 def _conv_setup(x: object, weight: object, bias: object, stride: object, padding: object):
@@ -301,7 +297,7 @@ def _conv_setup(x: object, weight: object, bias: object, stride: object, padding
         if k > size + 2 * pi:
             raise ValueError(f"kernel {axis} {k} is larger than the padded input {axis} {size + 2 * pi} "
                              f"(input {size} + 2*padding {pi}); use a smaller kernel or more padding")
-        out.append((size + 2 * pi - k) // si + 1)
+        out.append(_args.output_size(size, k, si, (pi, pi)))
     return x, weight, bias, s, p, tuple(out)
 
 
@@ -541,7 +537,8 @@ def _pool(out: _Printer, x, dy) -> None:
                 a, b = np.unravel_index(int(np.argmax(win)), win.shape)
                 out.line(f"channel {ci} window ({i}, {j}) {format_array(win.ravel())}: max "
                          f"{_num(win[a, b], True if win[a, b] == round(win[a, b]) else False)} at input "
-                         f"({2 * i + a}, {2 * j + b}) receives {_num(dy[ci, i, j], dy[ci, i, j] == round(dy[ci, i, j]))}")
+                         f"({2 * i + a}, {2 * j + b}) receives "
+                         f"{_num(dy[ci, i, j], dy[ci, i, j] == round(dy[ci, i, j]))}")
     dx = F.max_pool2d_backward(dy[None], x, 2, 2)
     out.array("dx", dx[0])
     out.check("max pooling dx", dx, R.max_pool2d_backward(dy[None], x, 2, 2), "loop reference")

@@ -11,12 +11,13 @@ columns that no window reaches get zero gradient.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 
-from . import _args, _blas, core
+from . import _args, _conv, core
 from ._args import IntOrPair, Padding
+from ._conv import ConvCache
 
 __all__ = [
     "ConvCache", "conv2d", "conv2d_with_cache", "conv2d_backward",
@@ -28,98 +29,23 @@ __all__ = [
 ]
 
 BackwardMethod = Literal["auto", "zero_insert", "col2im"]
+Algo = Literal["auto", "im2col", "taps"]
 
 
 # --------------------------------------------------------------------------- convolution
+# Each op checks its arguments, asks the conv engine (convnet._conv) for the layer's plan
+# and runs it; the tuning policy (algorithms, routes, thresholds, chunks) lives there.
 
-class ConvCache(NamedTuple):
-    """What a conv forward keeps for its backward, so backward does not rebuild it.
-
-    ``algo`` is ``"im2col"`` (``data`` is the column matrix, (KH*KW*C, N*OH*OW)) or
-    ``"taps"`` (``data`` is the padded CNHW input, (C, N, Hp, Wp)). ``key`` identifies
-    the input and geometry, so a stale cache is rejected, not silently used.
-    """
-
-    algo: str
-    data: np.ndarray
-    key: tuple
+def _conv_geometry(x, weight, bias, stride, padding, dilation) -> _conv.Geometry:
+    s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
+    return _conv.Geometry.of(x, weight, s, pads, d, out_hw)
 
 
-Algo = Literal["auto", "im2col", "taps"]
-# With a cache, backward rebuilds the column matrix from a taps forward's padded input; that
-# still won from 16 channels (CIFAR 40-44 vs 43-45 ms, VGG 50-52 vs 55-56 ms fwd + bwd) but
-# lost on LeNet's second layer (C=6: 2.2 vs 1.9 ms).
-CACHED_TAPS_MIN_CHANNELS = 16
-# Taps compute every point of the padded grid; where it is much larger than the output they
-# lose even with many channels (the default LeNet's second conv in training, 14x14 -> 10x10
-# with C=16, F=32: 2.7 ms by im2col and col2im vs 3.1 ms by taps and zero insertion, fwd + bwd).
-MAX_TAPS_GRID_WASTE = 1.3
-# Measured (fwd-only sweeps over C at LeNet/CIFAR sizes, CNHW engine): the per-tap GEMMs
-# of a stride-1 correlation beat im2col + one GEMM from about 6 input channels on.
-TAPS_MIN_CHANNELS = 6
-# The input gradient's col2im route by per-tap GEMMs (core.transposed_taps) writes C rows;
-# it beat dcols + col2im on C=128 (stride 2) and lost on C=1, 6 and 16 (LeNet: 2.8 vs 2.7 ms).
-TRANSPOSED_TAPS_MIN_CHANNELS = 32
-# At stride 1, zero insertion measured faster (fwd + bwd) when both sides are wide (C, F >= 16:
-# CIFAR, VGG); both LeNet layers (C=1, F=6 and C=6, F=16) were faster by col2im
-# (1.9 vs 2.1 ms and 1.8 vs 2.4 ms once scratch arrays removed the page-fault cost).
-ZERO_INSERT_MIN_CHANNELS = 16
-
-
-def _cache_key(x: np.ndarray, weight: np.ndarray, stride, pads, dilation) -> tuple:
-    return (x.shape, x.dtype.str, weight.shape, stride, pads, dilation)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
-        raise ValueError(f"{name} must be {options}, got {value!r}")
-
-
-def _pick_algo(algo: str, stride: tuple[int, int], channels: int, waste: float = 1.0,
-               keep: bool = False) -> str:
-    """Resolve ``algo``; "auto" takes taps where they measured faster: stride 1, enough
-    channels and, when backward follows (``keep``), a padded grid not much larger than the
-    output (``waste``, see :func:`_grid_waste`)."""
-    _check_choice("algo", algo, ("auto", "im2col", "taps"))
-    if algo == "auto":
-        if keep:
-            wide = channels >= CACHED_TAPS_MIN_CHANNELS and waste <= MAX_TAPS_GRID_WASTE
-        else:
-            wide = channels >= TAPS_MIN_CHANNELS
-        return "taps" if stride == (1, 1) and wide else "im2col"
-    if algo == "taps" and stride != (1, 1):
-        raise ValueError(f"algo='taps' needs stride 1, got stride={stride}")
-    return algo
-
-
-def _correlate(xp: np.ndarray, wm: np.ndarray, kernel, stride, dilation, out_hw, algo: str):
-    """CNHW correlation of ``xp`` (C, N, Hp, Wp) with the kernel matrix ``wm`` (F, KH*KW*C).
-
-    Returns ``(y, cols)``: ``y`` is (F, N, OH, OW) (a view for taps), ``cols`` the column
-    matrix or None; both are scratch arrays, dead once the caller has copied ``y`` out.
-    """
-    if algo == "taps":
-        return core.correlate_taps(xp, wm, kernel, dilation, out_hw, reuse="corr.y"), None
-    cols = core.im2col(xp, kernel, stride, dilation, out_hw, reuse="corr.cols")
-    y = core.row_buffer((wm.shape[0], xp.shape[1]) + tuple(out_hw), xp.dtype, reuse="corr.y")
-    _blas.gemm(wm, cols, core.as_matrix(y), beta=0.0)
-    return y, cols
-
-
-def _columns(x: np.ndarray, pads, kernel, stride, dilation, out_hw, reuse: str | None) -> np.ndarray:
-    """The column matrix of NCHW ``x``. Strided layers read ``x`` directly (measured 3.1 vs
-    4.0 ms on the ResNet layer, and no padded copy in memory); at stride 1 im2col of a
-    padded CNHW copy was faster (4.0 vs 4.9 ms on the CIFAR layer)."""
-    if stride != (1, 1):
-        return core.im2col_nchw(x, pads, kernel, stride, dilation, out_hw, reuse=reuse)
-    return core.im2col(core.nchw_to_cnhw(x, pads, reuse="cols.x"), kernel, stride, dilation, out_hw, reuse=reuse)
-
-
-def _workspace_per_image(algo: str, kernel, out_hw, padded_hw, c: int, f: int, itemsize: int) -> int:
-    if algo == "taps":
-        return padded_hw[0] * padded_hw[1] * (c + f) * itemsize
-    return out_hw[0] * out_hw[1] * kernel[0] * kernel[1] * c * itemsize
+def _check_algo(algo: object, g: _conv.Geometry) -> None:
+    _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
+    reason = _conv.unsupported(algo, g)
+    if reason:
+        raise ValueError(reason)
 
 
 def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
@@ -139,7 +65,7 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     padding : int, (h, w), ``"valid"`` or ``"same"`` (stride 1)
     algo : ``"auto"``, ``"im2col"`` or ``"taps"`` (stride 1); see :mod:`convnet.core`.
         Both give the same result up to rounding. ``"auto"`` picks by the forward +
-        backward time measured per layer shape (``CACHED_TAPS_MIN_CHANNELS``).
+        backward time measured per layer shape (the plan of :mod:`convnet._conv`).
 
     Returns
     -------
@@ -148,37 +74,9 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
         None when the batch was processed in chunks because its workspace exceeds
         :func:`convnet.core.get_workspace_limit`.
     """
-    return _conv2d(x, weight, bias, stride, padding, dilation, algo, True)
-
-
-def _grid_waste(grid_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
-    """How many more points a taps correlation computes than it keeps."""
-    return grid_hw[0] * grid_hw[1] / (out_hw[0] * out_hw[1])
-
-
-def _conv2d(x, weight, bias, stride, padding, dilation, algo: str, keep: bool):
-    s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
-    n, c, h, w = x.shape
-    f, _, kh, kw = weight.shape
-    padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
-    algo = _pick_algo(algo, s, c, _grid_waste(padded_hw, out_hw), keep)
-    wm = core.kernel_matrix(weight)
-    y = np.empty((n, f) + out_hw, dtype=x.dtype)
-    slices = core.chunks(n, _workspace_per_image(algo, (kh, kw), out_hw, padded_hw, c, f, x.itemsize))
-    for sl in slices:
-        if algo == "im2col":
-            # Kept columns go to the cache and need their own memory; otherwise scratch.
-            cols, xp = _columns(x[sl], pads, (kh, kw), s, d, out_hw, reuse=None if keep else "fwd.cols"), None
-            core.gemm_into_nchw(wm, cols, y[sl], bias)
-        else:
-            xp = core.nchw_to_cnhw(x[sl], pads)
-            y_cnhw, cols = core.correlate_taps(xp, wm, (kh, kw), d, out_hw, reuse="fwd.y"), None
-            core.cnhw_to_nchw(y_cnhw, y[sl], bias)
-            del y_cnhw
-    cache = None
-    if keep and len(slices) == 1:
-        cache = ConvCache(algo, cols if algo == "im2col" else xp, _cache_key(x, weight, s, pads, d))
-    return y, cache
+    g = _conv_geometry(x, weight, bias, stride, padding, dilation)
+    _check_algo(algo, g)
+    return _conv.forward(x, weight, bias, g, _conv.plan(g, backward=True, algo=algo), keep=True)
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: IntOrPair = 1,
@@ -189,25 +87,9 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, st
     -------
     y : ndarray, shape (N, F, OH, OW)
     """
-    return _conv2d(x, weight, bias, stride, padding, dilation, algo, False)[0]
-
-
-def _auto_method(stride: tuple[int, int], channels: int, filters: int, hw, kernel, dilation) -> str:
-    # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
-    # zeros), so strided layers take the col2im route; so do narrow layers (see
-    # ZERO_INSERT_MIN_CHANNELS) and small maps, whose padded map is much larger than the
-    # input (see MAX_TAPS_GRID_WASTE).
-    wide = min(channels, filters) >= ZERO_INSERT_MIN_CHANNELS
-    grid = (hw[0] + dilation[0] * (kernel[0] - 1), hw[1] + dilation[1] * (kernel[1] - 1))
-    small_waste = _grid_waste(grid, hw) <= MAX_TAPS_GRID_WASTE
-    return "zero_insert" if stride == (1, 1) and wide and small_waste else "col2im"
-
-
-def _dx_algo(route: str, channels: int, filters: int) -> str:
-    """Algorithm of the input gradient's correlation ("im2col" or "taps") for a route."""
-    if route == "zero_insert":  # a stride-1 correlation with F input channels
-        return _pick_algo("auto", (1, 1), filters)
-    return "taps" if channels >= TRANSPOSED_TAPS_MIN_CHANNELS else "im2col"
+    g = _conv_geometry(x, weight, bias, stride, padding, dilation)
+    _check_algo(algo, g)
+    return _conv.forward(x, weight, bias, g, _conv.plan(g, backward=False, algo=algo), keep=False)[0]
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
@@ -216,7 +98,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
                     input_grad: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of :func:`conv2d` with respect to its input, weight and bias.
 
-    Two routes give the input gradient (the tutorial's *sensitivity map*):
+    Two routes (``method``) give the input gradient (the tutorial's *sensitivity map*):
 
     - ``"zero_insert"``, the tutorial's: insert ``S-1`` zeros between the entries of
       ``dy``, pad it by ``D*(K-1) - P``, and correlate it (stride 1) with the
@@ -249,87 +131,17 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     dweight : ndarray, shape (F, C, KH, KW)
     dbias : ndarray, shape (F,)
     """
-    s, pads, d, out_hw = _args.conv_args(x, weight, None, stride, padding, dilation)
+    g = _conv_geometry(x, weight, None, stride, padding, dilation)
     _args.check_array(dy, "dy", 4, "(N, F, OH, OW)")
-    n, c, h, w = x.shape
-    f, _, kh, kw = weight.shape
-    _args.check_shape(dy, "dy", (n, f) + out_hw)
+    _args.check_shape(dy, "dy", (g.n, g.f) + g.out_hw)
     _args.check_same_dtype(dy=dy, x=x, weight=weight)
-    _check_choice("method", method, ("auto", "zero_insert", "col2im"))
-    _check_choice("algo", algo, ("auto", "im2col", "taps"))
-    if cache is not None and (not isinstance(cache, ConvCache)
-                              or cache.key != _cache_key(x, weight, s, pads, d)):
+    _args.choice(method, "method", ("auto",) + _conv.METHODS)
+    _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
+    if cache is not None and not _conv.cache_matches(cache, x, g):
         raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
                          "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
-    route = _auto_method(s, c, f, (h, w), (kh, kw), d) if method == "auto" else method
-    dx_algo = _dx_algo(route, c, f) if algo == "auto" else algo
-
-    wm = core.kernel_matrix(weight)
-    dwm_t = np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T measured faster
-    dx = np.empty_like(x) if input_grad else None
-    padded_hw = (h + sum(pads[0]), w + sum(pads[1]))
-    per_image = _workspace_per_image("im2col", (kh, kw), out_hw, padded_hw, max(c, f), f, x.itemsize)
-    slices = [slice(0, n)] if cache is not None else core.chunks(n, per_image)
-    for sl in slices:
-        if cache is not None and cache.algo == "im2col":
-            cols = cache.data
-        else:
-            # The filter gradient is one GEMM on the column matrix even after a "taps"
-            # forward: per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
-            if cache is not None:  # a taps forward kept the padded input
-                cols = core.im2col(cache.data, (kh, kw), s, d, out_hw, reuse="bwd.cols")
-            else:
-                cols = _columns(x[sl], pads, (kh, kw), s, d, out_hw, reuse="bwd.cols")
-        dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse="bwd.dy")  # (F, n, OH, OW): whole planes moved
-        _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
-        del cols  # free the column matrix before the input gradient builds its own
-        if dx is None:
-            continue
-        if route == "col2im":
-            dx_cnhw = _dx_col2im(dy_cnhw, wm, (c, h, w), pads, (kh, kw), s, d, dx_algo)
-        else:
-            dx_cnhw = _dx_zero_insert(dy_cnhw, weight, (h, w), pads, s, d, dx_algo)
-        dx[sl] = dx_cnhw.transpose(1, 0, 2, 3)
-    dweight = np.ascontiguousarray(dwm_t.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
-    dbias = dy.sum(axis=(0, 2, 3))
-    return dx, dweight, dbias
-
-
-def _dx_col2im(dy_cnhw, wm, chw, pads, kernel, s, d, algo) -> np.ndarray:
-    """Input gradient as ``col2im(W.T @ dy)``; returns a CNHW view (C, N, H, W).
-
-    ``algo="taps"`` computes the same sums by per-tap GEMMs, without the column matrix.
-    """
-    c, h, w = chw
-    (pt, pb), (pl, pr) = pads
-    padded_hw = (h + pt + pb, w + pl + pr)
-    if algo == "taps":
-        return core.transposed_taps(dy_cnhw, wm, padded_hw, kernel, s, d,
-                                    reuse="bwd.tt")[:, :, pt:pt + h, pl:pl + w]
-    dcols = core.as_matrix(core.row_buffer((wm.shape[1],) + dy_cnhw.shape[1:], wm.dtype, reuse="bwd.dcols"))
-    _blas.gemm(wm.T, core.as_matrix(dy_cnhw), dcols, beta=0.0)
-    dxp = core.col2im(dcols, (c, dy_cnhw.shape[1]) + padded_hw, kernel, s, d, dy_cnhw.shape[2:],
-                      reuse="bwd.dxp")
-    return dxp[:, :, pt:pt + h, pl:pl + w]
-
-
-def _dx_zero_insert(dy_cnhw, weight, hw, pads, s, d, algo) -> np.ndarray:
-    """Input gradient the tutorial's way; returns a CNHW array (C, N, H, W) or view.
-
-    The stride-expanded map is padded by ``D*(K-1) - P_before`` in front and by whatever
-    makes its length ``H + D*(K-1)`` behind (negative = crop, for ``P > D*(K-1)`` or
-    rows no window reached), so a stride-1 correlation with the flipped filters has
-    exactly ``H`` outputs.
-    """
-    h, w = hw
-    f, c, kh, kw = weight.shape
-    oh, ow = dy_cnhw.shape[2:]
-    (pt, _), (pl, _) = pads
-    ext = (d[0] * (kh - 1), d[1] * (kw - 1))
-    zpads = ((ext[0] - pt, h + pt - (oh - 1) * s[0] - 1), (ext[1] - pl, w + pl - (ow - 1) * s[1] - 1))
-    z = core.zero_insert(dy_cnhw, s, zpads, reuse="bwd.z")
-    dx_cnhw, _ = _correlate(z, core.flipped_kernel_matrix(weight), (kh, kw), (1, 1), d, (h, w), algo)
-    return dx_cnhw
+    p = _conv.plan(g, backward=True, method=method, dx_algo=algo)
+    return _conv.backward(dy, x, weight, g, p, cache, input_grad)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -667,8 +479,7 @@ def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarr
     mask : ndarray, shape of ``x``, the scaled keep mask (``0`` or ``1/(1-p)``), for backward.
     """
     _act_args(x)
-    if not (isinstance(p, (float, int)) and 0 <= p < 1):
-        raise ValueError(f"p must be in [0, 1), got {p!r}")
+    p = _args.probability(p, "p")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     keep = rng.random(x.shape) >= p

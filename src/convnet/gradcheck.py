@@ -19,12 +19,12 @@ Typical use, checking a backward pass against its forward pass::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
+
+from ._args import real
 
 __all__ = [
     "DEFAULT_EPS",
@@ -37,25 +37,17 @@ __all__ = [
 # Central differences in float64: truncation error ~ eps^2, rounding error ~ 1e-16 / eps.
 DEFAULT_EPS = 1e-6
 
-Arrays = Union[Mapping[str, np.ndarray], Sequence[np.ndarray]]
+Arrays = Mapping[str, np.ndarray] | Sequence[np.ndarray]
 
 
 def _check_eps(eps: float | None) -> float:
     if eps is None:
         return DEFAULT_EPS
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
-        raise TypeError(f"eps must be a positive number, got {eps!r}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    return float(eps)
+    return real(eps, "eps", 0.0, low_open=True, finite=True)
 
 
 def _check_tolerance(value: float, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a non-negative number, got {value!r}")
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-    return float(value)
+    return real(value, name, 0.0, finite=True)
 
 
 def _as_float64_copy(x: object, name: str) -> np.ndarray:

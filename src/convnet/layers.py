@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +35,7 @@ __all__ = [
     "LAYER_TYPES",
 ]
 
-RngLike = Union[np.random.Generator, int, None]
+RngLike = np.random.Generator | int | None
 
 
 def _as_rng(rng: RngLike, name: str = "rng") -> np.random.Generator:
@@ -43,7 +43,7 @@ def _as_rng(rng: RngLike, name: str = "rng") -> np.random.Generator:
         return np.random.default_rng()
     if isinstance(rng, np.random.Generator):
         return rng
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)):
+    if _args.is_int(rng):
         return np.random.default_rng(int(rng))
     raise TypeError(f"{name} must be a numpy.random.Generator, an int seed or None, got {rng!r}")
 
@@ -56,12 +56,6 @@ def _as_float_dtype(dtype: Any) -> np.dtype:
     if dt not in _args.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
     return dt
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _tuplify(value: Any) -> Any:
@@ -147,7 +141,7 @@ class Layer:
             return p.dtype
         return None
 
-    def astype(self, dtype: Any) -> "Layer":
+    def astype(self, dtype: Any) -> Layer:
         """Convert parameters (and zero their gradients) to ``dtype``; returns ``self``."""
         dt = _as_float_dtype(dtype)
         for n in list(self.params):
@@ -162,11 +156,11 @@ class Layer:
         return int(sum(p.size for p in self.params.values()))
 
     # -- modes ----------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Layer":
+    def train(self, mode: bool = True) -> Layer:
         self.training = bool(mode)
         return self
 
-    def eval(self) -> "Layer":
+    def eval(self) -> Layer:
         return self.train(False)
 
     # -- computation ----------------------------------------------------------------
@@ -250,8 +244,8 @@ class Conv2d(Layer):
                  dilation: int | tuple[int, int] = 1, bias: bool = True, *, rng: RngLike = None,
                  dtype: Any = np.float32) -> None:
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.in_channels = _args.positive_int(in_channels, "in_channels")
+        self.out_channels = _args.positive_int(out_channels, "out_channels")
         k = _args.pair(kernel_size, "kernel_size", 1)
         s = _args.pair(stride, "stride", 1)
         d = _args.pair(dilation, "dilation", 1)
@@ -333,8 +327,8 @@ class Linear(Layer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rng: RngLike = None,
                  dtype: Any = np.float32) -> None:
         super().__init__()
-        self.in_features = _positive_int(in_features, "in_features")
-        self.out_features = _positive_int(out_features, "out_features")
+        self.in_features = _args.positive_int(in_features, "in_features")
+        self.out_features = _args.positive_int(out_features, "out_features")
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be True or False, got {bias!r}")
         self.has_bias = bool(bias)
@@ -378,15 +372,7 @@ class _Pool2d(Layer):
     def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
                  padding: int | tuple[int, int] = 0) -> None:
         super().__init__()
-        k = _args.pair(kernel_size, "kernel_size", 1)
-        if stride is not None:
-            _args.pair(stride, "stride", 1)
-        if isinstance(padding, str):
-            raise TypeError(f"padding for pooling must be an int or a pair, got {padding!r}")
-        p = _args.pair(padding, "padding", 0)
-        if 2 * p[0] > k[0] or 2 * p[1] > k[1]:
-            raise ValueError(f"padding must be at most half of kernel_size, got padding={padding!r}, "
-                             f"kernel_size={kernel_size!r}")
+        _args.pool_params(kernel_size, stride, padding)
         self.kernel_size, self.stride, self.padding = _tuplify(kernel_size), _tuplify(stride), _tuplify(padding)
         self._x = None
 
@@ -442,10 +428,7 @@ class LeakyReLU(Layer):
 
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
-        if isinstance(negative_slope, (bool, np.bool_)) or not isinstance(negative_slope, (int, float, np.floating)) \
-                or not math.isfinite(negative_slope):
-            raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = _args.real(negative_slope, "negative_slope", finite=True)
         self._x = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -511,9 +494,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, *, rng: RngLike = None) -> None:
         super().__init__()
-        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating)) or not 0 <= p < 1:
-            raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = _args.probability(p, "p")
         self.rng = _as_rng(rng)
         self._mask = None
         self._identity = False

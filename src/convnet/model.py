@@ -21,10 +21,14 @@ import json
 import os
 import sys
 import zipfile
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from . import _args
+from ._blas import blas_threads as _blas_threads
+from ._blas import resolve_threads
 from ._io import atomic_open
 from .layers import (
     LAYER_TYPES,
@@ -151,12 +155,12 @@ class Sequential:
                 raise type(exc)(f"{_layer_label(i, layer)} backward, gradient shape {shape}: {exc}") from exc
         return dy if input_grad else None
 
-    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | None = None) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int = 256, blas_threads: int | str | None = None) -> np.ndarray:
         """Outputs for ``x`` in eval mode, ``batch_size`` samples at a time.
 
-        The model's train/eval mode is restored afterwards. ``blas_threads`` limits the
-        BLAS thread pool meanwhile (see :func:`convnet.training.limit_blas_threads`;
-        None leaves it alone).
+        The model's train/eval mode is restored afterwards. ``blas_threads`` sets the
+        BLAS threads meanwhile, as in :func:`convnet.fit` ("auto", an int, or None for
+        the environment variable ``CONVNET_BLAS_THREADS`` or else "auto").
 
         Returns
         -------
@@ -164,18 +168,18 @@ class Sequential:
         """
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a numpy ndarray, got {type(x).__name__}")
-        if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = _args.positive_int(batch_size, "batch_size")
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
-        from .training import limit_blas_threads  # deferred: training imports this module
-
+        blas_threads = resolve_threads(blas_threads)
         was_training = self.training
         self.eval()
         try:
-            with limit_blas_threads(blas_threads):
-                outs = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            outs = []
+            with _blas_threads(blas_threads) as threads:
+                for i in range(0, len(x), batch_size):
+                    threads.step()
+                    outs.append(self.forward(x[i:i + batch_size]))
         finally:
             self.clear_cache()
             self.train(was_training)
@@ -204,12 +208,12 @@ class Sequential:
     def training(self) -> bool:
         return all(layer.training for layer in self.layers) if self.layers else True
 
-    def train(self, mode: bool = True) -> "Sequential":
+    def train(self, mode: bool = True) -> Sequential:
         for layer in self.layers:
             layer.train(mode)
         return self
 
-    def eval(self) -> "Sequential":
+    def eval(self) -> Sequential:
         return self.train(False)
 
     @property
@@ -219,7 +223,7 @@ class Sequential:
                 return layer.dtype
         return None
 
-    def astype(self, dtype: Any) -> "Sequential":
+    def astype(self, dtype: Any) -> Sequential:
         """Convert all parameters to ``dtype`` (float32 or float64); returns ``self``."""
         for layer in self.layers:
             layer.astype(dtype)
@@ -365,7 +369,8 @@ def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Se
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: architecture JSON is corrupted ({exc})") from None
     if not isinstance(arch, dict) or arch.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{path}: not a convnet model file (format {arch.get('format') if isinstance(arch, dict) else None!r})")
+        found = arch.get("format") if isinstance(arch, dict) else None
+        raise ModelFileError(f"{path}: not a convnet model file (format {found!r})")
     if arch.get("version") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported model file version {arch.get('version')!r} "
                              f"(this convnet reads version {FORMAT_VERSION})")

@@ -11,24 +11,19 @@ pass; its state (momentum buffers, Adam moments) is kept per parameter name.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
+from . import _args
 from .layers import Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "OPTIMIZERS", "cosine_schedule"]
 
 
 def _number(value, name: str, low: float, high: float | None = None, low_open: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (high is None or v < high)
-    if not ok:
-        rng = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g})'}"
-        raise ValueError(f"{name} must be in {rng}, got {value!r}")
-    return v
+    """A finite hyperparameter in ``[low, high)`` (``(low, high)`` when ``low_open``)."""
+    return _args.real(value, name, low, high, low_open=low_open, high_open=True, finite=True)
 
 
 class Optimizer:
@@ -153,8 +148,7 @@ def cosine_schedule(lr: float, epochs: int, min_lr: float = 0.0):
     """
     lr = _number(lr, "lr", 0.0, low_open=True)
     min_lr = _number(min_lr, "min_lr", 0.0)
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    epochs = _args.positive_int(epochs, "epochs")
 
     def schedule(epoch: int) -> float:
         return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from . import _args
 from ._io import atomic_open
 from .layers import AvgPool2d, Conv2d, MaxPool2d
 
@@ -115,28 +117,39 @@ def _grid(fig: Any, images: np.ndarray, ncols: int, labels: Sequence[str] | None
           row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None, **imshow) -> None:
     """Draw ``images`` (n, h, w) on ``fig`` (a figure or subfigure) in rows of ``ncols``.
 
-    ``labels`` titles every image; ``row_labels`` / ``col_labels`` label only the first
-    column / the top row.
+    The images are tiled into one array drawn by a single ``imshow`` (hundreds of
+    separate axes under constrained layout take seconds to lay out); the gaps are NaN,
+    which the colour map leaves transparent. ``labels`` titles every image;
+    ``row_labels`` / ``col_labels`` label the rows on the left / the columns on top.
     """
-    n = len(images)
+    n, h, w = images.shape
     nrows = max(1, math.ceil(n / ncols))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    im = None
-    for k, ax in enumerate(axes.ravel()):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= n:
-            ax.set_axis_off()
-            continue
-        im = ax.imshow(images[k], interpolation="nearest", **imshow)
-        if labels is not None:
-            ax.set_title(labels[k], fontsize=8, pad=2)
-        if row_labels is not None and k % ncols == 0:
-            ax.set_ylabel(row_labels[k // ncols], fontsize=8)
-        if col_labels is not None and k < ncols:
-            ax.set_title(col_labels[k], fontsize=8, pad=2)
-    if colorbar and im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.025, pad=0.01)
+    gap_x = max(1, math.ceil(w / 8))
+    # A titled tile gets a taller gap above it, room for its label.
+    gap_y = max(1, math.ceil(h / 3)) if labels is not None else gap_x
+    top = gap_y if labels is not None else 0
+    mosaic = np.full((nrows * (h + gap_y) - gap_y + top, ncols * (w + gap_x) - gap_x), np.nan)
+    for k in range(n):
+        r, c = divmod(k, ncols)
+        y0, x0 = top + r * (h + gap_y), c * (w + gap_x)
+        mosaic[y0:y0 + h, x0:x0 + w] = images[k]
+    ax = fig.subplots()
+    im = ax.imshow(mosaic, interpolation="nearest", **imshow)
+    ax.set_frame_on(False)
+    ax.tick_params(length=0, labelsize=8)
+    xs = [c * (w + gap_x) + (w - 1) / 2 for c in range(ncols)]
+    ys = [top + r * (h + gap_y) + (h - 1) / 2 for r in range(nrows)]
+    ax.xaxis.set_ticks_position("top")
+    ax.set_xticks(xs[:len(col_labels)] if col_labels is not None else [],
+                  list(col_labels) if col_labels is not None else [])
+    ax.set_yticks(ys[:len(row_labels)] if row_labels is not None else [],
+                  list(row_labels) if row_labels is not None else [])
+    if labels is not None:
+        for k in range(n):
+            r, c = divmod(k, ncols)
+            ax.text(xs[c], top + r * (h + gap_y) - 0.6, labels[k], ha="center", va="bottom", fontsize=8)
+    if colorbar:
+        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
 
 
 # --------------------------------------------------------------------------- learning curves
@@ -217,7 +230,8 @@ def filters_png(weight: np.ndarray, path: str | os.PathLike, title: str = "filte
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
     f, c, kh, kw = weight.shape
     shown = np.asarray(weight[:MAX_SHOWN, :MAX_SHOWN], dtype=np.float64)
-    note = "" if f <= MAX_SHOWN and c <= MAX_SHOWN else f" (first {min(f, MAX_SHOWN)} filters x {min(c, MAX_SHOWN)} channels)"
+    note = ("" if f <= MAX_SHOWN and c <= MAX_SHOWN
+            else f" (first {min(f, MAX_SHOWN)} filters x {min(c, MAX_SHOWN)} channels)")
     scale = {"cmap": "RdBu_r", **dict(zip(("vmin", "vmax"), _symmetric(shown)))}
     if c == 1:
         ncols = min(len(shown), GRID_COLUMNS)
@@ -472,8 +486,7 @@ def plot_model(model: Any, out_dir: str | os.PathLike, x: np.ndarray, y: np.ndar
     if not isinstance(x, np.ndarray) or x.ndim != 4 or len(x) == 0:
         raise ValueError(f"x must be a non-empty array of images (N, C, H, W), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(x):
-        raise ValueError(f"index must be an int in [0, {len(x) - 1}], got {index!r}")
+    index = _args.integer(index, "index", 0, len(x) - 1)
     if y is not None and (np.ndim(y) != 1 or len(y) != len(x)):
         raise ValueError(f"y must be 1-D with one label per image ({len(x)}), got shape {np.shape(y)}")
     os.makedirs(out_dir, exist_ok=True)

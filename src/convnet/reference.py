@@ -20,14 +20,12 @@ are never modified.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 
-from convnet._args import check_array, check_same_dtype, check_shape, conv_args, pool_args
+from convnet._args import check_array, check_same_dtype, check_shape, conv_args, pool_args, real
 
-IntOrPair = Union[int, tuple[int, int]]
-Padding = Union[int, tuple[int, int], str]
+IntOrPair = int | tuple[int, int]
+Padding = int | tuple[int, int] | str
 
 __all__ = [
     "conv2d",
@@ -102,14 +100,6 @@ def _check_elementwise_backward(dy: object, x: object) -> None:
     _check_elementwise(dy, "dy")
     check_same_dtype(dy=dy, x=x)
     check_shape(dy, "dy", x.shape)
-
-
-def _check_slope(negative_slope: object) -> float:
-    if isinstance(negative_slope, (bool, np.bool_)) or not isinstance(
-            negative_slope, (int, float, np.integer, np.floating)):
-        raise TypeError(f"negative_slope must be a real number, got {negative_slope!r}")
-    # A Python float keeps float32 arrays float32 (a numpy float64 scalar would upcast).
-    return float(negative_slope)
 
 
 # ---------------------------------------------------------------------------
@@ -426,14 +416,14 @@ def relu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
 def leaky_relu(x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
     """Leaky ReLU ``f(x) = x if x > 0 else negative_slope * x``. Same shape and dtype."""
     _check_elementwise(x, "x")
-    slope = _check_slope(negative_slope)
+    slope = real(negative_slope, "negative_slope")
     return np.where(x > 0, x, x * slope)
 
 
 def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
     """Leaky ReLU derivative ``f'(x) = 1 if x > 0 else negative_slope`` times ``dy``."""
     _check_elementwise_backward(dy, x)
-    slope = _check_slope(negative_slope)
+    slope = real(negative_slope, "negative_slope")
     return np.where(x > 0, dy, dy * slope)
 
 

@@ -8,39 +8,23 @@ Accuracies are None for non-classification losses.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from . import _args
+from ._blas import blas_threads as _blas_threads
+from ._blas import limit_blas_threads, resolve_threads
 from .losses import CrossEntropyLoss, Loss
 from .model import Sequential
 from .optim import Adam, Optimizer
 
 __all__ = ["fit", "evaluate", "confusion_matrix", "format_epoch", "limit_blas_threads", "TrainingDivergedError"]
-
-
-@contextlib.contextmanager
-def limit_blas_threads(threads: int | None) -> Iterator[None]:
-    """Limit the BLAS thread pool to ``threads`` inside the ``with`` block (None: leave it).
-
-    On a busy machine spinning BLAS threads can slow small GEMMs down by an order of
-    magnitude; ``threads=1`` avoids that. Uses ``threadpoolctl``; a no-op without it.
-    """
-    if threads is None:
-        yield
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional at run time: only speed depends on it
-        yield
-        return
-    with threadpool_limits(limits=threads, user_api="blas"):
-        yield
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -50,12 +34,6 @@ class TrainingDivergedError(FloatingPointError):
         super().__init__(message)
         self.epoch = epoch
         self.step = step
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_xy(x: Any, y: Any, loss: Loss, what: str) -> None:
@@ -89,7 +67,7 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         seed: int | None = 0, progress: bool | None = None, checkpoint: str | os.PathLike | None = None,
         on_epoch_end: Callable[[dict], None] | None = None,
         augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-        lr_schedule: Callable[[int], float] | None = None, blas_threads: int | None = None) -> list[dict]:
+        lr_schedule: Callable[[int], float] | None = None, blas_threads: int | str | None = None) -> list[dict]:
     """Train ``model`` with mini-batch gradient descent.
 
     Parameters
@@ -123,10 +101,12 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
     lr_schedule : callable, optional
         ``lr_schedule(epoch) -> lr`` sets ``optimizer.lr`` at the start of each epoch
         (1-based), e.g. :func:`convnet.optim.cosine_schedule`.
-    blas_threads : int or None
-        BLAS threads during training (see :func:`limit_blas_threads`); None (default) leaves
-        the thread pool alone, which measured fastest on an idle machine (1.1 s vs 1.4 s per
-        epoch of the default network with 1 thread, 2 cores); 1 is steadier on a busy one.
+    blas_threads : "auto", int or None
+        BLAS threads during training. "auto" re-decides every 0.25 s from the other
+        processes' CPU use (``/proc/stat``): all cores while the machine is otherwise idle,
+        fewer when others are busy, since waiting BLAS threads then stall each GEMM (see
+        :class:`convnet._blas.ThreadPolicy`). An int fixes the count. None (default) takes
+        the environment variable ``CONVNET_BLAS_THREADS`` ("auto" or an int), else "auto".
 
     Returns
     -------
@@ -148,13 +128,11 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         raise TypeError(f"loss must be a convnet.losses.Loss, got {type(loss).__name__}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a convnet.optim.Optimizer, got {type(optimizer).__name__}")
-    epochs = _positive_int(epochs, "epochs")
-    batch_size = _positive_int(batch_size, "batch_size")
-    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) \
-            or not 0 <= validation_split < 1:
-        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    epochs = _args.positive_int(epochs, "epochs")
+    batch_size = _args.positive_int(batch_size, "batch_size")
+    validation_split = _args.real(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+    if seed is not None:
+        seed = _args.integer(seed, "seed", 0)
     _check_xy(x, y, loss, "training")
     if model.dtype is not None and x.dtype != model.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {model.dtype}; "
@@ -163,8 +141,7 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         raise TypeError(f"augment must be callable (x_batch, rng) -> x_batch, got {type(augment).__name__}")
     if lr_schedule is not None and not callable(lr_schedule):
         raise TypeError(f"lr_schedule must be callable epoch -> lr, got {type(lr_schedule).__name__}")
-    if blas_threads is not None:
-        blas_threads = _positive_int(blas_threads, "blas_threads")
+    blas_threads = resolve_threads(blas_threads)
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         directory = os.path.dirname(os.path.abspath(checkpoint))
@@ -192,14 +169,14 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
     if model.input_shape is None:
         model.input_shape = tuple(x.shape[1:])
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    with limit_blas_threads(blas_threads):
+    with _blas_threads(blas_threads) as threads:
         return _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle,
                       np.random.default_rng(shuffle_seq), np.random.default_rng(augment_seq), augment,
-                      lr_schedule, show, checkpoint, on_epoch_end)
+                      lr_schedule, show, checkpoint, on_epoch_end, threads.step)
 
 
 def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle, shuffle_rng,
-           augment_rng, augment, lr_schedule, show, checkpoint, on_epoch_end) -> list[dict]:
+           augment_rng, augment, lr_schedule, show, checkpoint, on_epoch_end, threads_step) -> list[dict]:
     if show:
         from tqdm.auto import tqdm  # imported lazily: keeps `import convnet` cheap
     n = len(x_train)
@@ -211,8 +188,7 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
         t0 = time.perf_counter()
         if lr_schedule is not None:
             lr = lr_schedule(epoch)
-            if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not lr > 0 \
-                    or not math.isfinite(lr):
+            if not (_args.is_real(lr) and 0 < lr < math.inf):
                 raise ValueError(f"lr_schedule({epoch}) must return a positive finite number, got {lr!r}")
             optimizer.lr = float(lr)
         order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
@@ -225,6 +201,7 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
                 xb, yb = x_train[idx], y_train[idx]
                 if augment is not None:
                     xb = _augmented(augment, xb, augment_rng)
+                threads_step()
                 model.zero_grad()
                 out = model.forward(xb)
                 value = loss(out, yb)
@@ -305,10 +282,10 @@ def _checkpoint_note(checkpoint: str | None, history: list[dict]) -> str:
 
 
 def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, *, loss: Loss | None = None,
-             batch_size: int = 256, blas_threads: int | None = None) -> dict:
+             batch_size: int = 256, blas_threads: int | str | None = None) -> dict:
     """Loss and accuracy of ``model`` on ``(x, y)`` in eval mode.
 
-    ``blas_threads`` is passed to ``model.predict`` (None, the default, leaves BLAS alone).
+    ``blas_threads`` is passed to ``model.predict`` (see :func:`fit`).
 
     Returns
     -------

@@ -1,0 +1,359 @@
+"""The convolution engine: a layer's plan (how to compute it) and the executors that follow it.
+
+:mod:`convnet.functional` validates the arguments of ``conv2d*``, turns them into a
+:class:`Geometry`, asks :func:`plan` how to compute the layer and runs :func:`forward` or
+:func:`backward`. Nothing here validates: every input arrives canonical. The tuning policy
+lives here only, as the one table :data:`THRESHOLDS` read by the one pure function
+:func:`plan`; ``tests/test_conv_plan.py`` pins what it chooses for the benchmark layers.
+
+Words, the same as in the public API:
+
+- ``algo``: how a correlation is summed. ``"im2col"`` builds the column matrix and calls
+  one GEMM; ``"taps"`` (stride 1) calls one accumulating GEMM per kernel tap on the padded
+  input (see :mod:`convnet.core`). A new algorithm is one more entry of :data:`ALGOS`,
+  one more rule in :func:`plan` and one more row of :data:`_FORWARD`.
+- ``method``: the route of the input gradient. ``"zero_insert"`` is the tutorial's (zero
+  insertion, padding, a stride-1 correlation with the flipped filters); ``"col2im"``
+  transposes the forward (``W.T @ dy`` added back onto the windows).
+- A :class:`Plan` holds the forward ``algo``, the input gradient's ``method`` and
+  ``dx_algo``, and how many images each pass takes at once (its chunks).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _blas, core
+from ._args import Pads
+
+Pair = tuple[int, int]
+
+ALGOS = ("im2col", "taps")
+METHODS = ("zero_insert", "col2im")
+
+
+class Geometry(NamedTuple):
+    """The canonical arguments of one convolution: shapes, stride, pads, dilation, dtype."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    f: int
+    kh: int
+    kw: int
+    stride: Pair
+    pads: Pads
+    dilation: Pair
+    out_hw: Pair
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, x: np.ndarray, weight: np.ndarray, stride: Pair, pads: Pads, dilation: Pair,
+           out_hw: Pair) -> Geometry:
+        return cls(*x.shape, weight.shape[0], *weight.shape[2:], stride, pads, dilation, out_hw, x.dtype)
+
+    @property
+    def kernel(self) -> Pair:
+        return (self.kh, self.kw)
+
+    @property
+    def padded_hw(self) -> Pair:
+        return (self.h + sum(self.pads[0]), self.w + sum(self.pads[1]))
+
+
+class Plan(NamedTuple):
+    """How one layer is computed; see the module docstring for the words."""
+
+    algo: str          # forward correlation: "im2col" or "taps"
+    method: str        # input-gradient route: "zero_insert" or "col2im"
+    dx_algo: str       # the input gradient's correlation: "im2col" or "taps"
+    fwd_images: int    # images per forward chunk
+    bwd_images: int    # images per backward chunk (a backward given a cache takes the batch at once)
+
+
+class Thresholds(NamedTuple):
+    """The measured constants of :func:`plan`.
+
+    Each was set from side-by-side medians (float32, ``benchmarks/bench.py`` and sweeps
+    over the channel count at LeNet and CIFAR sizes, on a 2-core x86 machine with
+    OpenBLAS), comparing the two choices on the same layer in the same run. The figures
+    are in the comments of :data:`THRESHOLDS`.
+    """
+
+    taps_min_channels: int
+    cached_taps_min_channels: int
+    max_taps_grid_waste: float
+    zero_insert_min_channels: int
+    transposed_taps_min_channels: int
+
+
+THRESHOLDS = Thresholds(
+    # Forward only (conv2d): the per-tap GEMMs of a stride-1 correlation beat im2col + one
+    # GEMM from about 6 input channels on (fwd-only sweeps over C, CNHW engine).
+    taps_min_channels=6,
+    # Forward with a cache (backward follows): backward must rebuild the column matrix from
+    # a taps forward's padded input. Taps still won from 16 channels (CIFAR 40-44 vs 43-45
+    # ms, VGG 50-52 vs 55-56 ms fwd + bwd) but lost on LeNet's second layer (C=6: 2.2 vs
+    # 1.9 ms).
+    cached_taps_min_channels=16,
+    # Taps compute every point of the padded grid; where it is much larger than the output
+    # (grid / output points above this) they lose even with many channels: the default
+    # LeNet's second conv in training, 14x14 -> 10x10 with C=16, F=32: 2.7 ms by im2col and
+    # col2im vs 3.1 ms by taps and zero insertion, fwd + bwd. The same bound limits the
+    # zero-insertion route, whose padded map is the input grown by the dilated kernel.
+    max_taps_grid_waste=1.3,
+    # At stride 1, zero insertion measured faster (fwd + bwd) when both sides are wide (C,
+    # F >= 16: CIFAR, VGG); both LeNet layers (C=1, F=6 and C=6, F=16) were faster by
+    # col2im (1.9 vs 2.1 ms and 1.8 vs 2.4 ms once scratch arrays removed page faults).
+    zero_insert_min_channels=16,
+    # col2im's sums by per-tap GEMMs (core.transposed_taps) write C rows per tap: they beat
+    # dcols + col2im on C=128 (stride 2) and lost on C=1, 6 and 16 (LeNet: 2.8 vs 2.7 ms).
+    transposed_taps_min_channels=32,
+)
+
+
+class _Scratch:
+    """Names of this module's scratch arrays (``core.row_buffer(reuse=...)``).
+
+    Each name is one temporary, dead before the call that made it returns; arrays alive
+    at the same time have different names. Results and cached data never use them.
+    """
+
+    PADDED = "conv.padded"          # padded CNHW copy of x (stride-1 im2col; taps without a cache)
+    FWD_COLS = "conv.fwd.cols"      # forward column matrix when no cache keeps it
+    FWD_Y = "conv.fwd.y"            # a taps forward's output on the padded grid
+    BWD_COLS = "conv.bwd.cols"      # column matrix rebuilt by backward (no cache, or a taps cache)
+    BWD_DY = "conv.bwd.dy"          # dy as CNHW
+    BWD_DCOLS = "conv.bwd.dcols"    # W.T @ dy (col2im route)
+    BWD_DXP = "conv.bwd.dxp"        # the padded input gradient (col2im route)
+    BWD_TAPS = "conv.bwd.tt"        # prefix of core.transposed_taps's arrays
+    BWD_Z = "conv.bwd.z"            # dy zero-inserted and padded (zero_insert route)
+    CORR_COLS = "conv.corr.cols"    # column matrix of the zero_insert route's correlation
+    CORR_Y = "conv.corr.y"          # result of the zero_insert route's correlation
+
+
+# --------------------------------------------------------------------------- the plan
+
+def _grid_waste(grid_hw: Pair, out_hw: Pair) -> float:
+    """How many more points a taps correlation computes than it keeps."""
+    return grid_hw[0] * grid_hw[1] / (out_hw[0] * out_hw[1])
+
+
+def _workspace_per_image(algo: str, g: Geometry, channels: int) -> int:
+    """Bytes of the largest temporary per image: the column matrix of ``channels`` input
+    channels, or for taps the padded input and its padded-grid output."""
+    if algo == "taps":
+        hp, wp = g.padded_hw
+        return hp * wp * (g.c + g.f) * g.dtype.itemsize
+    return g.out_hw[0] * g.out_hw[1] * g.kh * g.kw * channels * g.dtype.itemsize
+
+
+def _images(n: int, per_image: int, limit: int) -> int:
+    return max(1, min(n, limit // max(per_image, 1)))
+
+
+def plan(g: Geometry, backward: bool, algo: str = "auto", method: str = "auto", dx_algo: str = "auto",
+         limit: int | None = None, table: Thresholds = THRESHOLDS) -> Plan:
+    """Choose how to compute the layer ``g``: a pure function of its arguments.
+
+    Parameters
+    ----------
+    g : the layer's canonical geometry
+    backward : whether a backward pass follows this forward (the cached forward, and
+        backward itself): the forward then also pays for what backward rebuilds
+    algo, method, dx_algo : ``"auto"`` or a choice the caller has already checked;
+        explicit choices are kept
+    limit : workspace limit in bytes (default :func:`convnet.core.get_workspace_limit`)
+    table : the thresholds (tests pass others)
+    """
+    return _plan(g, backward, algo, method, dx_algo,
+                 core.get_workspace_limit() if limit is None else limit, table)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, limit: int,
+          table: Thresholds) -> Plan:
+    stride1 = g.stride == (1, 1)
+    if algo == "auto":
+        if backward:
+            wide = (g.c >= table.cached_taps_min_channels
+                    and _grid_waste(g.padded_hw, g.out_hw) <= table.max_taps_grid_waste)
+        else:
+            wide = g.c >= table.taps_min_channels
+        algo = "taps" if stride1 and wide else "im2col"
+    if method == "auto":
+        # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
+        # zeros), so strided layers take col2im; so do narrow layers and small maps, whose
+        # padded map is much larger than the input.
+        grid = (g.h + g.dilation[0] * (g.kh - 1), g.w + g.dilation[1] * (g.kw - 1))
+        wide = min(g.c, g.f) >= table.zero_insert_min_channels
+        small_waste = _grid_waste(grid, (g.h, g.w)) <= table.max_taps_grid_waste
+        method = "zero_insert" if stride1 and wide and small_waste else "col2im"
+    if dx_algo == "auto":
+        if method == "zero_insert":  # a stride-1 correlation with F input channels
+            dx_algo = "taps" if g.f >= table.taps_min_channels else "im2col"
+        else:
+            dx_algo = "taps" if g.c >= table.transposed_taps_min_channels else "im2col"
+    fwd = _images(g.n, _workspace_per_image(algo, g, g.c), limit)
+    bwd = _images(g.n, _workspace_per_image("im2col", g, max(g.c, g.f)), limit)
+    return Plan(algo, method, dx_algo, fwd, bwd)
+
+
+def unsupported(algo: str, g: Geometry) -> str | None:
+    """Why ``algo`` cannot compute the layer ``g`` (for the caller's error), or None."""
+    if algo == "taps" and g.stride != (1, 1):
+        return f"algo='taps' needs stride 1, got stride={g.stride}"
+    return None
+
+
+# --------------------------------------------------------------------------- the cache
+
+class ConvCache(NamedTuple):
+    """What a conv forward keeps for its backward, so backward does not rebuild it.
+
+    ``algo`` is the forward's algorithm: for ``"im2col"``, ``data`` is the column matrix
+    (KH*KW*C, N*OH*OW); otherwise it is the padded CNHW input (C, N, Hp, Wp). ``key``
+    identifies the input and geometry, so a stale cache is rejected, not silently used.
+    """
+
+    algo: str
+    data: np.ndarray
+    key: tuple
+
+
+def cache_key(x: np.ndarray, g: Geometry) -> tuple:
+    return (g,)
+
+
+def cache_matches(cache: object, x: np.ndarray, g: Geometry) -> bool:
+    """True when ``cache`` came from the cached forward of this ``x`` and geometry."""
+    return isinstance(cache, ConvCache) and cache.key == cache_key(x, g)
+
+
+# --------------------------------------------------------------------------- forward
+
+def _slices(n: int, step: int) -> list[slice]:
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _columns(x: np.ndarray, g: Geometry, reuse: str | None) -> np.ndarray:
+    """The column matrix of NCHW ``x``. Strided layers read ``x`` directly (measured 3.1 vs
+    4.0 ms on the ResNet layer, and no padded copy in memory); at stride 1 im2col of a
+    padded CNHW copy was faster (4.0 vs 4.9 ms on the CIFAR layer)."""
+    args = (g.kernel, g.stride, g.dilation, g.out_hw)
+    if g.stride != (1, 1):
+        return core.im2col_nchw(x, g.pads, *args, reuse=reuse)
+    return core.im2col(core.nchw_to_cnhw(x, g.pads, reuse=_Scratch.PADDED), *args, reuse=reuse)
+
+
+def _forward_im2col(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray:
+    # Kept columns go to the cache and need their own memory; otherwise scratch.
+    cols = _columns(x, g, reuse=None if keep else _Scratch.FWD_COLS)
+    core.gemm_into_nchw(wm, cols, y, bias)
+    return cols
+
+
+def _forward_taps(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray:
+    xp = core.nchw_to_cnhw(x, g.pads, reuse=None if keep else _Scratch.PADDED)
+    core.cnhw_to_nchw(core.correlate_taps(xp, wm, g.kernel, g.dilation, g.out_hw, reuse=_Scratch.FWD_Y),
+                      y, bias)
+    return xp
+
+
+# One row per forward algorithm: (x chunk, kernel matrix, bias, geometry, output chunk, keep)
+# -> what a cache keeps (the column matrix for im2col, else the padded CNHW input).
+_FORWARD = {"im2col": _forward_im2col, "taps": _forward_taps}
+
+
+def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, g: Geometry, p: Plan,
+            keep: bool) -> tuple[np.ndarray, ConvCache | None]:
+    """``conv2d`` by plan ``p``; with ``keep``, also the cache for backward (None when the
+    batch went in chunks)."""
+    wm = core.kernel_matrix(weight)
+    y = np.empty((g.n, g.f) + g.out_hw, dtype=g.dtype)
+    run = _FORWARD[p.algo]
+    slices = _slices(g.n, p.fwd_images)
+    for sl in slices:
+        data = run(x[sl], wm, bias, g, y[sl], keep)
+    if keep and len(slices) == 1:
+        return y, ConvCache(p.algo, data, cache_key(x, g))
+    return y, None
+
+
+# --------------------------------------------------------------------------- backward
+
+def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan,
+             cache: ConvCache | None, input_grad: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Gradients of ``conv2d`` by plan ``p``; ``cache`` (checked by the caller) skips the
+    column matrix's rebuild."""
+    wm = core.kernel_matrix(weight)
+    dwm_t = np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T measured faster
+    dx = np.empty_like(x) if input_grad else None
+    for sl in [slice(0, g.n)] if cache is not None else _slices(g.n, p.bwd_images):
+        if cache is not None and cache.algo == "im2col":
+            cols = cache.data
+        elif cache is not None:
+            # The filter gradient is one GEMM on the column matrix even after a taps forward:
+            # per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
+            cols = core.im2col(cache.data, g.kernel, g.stride, g.dilation, g.out_hw, reuse=_Scratch.BWD_COLS)
+        else:
+            cols = _columns(x[sl], g, reuse=_Scratch.BWD_COLS)
+        dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse=_Scratch.BWD_DY)  # (F, n, OH, OW): whole planes moved
+        _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
+        del cols  # free the column matrix before the input gradient builds its own
+        if dx is None:
+            continue
+        if p.method == "col2im":
+            dx_cnhw = _dx_col2im(dy_cnhw, wm, g, p.dx_algo)
+        else:
+            dx_cnhw = _dx_zero_insert(dy_cnhw, weight, g, p.dx_algo)
+        dx[sl] = dx_cnhw.transpose(1, 0, 2, 3)
+    dweight = np.ascontiguousarray(dwm_t.reshape(g.kh, g.kw, g.c, g.f).transpose(3, 2, 0, 1))
+    dbias = dy.sum(axis=(0, 2, 3))
+    return dx, dweight, dbias
+
+
+def _dx_col2im(dy_cnhw: np.ndarray, wm: np.ndarray, g: Geometry, algo: str) -> np.ndarray:
+    """Input gradient as ``col2im(W.T @ dy)``; returns a CNHW view (C, n, H, W).
+
+    ``algo="taps"`` computes the same sums by per-tap GEMMs, without the column matrix.
+    """
+    (pt, _), (pl, _) = g.pads
+    n = dy_cnhw.shape[1]
+    if algo == "taps":
+        dxp = core.transposed_taps(dy_cnhw, wm, g.padded_hw, g.kernel, g.stride, g.dilation,
+                                   reuse=_Scratch.BWD_TAPS)
+    else:
+        dcols = core.as_matrix(core.row_buffer((wm.shape[1],) + dy_cnhw.shape[1:], wm.dtype,
+                                               reuse=_Scratch.BWD_DCOLS))
+        _blas.gemm(wm.T, core.as_matrix(dy_cnhw), dcols, beta=0.0)
+        dxp = core.col2im(dcols, (g.c, n) + g.padded_hw, g.kernel, g.stride, g.dilation, g.out_hw,
+                          reuse=_Scratch.BWD_DXP)
+    return dxp[:, :, pt:pt + g.h, pl:pl + g.w]
+
+
+def _dx_zero_insert(dy_cnhw: np.ndarray, weight: np.ndarray, g: Geometry, algo: str) -> np.ndarray:
+    """Input gradient the tutorial's way; returns a CNHW array (C, n, H, W) or view.
+
+    The stride-expanded map is padded by ``D*(K-1) - P_before`` in front and by whatever
+    makes its length ``H + D*(K-1)`` behind (negative = crop, for ``P > D*(K-1)`` or
+    rows no window reached), so a stride-1 correlation with the flipped filters has
+    exactly ``H`` outputs.
+    """
+    (oh, ow), (sh, sw), (dh, dw) = g.out_hw, g.stride, g.dilation
+    (pt, _), (pl, _) = g.pads
+    ext = (dh * (g.kh - 1), dw * (g.kw - 1))
+    zpads = ((ext[0] - pt, g.h + pt - (oh - 1) * sh - 1), (ext[1] - pl, g.w + pl - (ow - 1) * sw - 1))
+    z = core.zero_insert(dy_cnhw, g.stride, zpads, reuse=_Scratch.BWD_Z)
+    wm = core.flipped_kernel_matrix(weight)
+    hw = (g.h, g.w)
+    if algo == "taps":
+        return core.correlate_taps(z, wm, g.kernel, g.dilation, hw, reuse=_Scratch.CORR_Y)
+    cols = core.im2col(z, g.kernel, (1, 1), g.dilation, hw, reuse=_Scratch.CORR_COLS)
+    y = core.row_buffer((g.c, z.shape[1]) + hw, g.dtype, reuse=_Scratch.CORR_Y)
+    _blas.gemm(wm, cols, core.as_matrix(y), beta=0.0)
+    return y

@@ -1,0 +1,85 @@
+"""The conv plan: what it chooses for the benchmark layers, pinned, and that it is pure.
+
+Tuning a threshold in ``convnet._conv.THRESHOLDS`` must not silently move one of these
+layers onto another path: if a change is meant, measure it (benchmarks/bench.py) and
+update this table with the figures.
+"""
+
+import numpy as np
+import pytest
+
+from convnet import _conv, core
+from convnet._args import output_size
+
+MIB = 2**20
+
+
+def geometry(n, c, h, w, f, k, s, p, dtype=np.float32):
+    pads = ((p, p), (p, p))
+    out_hw = (output_size(h, k, s, pads[0]), output_size(w, k, s, pads[1]))
+    return _conv.Geometry(n, c, h, w, f, k, k, (s, s), pads, (1, 1), out_hw, np.dtype(dtype))
+
+
+# The suite of benchmarks/bench.py: (N, C, H, W, F, K, S, P).
+BENCH = {
+    "lenet-c1": (64, 1, 28, 28, 6, 5, 1, 2),
+    "lenet-c2": (64, 6, 14, 14, 16, 5, 1, 0),
+    "cifar": (64, 32, 32, 32, 64, 3, 1, 1),
+    "vgg": (16, 64, 56, 56, 64, 3, 1, 1),
+    "resnet-s2": (32, 128, 28, 28, 128, 3, 2, 1),
+}
+
+# layer: (conv2d's algo, the cached forward's algo, backward's method, backward's dx_algo)
+PINNED = {
+    "lenet-c1": ("im2col", "im2col", "col2im", "im2col"),
+    "lenet-c2": ("taps", "im2col", "col2im", "im2col"),
+    "cifar": ("taps", "taps", "zero_insert", "taps"),
+    "vgg": ("taps", "taps", "zero_insert", "taps"),
+    "resnet-s2": ("im2col", "im2col", "col2im", "taps"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BENCH))
+def test_plan_of_the_benchmark_layers(name):
+    g = geometry(*BENCH[name])
+    fwd = _conv.plan(g, backward=False, limit=256 * MIB)
+    bwd = _conv.plan(g, backward=True, limit=256 * MIB)
+    assert (fwd.algo, bwd.algo, bwd.method, bwd.dx_algo) == PINNED[name]
+    # Under the default limit every benchmark batch goes in one piece (so the cache is kept).
+    assert fwd.fwd_images == bwd.fwd_images == bwd.bwd_images == g.n
+
+
+def test_plan_keeps_explicit_choices():
+    g = geometry(*BENCH["cifar"])
+    p = _conv.plan(g, backward=True, algo="im2col", method="col2im", dx_algo="im2col", limit=256 * MIB)
+    assert p[:3] == ("im2col", "col2im", "im2col")
+    # An explicit route still gets its own default algorithm.
+    assert _conv.plan(g, backward=True, method="col2im", limit=256 * MIB).dx_algo == "taps"
+
+
+def test_plan_chunks_follow_the_workspace_limit():
+    g = geometry(*BENCH["resnet-s2"])  # im2col: 14*14*9*128*4 bytes per image
+    per_image = 14 * 14 * 9 * 128 * 4
+    p = _conv.plan(g, backward=True, limit=5 * per_image)
+    assert p.fwd_images == 5 and p.bwd_images == 5
+    assert _conv.plan(g, backward=True, limit=1).fwd_images == 1
+
+
+def test_plan_moves_with_a_threshold_and_is_pure():
+    g = geometry(*BENCH["lenet-c2"])
+    assert _conv.plan(g, backward=False, limit=MIB).algo == "taps"
+    higher = _conv.THRESHOLDS._replace(taps_min_channels=7)
+    assert _conv.plan(g, backward=False, limit=MIB, table=higher).algo == "im2col"
+    assert _conv.plan(g, backward=False, limit=MIB) == _conv.plan(g, backward=False, limit=MIB)
+
+
+def test_plan_reads_the_current_workspace_limit():
+    g = geometry(*BENCH["vgg"])
+    with core.workspace_limit(1):
+        assert _conv.plan(g, backward=True).fwd_images == 1
+    assert _conv.plan(g, backward=True).fwd_images == g.n
+
+
+def test_forward_algorithms_and_plan_choices_have_executors():
+    assert set(_conv.ALGOS) == set(_conv._FORWARD)
+    assert set(_conv.METHODS) == {"zero_insert", "col2im"}
