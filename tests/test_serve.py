@@ -265,7 +265,8 @@ def test_train_runs_in_the_background_and_reports_each_epoch():
     assert done["status"] == "done", done["message"]
     assert [r["epoch"] for r in done["history"]] == [1, 2]
     assert all(0 <= r["val_accuracy"] <= 1 and r["loss"] > 0 for r in done["history"])
-    assert done["batches"] == 10 and (done["epoch"], done["batch"]) == (2, 10)  # 300 digits, batches of 32
+    assert done["train_images"] == 300 and done["batches"] == 10  # batches of 32
+    assert (done["epoch"], done["batch"]) == (2, 10)
     filters = decode(done["filters"])
     assert filters.shape == (4, 5, 5) and np.abs(filters).max() > 0
 
@@ -335,6 +336,31 @@ def test_concurrent_predictions_while_training_match_one_at_a_time(server):
         for status, logits, pred in results[i]:
             assert status == 200 and pred == int(np.argmax(want))
             np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_blas_thread_while_a_server_is_open_then_the_count_is_restored(server):
+    from convnet._blas import get_num_threads, set_num_threads
+
+    if get_num_threads() is None:
+        pytest.skip("numpy's BLAS pool cannot be controlled here")
+    assert get_num_threads() == 1  # the module's server is open
+    users = serve._one_blas_thread._users
+    with running_server() as s:
+        assert serve._one_blas_thread._users == users + 1
+        assert request(s, "POST", "/api/predict", {"pixels": pixels_of(digit(1))})[0] == 200
+    assert serve._one_blas_thread._users == users
+    before = get_num_threads()
+    set_num_threads(2)
+    try:
+        one = serve._OneBlasThread()
+        with one:                # e.g. a server
+            assert get_num_threads() == 1
+            with one:            # and a request meanwhile
+                assert get_num_threads() == 1
+            assert get_num_threads() == 1  # the first user still works
+        assert get_num_threads() == 2
+    finally:
+        set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- inference checks

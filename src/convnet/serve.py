@@ -53,6 +53,7 @@ import numpy as np
 
 from . import explain
 from . import functional as F
+from ._blas import get_num_threads, set_num_threads
 from .layers import Conv2d
 from .model import Sequential, lenet
 from .plot import _describe, _layer_outputs, saliency_map
@@ -101,6 +102,41 @@ def encode_maps(maps: np.ndarray) -> dict[str, Any]:
     top = float(np.max(np.abs(maps))) if maps.size else 0.0
     lo, hi = (-top, top) if signed else (0.0, top)
     return {"shape": list(maps.shape), "lo": lo, "hi": hi, "signed": signed, "data": _bytes(maps, lo, hi)}
+
+
+# --------------------------------------------------------------------------- BLAS threads
+
+class _OneBlasThread:
+    """Context manager: numpy's BLAS runs one thread while a server is open (or anyone uses it).
+
+    One image's GEMMs are tiny, and on a busy 2-core machine a second BLAS thread that has to
+    be woken made a prediction about 10x slower (measured 120-250 ms against 13-20 ms); the
+    training thread takes one core and leaves the other to the page's requests. Resizing the
+    pool is itself slow (about 150 ms a request when done per request, measured), so the server
+    holds it at one thread from start to close. The count is process-wide, so users are
+    counted: the first sets 1, the last restores the count.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before: int | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._before = get_num_threads()
+                set_num_threads(1)
+            self._users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._before is not None:
+                set_num_threads(self._before)
+
+
+_one_blas_thread = _OneBlasThread()
 
 
 # --------------------------------------------------------------------------- the served model
@@ -160,7 +196,7 @@ class Inference:
 
     def predict(self, x: np.ndarray) -> dict[str, Any]:
         """Probabilities, feature maps and saliency of one image ``x`` (1, C, H, W)."""
-        with self._lock:
+        with self._lock, _one_blas_thread:
             maps = _layer_outputs(self.model, x)
             grad, pred, logits = saliency_map(self.model, x)
         probs = F.softmax(logits.astype(np.float64))
@@ -203,7 +239,8 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self._data = None
         self._state: dict[str, Any] = {"status": "idle", "message": "", "epochs": 0, "lr": None, "epoch": 0,
-                                       "batch": 0, "batches": 0, "history": [], "filters": None, "version": 0}
+                                       "batch": 0, "batches": 0, "train_images": 0, "history": [], "filters": None,
+                                       "version": 0}
 
     def _update(self, **changes: Any) -> None:
         with self._lock:
@@ -241,7 +278,7 @@ class Trainer:
                 raise HttpError(409, "training is already running; stop it first")
             self._stop.clear()
             self._state.update(status="running", message="", epochs=epochs, lr=lr, epoch=0, batch=0,
-                               batches=0, history=[], filters=None)
+                               batches=0, train_images=0, history=[], filters=None)
             self._state["version"] += 1
             self._thread = threading.Thread(target=self._run, args=(epochs, lr), name="convnet-train", daemon=True)
             self._thread.start()
@@ -274,7 +311,7 @@ class Trainer:
             x_train, y_train, x_test, y_test = self._data
             model = self.make_model(rng=self.seed)
             batches = math.ceil(len(x_train) / self.batch_size)
-            self._update(batches=batches, filters=self._filters(model))
+            self._update(batches=batches, train_images=len(x_train), filters=self._filters(model))
             count = 0
 
             def hook(xb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -293,9 +330,10 @@ class Trainer:
                     self._state["history"] = self._state["history"] + [dict(record)]
                 self._update(filters=self._filters(model))
 
-            fit(model, x_train, y_train, epochs=epochs, batch_size=self.batch_size, optimizer=Adam(lr=lr),
-                lr_schedule=cosine_schedule(lr, epochs), validation_data=(x_test, y_test), seed=self.seed,
-                progress=False, augment=hook, on_epoch_end=epoch_end, blas_threads=1)
+            with _one_blas_thread:
+                fit(model, x_train, y_train, epochs=epochs, batch_size=self.batch_size, optimizer=Adam(lr=lr),
+                    lr_schedule=cosine_schedule(lr, epochs), validation_data=(x_test, y_test), seed=self.seed,
+                    progress=False, augment=hook, on_epoch_end=epoch_end, blas_threads=1)
             self._update(status="done", message=f"trained {epochs} epoch{'s' if epochs > 1 else ''}")
         except _Stopped:
             self._update(status="stopped", message="stopped")
@@ -312,6 +350,7 @@ def _reject_constant(name: str) -> None:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "convnet"
     timeout = 30  # seconds a client may take to send its request (a stalled one frees its thread)
+    disable_nagle_algorithm = True  # headers and body leave at once, not 40 ms apart (delayed ACKs)
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
@@ -449,6 +488,8 @@ class _Server(ThreadingHTTPServer):
         if ipaddress.ip_address(host).is_loopback:
             names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
             self.allowed_hosts = {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+        _one_blas_thread.__enter__()
+        self._holds_blas = True
 
     @property
     def url(self) -> str:
@@ -459,6 +500,9 @@ class _Server(ThreadingHTTPServer):
         """Stop training (waiting briefly) and close the socket."""
         self.trainer.stop(wait=5.0)
         self.server_close()
+        if self._holds_blas:
+            self._holds_blas = False
+            _one_blas_thread.__exit__(None, None, None)
 
 
 class _Server6(_Server):

@@ -361,7 +361,7 @@ function showTraining(s) {
   const status = $("train-status");
   status.dataset.status = s.status;
   status.textContent = running
-    ? `training: epoch ${s.epoch} of ${s.epochs}, batch ${s.batch} of ${s.batches} (lr ${s.lr})`
+    ? `training on ${s.train_images || "the"} digits: epoch ${s.epoch} of ${s.epochs}, batch ${s.batch} of ${s.batches} (lr ${s.lr})`
     : s.status === "idle" ? "idle: pick epochs and a learning rate, then Start" : s.message;
   const done = s.batches ? ((Math.max(s.epoch, 1) - 1) * s.batches + s.batch) / (s.epochs * s.batches) : 0;
   $("train-progress").value = s.status === "done" ? 1 : done;
@@ -375,7 +375,7 @@ function drawCurve(history, epochs) {
   const canvas = $("curve");
   canvas.dataset.points = String(history.length);
   const ctx = canvas.getContext("2d");
-  const w = canvas.width, h = canvas.height, m = { l: 48, r: 48, t: 16, b: 36 };
+  const w = canvas.width, h = canvas.height, m = { l: 48, r: 48, t: 28, b: 36 };
   ctx.clearRect(0, 0, w, h);
   ctx.font = "11px system-ui, sans-serif";
   ctx.strokeStyle = "#d9dee7";
@@ -406,7 +406,7 @@ function drawCurve(history, epochs) {
     history.forEach((r, i) => { const v = get(r); if (v !== null) (i ? ctx.lineTo : ctx.moveTo).call(ctx, X(r.epoch), Y(v)); });
     ctx.stroke();
     history.forEach((r) => { const v = get(r); if (v !== null) { ctx.beginPath(); ctx.arc(X(r.epoch), Y(v), 3, 0, 7); ctx.fill(); } });
-    ctx.fillText(name, m.l + 8 + 120 * k, m.t + 14);
+    ctx.fillText(`\u25CF ${name}`, m.l + 120 * k, 16);
   });
   const table = $("history");
   table.innerHTML = "<tr><th>epoch</th><th>train loss</th><th>train acc.</th><th>test loss</th><th>test acc.</th><th>time</th></tr>";
