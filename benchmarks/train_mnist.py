@@ -1,6 +1,6 @@
 """Wall time and test accuracy of the default `convnet train` (bundled digits).
 
-Target (issue 3): at least 97% accuracy on the 1,000 held-out digits in at most 90 s on
+Target: at least 97% accuracy on the 1,000 held-out digits in at most 90 s on
 a 2-core machine. Each run is the real command in a fresh process, timed from launch
 to exit (imports, data loading, training, evaluation and saving included).
 

@@ -146,3 +146,115 @@ def test_bad_model_files_are_one_line_errors(tmp_path, trained):
 def test_no_command_prints_help():
     proc = run(script=False)
     assert proc.returncode == 2 and "train" in proc.stderr
+
+
+def test_evaluate_needs_only_the_test_files(tmp_path, trained):
+    out, _ = trained
+    write_mnist_dir(tmp_path / "data", n_test=20)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte"):
+        (tmp_path / "data" / name).unlink()
+    proc = run("evaluate", out, "--data", tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    assert "/20) on the" in proc.stdout
+    (tmp_path / "data" / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "data" / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 0] + [0, 0, 0, 28] * 2))
+    assert_one_line_error(run("evaluate", out, "--data", tmp_path / "data"), 1, "holds no images")
+
+
+@pytest.mark.parametrize("out, code, fragments", [
+    ("", 2, ["--out must be a file path", "got ''"]),
+    ("models/", 2, ["--out 'models/' names a directory", "models/convnet_mnist.npz"]),
+    (".", 2, ["--out '.' is a directory"]),
+    ("afile/m.npz", 1, ["--out 'afile/m.npz'", "directory 'afile'", "a file is in the way"]),
+    ("afile/deeper/m.npz", 1, ["--out 'afile/deeper/m.npz'", "a file is in the way"]),
+])
+def test_out_is_checked_before_training(tmp_path, out, code, fragments):
+    (tmp_path / "afile").write_text("not a directory")
+    proc = run("train", "--epochs", 1, "--limit", 10, "--out", out, cwd=tmp_path)
+    assert_one_line_error(proc, code, *fragments)  # stdout is empty: no training started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_out_in_a_read_only_directory_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from convnet import cli
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores the mode: fail the write as a read-only mount would
+        real_open = os.open
+
+        def read_only_open(path, *args, **kwargs):
+            if os.fspath(path).startswith(str(ro)):
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only_open)
+    code = cli.main(["train", "--epochs", "1", "--limit", "10", "--out", str(ro / "m.npz")])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [f"convnet train: error: --out '{ro / 'm.npz'}': cannot save the model in "
+                                        f"directory '{ro}': Permission denied"]
+    ro.chmod(0o755)
+    assert list(ro.iterdir()) == []
+
+
+def test_diverging_training_is_one_error_line_without_numpy_warnings(tmp_path):
+    proc = run("train", "--epochs", 1, "--limit", 200, "--lr", "1e30", "--quiet", "--out", tmp_path / "m.npz")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("convnet train: error: training diverged: ") and "lower learning rate" in proc.stderr
+    assert "Warning" not in proc.stderr
+
+
+def test_train_killed_with_sigkill_resumes_to_the_same_model(tmp_path):
+    import signal
+    import time
+
+    import convnet
+    from convnet import cli
+
+    args = ["train", "--epochs", 3, "--limit", 100, "--batch-size", 20, "--quiet"]
+    full = run(*args, "--out", tmp_path / "full.npz")
+    assert full.returncode == 0, full.stderr
+    part = tmp_path / "part.npz"
+    env = {k: v for k, v in os.environ.items() if k != "CONVNET_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "convnet", *map(str, args), "--out", str(part)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    try:
+        while not part.exists() and proc.poll() is None:  # the first epoch's checkpoint
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    assert cli._is_checkpoint(str(part)) and not cli._is_checkpoint(str(tmp_path / "full.npz"))
+    resumed = run(*args, "--out", part, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.split("; trained")[0] == full.stdout.split("; trained")[0]  # same test accuracy line
+    a, b = convnet.load(tmp_path / "full.npz"), convnet.load(part)
+    assert [p.name for p in a.parameters()] == [p.name for p in b.parameters()]
+    assert all(np.array_equal(p.data, q.data) for p, q in zip(a.parameters(), b.parameters()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.npz", "part.npz"]  # no temp file left
+
+
+def test_resume_messages(tmp_path):
+    args = ["train", "--epochs", 1, "--limit", 40, "--batch-size", 20, "--out", tmp_path / "m.npz"]
+    fresh = run(*args, "--resume")
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.splitlines()[1] == (f"no checkpoint at {tmp_path / 'm.npz'} to resume from: "
+                                            f"starting from scratch")
+    assert_one_line_error(run(*args, "--resume"), 1, "holds no training state")  # a finished model
+    import convnet
+
+    x, y = convnet.datasets.load_mnist_5k()[:2]
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an interrupted run, in process
+        convnet.fit(convnet.lenet(), x[:40], y[:40], epochs=2, progress=False, checkpoint=tmp_path / "c.npz",
+                    on_epoch_end=interrupt)
+    note = run("train", "--epochs", 1, "--limit", 40, "--out", tmp_path / "c.npz", "--lr", "0.01")
+    assert note.stdout.splitlines()[1] == (f"note: {tmp_path / 'c.npz'} holds an interrupted run; training anew "
+                                           f"replaces it (--resume continues it)")

@@ -58,11 +58,35 @@ def test_plan_keeps_explicit_choices():
 
 
 def test_plan_chunks_follow_the_workspace_limit():
-    g = geometry(*BENCH["resnet-s2"])  # im2col: 14*14*9*128*4 bytes per image
-    per_image = 14 * 14 * 9 * 128 * 4
-    p = _conv.plan(g, backward=True, limit=5 * per_image)
-    assert p.fwd_images == 5 and p.bwd_images == 5
-    assert _conv.plan(g, backward=True, limit=1).fwd_images == 1
+    g = geometry(*BENCH["resnet-s2"])
+    cols = 14 * 14 * 9 * 128 * 4  # the forward's column matrix, per image
+    # col2im by taps: dy on its grid and two padded (C, 30, 30) sums per image
+    taps = (128 * 14 * 14 + 2 * 128 * 30 * 30) * 4
+    p = _conv.plan(g, backward=True, limit=5 * cols)
+    assert p.fwd_images == 5 and p.bwd_images == 5 * cols // taps == 4
+    assert _conv.plan(g, backward=True, limit=taps).bwd_images == 1
+    assert _conv.plan(g, backward=False, limit=cols).fwd_images == 1
+
+
+def test_plan_refuses_one_image_over_the_limit():
+    g = geometry(*BENCH["resnet-s2"])
+    message = r"forward \(algo='im2col'\) needs 882 KiB .* limit of 1000 bytes"
+    with pytest.raises(core.WorkspaceLimitError, match=message):
+        _conv.plan(g, backward=False, limit=1000)
+    with pytest.raises(core.WorkspaceLimitError, match=r"backward \(method='col2im', algo='taps'\)"):
+        _conv.plan(g, backward=True, limit=14 * 14 * 9 * 128 * 4)
+
+
+def test_plan_falls_back_to_the_algorithm_that_fits():
+    g = geometry(1, 64, 64, 64, 64, 3, 1, 1)  # taps: (64 + 64) * 66 * 66 * 4 = 2.1 MiB per image
+    assert _conv.plan(g, backward=False, limit=4 * MIB).algo == "taps"
+    cols = 64 * 64 * 9 * 64 * 4  # 9 MiB
+    assert cols > 4 * MIB
+    assert _conv.plan(g, backward=False, algo="auto", limit=cols).algo == "taps"
+    narrow = geometry(1, 2, 64, 64, 2, 3, 1, 1)  # im2col by default, taps fit better
+    taps = (2 + 2) * 66 * 66 * 4
+    assert _conv.plan(narrow, backward=False, limit=MIB).algo == "im2col"
+    assert _conv.plan(narrow, backward=False, limit=taps).algo == "taps"
 
 
 def test_plan_moves_with_a_threshold_and_is_pure():
@@ -75,8 +99,8 @@ def test_plan_moves_with_a_threshold_and_is_pure():
 
 def test_plan_reads_the_current_workspace_limit():
     g = geometry(*BENCH["vgg"])
-    with core.workspace_limit(1):
-        assert _conv.plan(g, backward=True).fwd_images == 1
+    with core.workspace_limit(8 * MIB):
+        assert _conv.plan(g, backward=True)[3:] == (4, 1)  # taps: 1.6 MiB, cols 7.1 MiB per image
     assert _conv.plan(g, backward=True).fwd_images == g.n
 
 

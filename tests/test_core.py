@@ -163,9 +163,56 @@ def test_workspace_limit_rejects_bad_values_and_restores():
     old = core.get_workspace_limit()
     with pytest.raises(ValueError, match="nbytes"):
         core.set_workspace_limit(0)
+    with pytest.raises(ValueError, match="nbytes"):
+        with core.workspace_limit(True):
+            pass
     with core.workspace_limit(1024):
         assert core.get_workspace_limit() == 1024
+        with core.workspace_limit(2048):
+            assert core.get_workspace_limit() == 2048
+        assert core.get_workspace_limit() == 1024
     assert core.get_workspace_limit() == old
+
+
+def test_workspace_limit_is_per_thread_and_restores_when_nested_out_of_order():
+    """Two threads enter the context in one order and leave it in the other (the issue's case)."""
+    import threading
+
+    default = core.get_workspace_limit()
+    steps = [threading.Event() for _ in range(4)]
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def worker(name: str, limit: int, enter: int, leave: int, entered: int, left: int) -> None:
+        try:
+            steps[enter].wait(5)
+            with core.workspace_limit(limit):
+                steps[entered].set()
+                steps[leave].wait(5)
+                seen[name].append(core.get_workspace_limit())
+            seen[name].append(core.get_workspace_limit())
+            steps[left].set()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    # a enters first (0 -> 1), then b (1 -> 2); a leaves first (2 -> 3), then b (3 -> done).
+    ta = threading.Thread(target=worker, args=("a", 1000, 0, 2, 1, 3))
+    tb = threading.Thread(target=worker, args=("b", 2000, 1, 3, 2, 0))
+    ta.start()
+    tb.start()
+    steps[0].set()
+    ta.join(10)
+    tb.join(10)
+    assert not errors, errors
+    assert seen == {"a": [1000, default], "b": [2000, default]}
+    assert core.get_workspace_limit() == default
+    # set_workspace_limit changes the process-wide default, which other threads see.
+    with core.workspace_limit(4096):
+        out = []
+        t = threading.Thread(target=lambda: out.append(core.get_workspace_limit()))
+        t.start()
+        t.join()
+        assert out == [default] and core.get_workspace_limit() == 4096
 
 
 def test_scratch_arrays_are_reused_per_name_and_released():

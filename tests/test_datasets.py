@@ -1,7 +1,11 @@
 """Bundled digits and the IDX reader (on small IDX files built here)."""
 
 import gzip
+import io
+import os
 import struct
+import threading
+import tracemalloc
 from importlib import resources
 
 import numpy as np
@@ -165,3 +169,107 @@ def test_random_shift_rejects_bad_arguments():
         datasets.random_shift(x, 0)
     with pytest.raises(ValueError, match="N, C, H, W"):
         datasets.random_shift(x[0], np.random.default_rng())
+
+
+def gzip_stream(header: bytes, zeros: int) -> bytes:
+    """Gzip of ``header`` then ``zeros`` zero bytes, built in 1 MiB chunks (never the whole thing)."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as gz:
+        gz.write(header)
+        chunk = bytes(1 << 20)
+        for start in range(0, zeros, len(chunk)):
+            gz.write(chunk[:zeros - start])
+    return buf.getvalue()
+
+
+def test_gzip_bomb_is_not_inflated(tmp_path):
+    """A 32 KiB file inflating to 32 MiB behind a 40-byte IDX: only header + data + 1 byte are read."""
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip_stream(GOOD, 32 << 20))
+    assert path.stat().st_size < 64 << 10
+    tracemalloc.start()
+    try:
+        with pytest.raises(IdxFormatError, match="trailing bytes"):
+            load_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"peak {peak} bytes"
+
+
+@pytest.mark.parametrize("dims, extra, gz, match", [
+    ((60000, 28, 28), 8, True, r"header says shape \(60000, 28, 28\) of uint8 \(47040016 bytes in all\), "
+                               r"but a gzip file of \d+ bytes inflates to at most"),
+    ((60000, 28, 28), 8, False, r"\(47040016 bytes in all\), file has 24 bytes"),
+    ((2**32 - 1,) * 3, 8, False, "truncated"),           # the int64 product overflows
+    ((2**32 - 1,) * 255, 8, True, "truncated"),
+    # 2**31 * 2**31 * 4 = 2**64 wraps to 0 in int64: a header-only file looked complete
+    ((2**31, 2**31, 4), 0, False, r"\(18446744073709551632 bytes in all\), file has 16 bytes"),
+    ((2**31, 2**31, 4), 0, True, "truncated"),
+])
+def test_declared_sizes_beyond_the_file_are_rejected_before_allocating(tmp_path, dims, extra, gz, match):
+    header = bytes([0, 0, 0x08, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
+    data = header + bytes(extra)
+    path = tmp_path / "big"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(IdxFormatError, match=match):
+            load_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_truncated_gzip_data_is_named(tmp_path):
+    path = tmp_path / "short.gz"
+    path.write_bytes(gzip.compress(GOOD[:-5]))
+    with pytest.raises(IdxFormatError, match=r"truncated: .*\(40 bytes in all\), file has 35 bytes"):
+        load_idx(path)
+
+
+def test_idx_paths_that_are_not_files(tmp_path):
+    with pytest.raises(IdxFormatError, match="is a directory"):
+        load_idx(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = []
+
+    def target():
+        try:
+            load_idx(fifo)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            result.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "load_idx blocked on a FIFO"
+    assert isinstance(result[0], IdxFormatError) and "not a regular file" in str(result[0])
+
+
+def test_mnist_files_without_images_are_an_error(tmp_path):
+    write_mnist_dir(tmp_path / "d")
+    (tmp_path / "d" / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros((0, 28, 28), np.uint8))))
+    (tmp_path / "d" / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(0, np.uint8)))
+    with pytest.raises(IdxFormatError, match="train-images-idx3-ubyte.gz: holds no images"):
+        load_mnist_idx(tmp_path / "d")
+    (tmp_path / "d" / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros((3, 0, 28), np.uint8))))
+    with pytest.raises(IdxFormatError, match="images of 0x28 pixels"):
+        load_mnist_idx(tmp_path / "d")
+
+
+def test_one_part_needs_only_its_files(tmp_path):
+    arrays = write_mnist_dir(tmp_path / "d")
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte"):
+        (tmp_path / "d" / name).unlink()
+    x, y = datasets.load_mnist_idx_part(tmp_path / "d", "test")
+    assert x.shape == (10, 1, 28, 28) and x.dtype == np.float32
+    assert np.array_equal(y, arrays["t10k-labels-idx1-ubyte"]) and y.dtype == np.int64
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        datasets.load_mnist_idx_part(tmp_path / "d", "train")
+    with pytest.raises(ValueError, match="part must be 'train' or 'test', got 'val'"):
+        datasets.load_mnist_idx_part(tmp_path / "d", "val")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy.signal import correlate
 
 import convnet.functional as F
-from convnet import core, reference
+from convnet import _conv, core, reference
 from convnet.gradcheck import check_backward
 from strategies import conv_cases, pool_cases, readonly, tol
 
@@ -141,17 +141,22 @@ def test_input_gradient_algorithms_agree(case, method):
             np.testing.assert_allclose(g, r, err_msg=f"{algo} {name}", **tol(g.dtype))
 
 
+def one_image_workspace(case) -> int:
+    """The largest workspace one image of ``case`` needs, over every algorithm and route."""
+    g = F._conv_geometry(case.x, case.weight, None, case.stride, case.padding, case.dilation)
+    return max(max(_conv._workspace(g, a, m, d)) for a in _conv.ALGOS for m in _conv.METHODS for d in _conv.ALGOS)
+
+
 @settings(max_examples=30, deadline=None)
 @given(conv_cases(max_n=5), st.sampled_from(["zero_insert", "col2im"]), ALGO)
 def test_chunked_batches_give_identical_results(case, method, algo):
-    """A tiny workspace limit forces one image per chunk; results must not change."""
+    """A workspace limit of one image forces one image per chunk; results must not change."""
     kw = dict(case.kwargs, algo=pick(algo, case))
     y = F.conv2d(case.x, case.weight, case.bias, **kw)
     grads = F.conv2d_backward(case.dy, case.x, case.weight, **kw, method=method)
-    with core.workspace_limit(1):
+    with core.workspace_limit(one_image_workspace(case)):
         y_c, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **kw)
         grads_c = F.conv2d_backward(case.dy, case.x, case.weight, **kw, method=method)
-    assert cache is None or case.x.shape[0] == 1
     # BLAS may pick another kernel for a smaller matrix, so equality is up to rounding.
     np.testing.assert_allclose(y, y_c, **tol(y.dtype))
     for g, g_c in zip(grads, grads_c):
@@ -212,6 +217,87 @@ def test_stale_cache_is_rejected(rng):
 
 
 @pytest.mark.parametrize("algo", ["im2col", "taps"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cache_of_another_input_is_rejected(rng, algo, dtype):
+    xa, xb = (rng.standard_normal((2, 3, 8, 8)).astype(dtype) for _ in range(2))
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    ya, cache = F.conv2d_with_cache(xa, w, padding=1, algo=algo)
+    dy = rng.standard_normal(ya.shape).astype(dtype)
+    with pytest.raises(ValueError, match="another x"):
+        F.conv2d_backward(dy, xb, w, padding=1, cache=cache)
+    # Two images swapped: the same values, in other places.
+    with pytest.raises(ValueError, match="another x"):
+        F.conv2d_backward(dy, xa[::-1].copy(), w, padding=1, cache=cache)
+    # An equal copy is the same input: accepted, with the same gradients.
+    for g, r in zip(F.conv2d_backward(dy, xa.copy(), w, padding=1, cache=cache),
+                    F.conv2d_backward(dy, xa, w, padding=1)):
+        np.testing.assert_array_equal(g, r)
+
+
+@pytest.mark.parametrize("edit", ["scale", "one value", "last value", "next batch"])
+def test_cache_of_an_input_edited_in_place_is_rejected(rng, edit):
+    x = rng.standard_normal((3, 2, 7, 5)).astype(np.float32)  # an odd number of values
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    y, cache = F.conv2d_with_cache(x, w, padding=1)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    if edit == "scale":
+        x *= 2
+    elif edit == "one value":
+        x[1, 1, 3, 2] += 1e-3
+    elif edit == "last value":
+        x[-1, -1, -1, -1] = 0.5
+    else:
+        x[...] = rng.standard_normal(x.shape)
+    with pytest.raises(ValueError, match="changed in place"):
+        F.conv2d_backward(dy, x, w, padding=1, cache=cache)
+
+
+def test_conv_layer_rejects_its_cache_after_the_input_changed(rng):
+    from convnet import layers as L
+    conv = L.Conv2d(2, 3, 3, rng=0)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    y = conv.forward(x)
+    x += 1
+    with pytest.raises(ValueError, match="changed in place"):
+        conv.backward(np.ones_like(y))
+
+
+def test_one_image_over_the_workspace_limit_is_refused_before_allocating():
+    import tracemalloc
+
+    # The issue's case: one (512, 1024, 1024) image, 3x3, whose column matrix is 18 GiB;
+    # a broadcast view, so the test itself allocates nothing.
+    x = np.broadcast_to(np.float32(1), (1, 512, 1024, 1024))
+    w = np.zeros((8, 512, 3, 3), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        for call in (lambda: F.conv2d(x, w, padding=1, algo="im2col"),
+                     lambda: F.conv2d(x, w, padding=1),
+                     lambda: F.conv2d_with_cache(x, w, padding=1),
+                     lambda: F.conv2d_backward(np.zeros((1, 8, 1024, 1024), np.float32), x, w, padding=1)):
+            with pytest.raises(core.WorkspaceLimitError, match=r"workspace limit of 256 MiB") as err:
+                call()
+            assert isinstance(err.value, MemoryError)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20  # the (1, 8, 1024, 1024) dy above is 32 MiB; nothing of the conv's
+    with core.workspace_limit(2**10):
+        with pytest.raises(core.WorkspaceLimitError, match=r"for one image.*limit of 1 KiB \(1024 bytes\)"):
+            F.conv2d(np.ones((2, 3, 16, 16)), np.ones((4, 3, 3, 3)))
+
+
+def test_a_batch_over_the_limit_is_chunked_and_keeps_no_cache(rng):
+    x, w = rng.standard_normal((4, 3, 9, 9)), rng.standard_normal((5, 3, 3, 3))
+    case_limit = 81 * 27 * 8 * 2  # two images of the largest temporary, about
+    y, cache = F.conv2d_with_cache(x, w, padding=1, algo="im2col")
+    with core.workspace_limit(case_limit):
+        y_c, cache_c = F.conv2d_with_cache(x, w, padding=1, algo="im2col")
+    assert cache is not None and cache_c is None
+    np.testing.assert_allclose(y_c, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("algo", ["im2col", "taps"])
 @pytest.mark.parametrize("k, p", [((3, 3), "same"), ((2, 4), "same"), ((5, 2), "valid")])
 def test_string_padding(rng, k, p, algo):
     x = rng.standard_normal((1, 2, 7, 6))
@@ -262,6 +348,61 @@ def test_pooling_gradients_match_numerical(case, ops):
     report = check_backward(lambda x: fwd(x, *case.args), {"x": case.x}, case.dy, {"x": dx},
                             rtol=1e-5, atol=1e-6)
     assert report.ok, report
+
+
+def _window_argmax(x, kernel, stride, padding):
+    """np.argmax of every flattened window of the -inf padded input: the witness of the arg-max."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
+    oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = np.empty(x.shape[:2] + (oh, ow), dtype=np.int64)
+    for i in range(oh):
+        for j in range(ow):
+            window = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            out[:, :, i, j] = window.reshape(x.shape[:2] + (-1,)).argmax(axis=-1)
+    return out
+
+
+@PROPS
+@given(pool_cases())
+def test_max_pool_argmax_is_the_first_maximum_and_routes_as_recomputing(case):
+    y, argmax = F.max_pool2d_with_argmax(case.x, *case.args)
+    assert argmax.dtype == np.uint8 and argmax.shape == y.shape
+    np.testing.assert_array_equal(y, F.max_pool2d(case.x, *case.args))
+    np.testing.assert_array_equal(argmax, _window_argmax(case.x, *case.args))
+    dx = F.max_pool2d_backward(case.dy, case.x, *case.args, argmax=argmax)
+    np.testing.assert_array_equal(dx, F.max_pool2d_backward(case.dy, case.x, *case.args))
+    np.testing.assert_allclose(dx, reference.max_pool2d_backward(case.dy, case.x, *case.args),
+                               **tol(case.x.dtype))
+
+
+def test_max_pool_argmax_of_nan_windows_is_the_first_nan():
+    x = np.array([[[[1.0, np.nan, 3.0, np.nan], [np.nan, 0.0, 2.0, 5.0]]]])
+    y, argmax = F.max_pool2d_with_argmax(x, 2)
+    assert np.isnan(y).all()
+    np.testing.assert_array_equal(argmax, _window_argmax(x, (2, 2), (2, 2), (0, 0)))  # [[1, 1]]
+    dx = F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax)
+    np.testing.assert_array_equal(dx, reference.max_pool2d_backward(np.ones_like(y), x, 2))
+
+
+def test_max_pool_backward_rejects_a_foreign_argmax():
+    x = np.zeros((1, 2, 4, 4))
+    y, argmax = F.max_pool2d_with_argmax(x, 2)
+    with pytest.raises(ValueError, match="argmax"):
+        F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax[:, :1])
+    with pytest.raises(TypeError, match="argmax must be the uint8 array"):
+        F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax.astype(np.int64))
+    with pytest.raises(TypeError, match="argmax"):
+        F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=[[0]])
+
+
+@pytest.mark.parametrize("dy_value", [np.inf, np.nan, 1.0])
+def test_relu_backward_is_zero_where_x_is_not_positive(dy_value):
+    x = np.array([-1.0, 0.0, 2.0, -0.0, 3.0], np.float32)
+    dy = np.array([dy_value, dy_value, 4.0, dy_value, dy_value], np.float32)
+    dx = F.relu_backward(dy, x)
+    assert dx.dtype == np.float32
+    np.testing.assert_array_equal(dx, [0, 0, 4, 0, dy_value])
 
 
 def test_padded_max_pool_pads_with_minus_infinity():

@@ -201,3 +201,45 @@ def test_repr_and_config_round_trip():
     rebuilt = L.Conv2d(**conv.get_config())
     assert rebuilt.get_config() == conv.get_config()
     assert repr(L.MaxPool2d(2)) == "MaxPool2d(2)" and repr(L.Dropout(0.3)) == "Dropout(p=0.3)"
+
+
+def _one_of_each():
+    """(layer, input) for every saved layer type, in training mode."""
+    x4 = _randn(2, 2, 6, 6)
+    return [
+        (L.Conv2d(2, 3, 3, rng=0, dtype=np.float64), x4), (L.MaxPool2d(2), x4), (L.AvgPool2d(2), x4),
+        (L.ReLU(), x4), (L.LeakyReLU(0.1), x4), (L.Sigmoid(), x4), (L.Tanh(), x4), (L.Flatten(), x4),
+        (L.Linear(6, 4, rng=0, dtype=np.float64), _randn(3, 6)), (L.Dropout(0.5, rng=0), x4),
+    ]
+
+
+def test_every_layer_type_is_covered_by_the_contract_tests():
+    assert {type(layer) for layer, _ in _one_of_each()} == set(L.LAYER_TYPES.values())
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_every_layer_keeps_the_backward_contract(index):
+    """backward(dy, input_grad=True) is dx; input_grad=False gives the same parameter
+    gradients and no dx; clear_cache drops what forward kept, so backward is refused."""
+    layer, x = _one_of_each()[index]
+
+    def forward():
+        if isinstance(layer, L.Dropout):
+            layer.rng = np.random.default_rng(0)  # the same mask every time
+        return layer.forward(x)
+
+    y = forward()
+    dy = np.random.default_rng(2).standard_normal(y.shape)
+    layer.zero_grad()
+    dx = layer.backward(dy, input_grad=True)
+    assert dx.shape == x.shape
+    grads = {n: g.copy() for n, g in layer.grads.items()}
+    layer.zero_grad()
+    assert layer.backward(dy, input_grad=False) is None
+    for n, g in layer.grads.items():
+        np.testing.assert_array_equal(g, grads[n])
+    layer.clear_cache()
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(dy)
+    forward()
+    np.testing.assert_array_equal(layer.backward(dy), dx)  # a new forward makes backward work again

@@ -1,5 +1,6 @@
 """fit / evaluate, determinism, divergence handling, losses and optimizers."""
 
+import json
 import math
 import os
 
@@ -246,8 +247,55 @@ def test_really_diverging_training_is_caught(digits):
     x, y, _, _ = digits
     x = x.copy()
     x[40, 0, 10, 10] = np.nan  # the sample poisons the loss in the batch that contains it
-    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf) at epoch 1, step 3 of"):
+    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf) at epoch 1, step 3 of") as info:
         fit(small_cnn(), x, y, epochs=1, batch_size=16, shuffle=False, progress=False)
+    # the data is to blame, not the learning rate
+    assert "training sample 40 holds NaN or infinite values" in str(info.value)
+    assert "try a lower learning rate" not in str(info.value)
+    x[40, 0, 10, 10] = 0
+    x[7, 0, 3, 3] = -np.inf  # after a validation split the index still names the row of x
+    with pytest.raises(TrainingDivergedError, match="training sample 7 holds NaN or infinite"):
+        fit(small_cnn(), x, y, epochs=1, batch_size=16, validation_split=0.25, seed=1, progress=False)
+
+
+def test_huge_learning_rate_diverges_quietly(digits, recwarn):
+    x, y, _, _ = digits
+    with pytest.raises(TrainingDivergedError, match="try a lower learning rate"):
+        fit(small_cnn(), x, y, epochs=2, batch_size=16, optimizer=SGD(1e30), progress=False)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_non_finite_regression_targets_are_named(digits):
+    x, _, _, _ = digits
+    model = Sequential(L.Flatten(), L.Linear(28 * 28, 2, rng=0))
+    targets = np.zeros((len(x), 2), np.float32)
+    targets[5, 1] = np.nan
+    with pytest.raises(TrainingDivergedError, match="training sample 5 holds NaN"):
+        fit(model, x, targets, loss=MSELoss(), epochs=1, batch_size=8, shuffle=False, progress=False)
+
+
+def test_non_finite_augmentation_is_named(digits):
+    x, y, _, _ = digits
+    with pytest.raises(TrainingDivergedError, match="augment returned NaN or infinite values"):
+        fit(small_cnn(), x, y, epochs=1, augment=lambda xb, rng: xb * np.float32(np.nan), progress=False)
+
+
+def test_non_finite_validation_data_is_reported_before_training(digits):
+    x, y, x_val, y_val = digits
+    x_val = x_val.copy()
+    x_val[13, 0, 0, 0] = np.inf
+    seen = []
+    with pytest.raises(ValueError, match=r"validation data holds NaN or infinite values \(sample 13 of "
+                                         r"validation_data\)"):
+        fit(small_cnn(), x, y, epochs=1, validation_data=(x_val, y_val), on_epoch_end=seen.append,
+            progress=False)
+    x = x.copy()
+    x[:, 0, 5, 5] = np.nan  # every sample: the held-out ones are found before training starts
+    with pytest.raises(ValueError, match=r"validation data holds NaN .*\(sample \d+ of x, held out by "
+                                         r"validation_split\)"):
+        fit(small_cnn(), x, y, epochs=1, validation_split=0.25, seed=3, on_epoch_end=seen.append,
+            progress=False)
+    assert seen == []
 
 
 def test_progress_bar_only_when_asked(digits, capsys):
@@ -369,6 +417,56 @@ def test_adam_follows_the_pytorch_update_rule():
         np.testing.assert_allclose(p.data, w, rtol=1e-12)
 
 
+class _StepByStepAdam(Adam):
+    def _step_all(self, params):
+        return False
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_adam_in_one_pass_equals_step_by_step_bit_for_bit(dtype, wd):
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3, 2, 2), (4,), (5, 7), (1,)]
+
+    def params():
+        return [Parameter(f"{i}.w", rng.standard_normal(s).astype(dtype), np.zeros(s, dtype))
+                for i, s in enumerate(shapes)]
+
+    a, b = params(), params()
+    for p, q in zip(a, b):
+        q.data[...] = p.data
+    fast, slow = Adam(lr=0.01, weight_decay=wd), _StepByStepAdam(lr=0.01, weight_decay=wd)
+    for _ in range(4):
+        for p, q in zip(a, b):
+            p.grad[...] = q.grad[...] = rng.standard_normal(p.grad.shape)
+        fast.step(a)
+        slow.step(b)
+        for p, q in zip(a, b):
+            np.testing.assert_array_equal(p.data, q.data)
+    assert fast._flat is not None  # the one-pass route ran
+    for p in a:  # the per-name state is still there, as views of the flat moments
+        st, ref = fast.state[p.name], slow.state[p.name]
+        assert st["step"] == ref["step"] == 4 and np.shares_memory(st["m"], fast._flat["m"])
+        np.testing.assert_array_equal(st["m"], ref["m"])
+        np.testing.assert_array_equal(st["v"], ref["v"])
+
+
+def test_adam_in_one_pass_follows_state_set_from_outside_and_refuses_another_model():
+    ps = [_param([1.0, 2.0], [0.5, -0.5]), Parameter("b", np.array([3.0]), np.array([1.0]))]
+    opt, ref = Adam(lr=0.1), _StepByStepAdam(lr=0.1)
+    qs = [Parameter(p.name, p.data.copy(), p.grad.copy()) for p in ps]
+    opt.step(ps)
+    ref.step(qs)
+    for o in (opt, ref):  # e.g. moments restored from a checkpoint: new arrays
+        o.state["b"]["m"] = np.array([0.25])
+    opt.step(ps)
+    ref.step(qs)
+    for p, q in zip(ps, qs):
+        np.testing.assert_array_equal(p.data, q.data)
+    with pytest.raises(ValueError, match="different model"):
+        opt.step([_param([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]), ps[1]])
+
+
 def test_optimizer_argument_checks():
     for make, match in [(lambda: SGD(lr=0), "lr"), (lambda: SGD(0.1, momentum=1.0), "momentum"),
                         (lambda: SGD(0.1, nesterov=True), "nesterov"), (lambda: Adam(betas=(0.9,)), "betas"),
@@ -379,3 +477,155 @@ def test_optimizer_argument_checks():
     opt.step([_param([1.0, 2.0], [1.0, 1.0])])
     with pytest.raises(ValueError, match="different model"):
         opt.step([_param([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after(epoch):
+    def hook(record):
+        if record["epoch"] == epoch:
+            raise _Interrupt
+    return hook
+
+
+def _weights(model):
+    return {p.name: p.data.copy() for p in model.parameters()}
+
+
+@pytest.mark.parametrize("make_optimizer, split", [
+    (lambda: Adam(2e-3), dict(validation_split=0.25)),
+    (lambda: SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-4), dict()),
+])
+def test_interrupted_and_resumed_training_ends_with_identical_weights(digits, tmp_path, make_optimizer, split):
+    x, y, _, _ = digits
+    kwargs = dict(epochs=4, batch_size=24, seed=7, augment=random_shift, lr_schedule=cosine_schedule(2e-3, 4),
+                  progress=False, **split)
+    full_model = small_cnn(seed=3)  # has a Dropout layer with its own generator
+    full = fit(full_model, x, y, optimizer=make_optimizer(), **kwargs)
+
+    ckpt = tmp_path / "ckpt.npz"
+    with pytest.raises(_Interrupt):
+        fit(small_cnn(seed=3), x, y, optimizer=make_optimizer(), checkpoint=ckpt, on_epoch_end=_stop_after(2),
+            **kwargs)
+    # A new process would build the model and optimizer afresh: other initial weights do not matter.
+    resumed_model = small_cnn(seed=99)
+    seen = []
+    resumed = fit(resumed_model, x, y, optimizer=make_optimizer(), checkpoint=ckpt, resume_from=ckpt,
+                  on_epoch_end=seen.append, **kwargs)
+    assert [r["epoch"] for r in seen] == [3, 4]
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+    want, got = _weights(full_model), _weights(resumed_model)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert np.array_equal(want[name], got[name]), name
+    # the final checkpoint is the finished run; resuming it again trains nothing
+    again = small_cnn(seed=5)
+    assert len(fit(again, x, y, optimizer=make_optimizer(), resume_from=ckpt, **kwargs)) == 4
+    assert all(np.array_equal(want[n], w) for n, w in _weights(again).items())
+    assert convnet.load(ckpt).num_parameters() == full_model.num_parameters()  # still a model file
+
+
+def test_interrupt_inside_an_epoch_resumes_from_the_last_completed_one(digits, tmp_path):
+    x, y, _, _ = digits
+    kwargs = dict(epochs=3, batch_size=16, seed=1, progress=False)
+    full_model = small_cnn()
+    fit(full_model, x, y, optimizer=Adam(), **kwargs)
+    calls = []
+
+    def augment(xb, rng):
+        calls.append(1)
+        if len(calls) == 15 + 5:  # 15 steps per epoch: step 5 of epoch 2
+            raise KeyboardInterrupt
+        return xb
+
+    ckpt = tmp_path / "c.npz"
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_cnn(), x, y, optimizer=Adam(), checkpoint=ckpt, augment=augment, **kwargs)
+    with np.load(ckpt) as data:
+        assert '"epoch": 1' in str(data["__training__"])
+    model = small_cnn(seed=4)
+    fit(model, x, y, optimizer=Adam(), checkpoint=ckpt, resume_from=ckpt, augment=lambda xb, rng: xb, **kwargs)
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(full_model.parameters(), model.parameters()))
+
+
+@pytest.fixture
+def checkpoint_of_two_epochs(digits, tmp_path):
+    x, y, _, _ = digits
+    ckpt = tmp_path / "ckpt.npz"
+    with pytest.raises(_Interrupt):
+        fit(small_cnn(), x, y, epochs=4, seed=2, optimizer=Adam(), checkpoint=ckpt, on_epoch_end=_stop_after(2),
+            progress=False)
+    return ckpt
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(batch_size=16), "written with batch_size=32, this run has batch_size=16"),
+    (dict(epochs=5), "epochs=4, this run has epochs=5"),
+    (dict(epochs=1), "at epoch 2, beyond epochs=1"),
+    (dict(seed=3), "seed=2, this run has seed=3"),
+    (dict(shuffle=False), "shuffle"),
+    (dict(augment=random_shift), "augment"),
+    (dict(optimizer=SGD(0.01)), "optimizer Adam"),
+    (dict(optimizer=Adam(betas=(0.8, 0.999))), "optimizer Adam"),
+    (dict(x=lambda x: x[:-1], y=lambda y: y[:-1]), "samples=240, this run has samples=239"),
+    (dict(x=lambda x: x[::-1].copy()), "the training data differ"),
+    (dict(model=lambda: small_cnn().astype(np.float64)), "different model"),
+])
+def test_resume_refuses_a_different_run(digits, checkpoint_of_two_epochs, change, match):
+    x, y, _, _ = digits
+    change = dict(change)
+    x = change.pop("x", lambda a: a)(x)
+    y = change.pop("y", lambda a: a)(y)
+    model = change.pop("model", small_cnn)()
+    x = x.astype(model.dtype)
+    before = _weights(model)
+    kwargs = dict(epochs=4, seed=2, optimizer=Adam(), progress=False)
+    kwargs.update(change)
+    with pytest.raises(convnet.training.ResumeError, match=match):
+        fit(model, x, y, resume_from=checkpoint_of_two_epochs, **kwargs)
+    assert all(np.array_equal(before[n], w) for n, w in _weights(model).items())  # nothing changed
+
+
+def test_resume_from_files_without_usable_state(digits, tmp_path, checkpoint_of_two_epochs):
+    x, y, _, _ = digits
+    plain = tmp_path / "plain.npz"
+    small_cnn().save(plain)
+    with pytest.raises(convnet.training.ResumeError, match="holds no training state"):
+        fit(small_cnn(), x, y, epochs=4, seed=2, resume_from=plain, progress=False)
+    with pytest.raises(FileNotFoundError):
+        fit(small_cnn(), x, y, epochs=4, seed=2, resume_from=tmp_path / "missing.npz", progress=False)
+    with np.load(checkpoint_of_two_epochs) as data:
+        members = {k: data[k] for k in data.files}
+    name = next(k for k in members if k.startswith("__training__/") and k.endswith("/m"))
+    moment = members[name]
+    members[name] = moment + np.float32(1e-3)  # a tampered optimizer moment
+    np.savez(tmp_path / "tampered.npz", **members)
+    with pytest.raises(convnet.training.ResumeError, match="checksum mismatch"):
+        fit(small_cnn(), x, y, epochs=4, seed=2, resume_from=tmp_path / "tampered.npz", progress=False)
+    state = json.loads(str(members["__training__"]))
+    state["rng"]["loop"]["shuffle"]["state"]["state"] = "not a number"
+    members["__training__"] = np.array(json.dumps(state))
+    members[name] = moment
+    np.savez(tmp_path / "badrng.npz", **members)
+    with pytest.raises(convnet.training.ResumeError, match="generator shuffle"):
+        fit(small_cnn(), x, y, epochs=4, seed=2, resume_from=tmp_path / "badrng.npz", progress=False)
+
+
+def test_confusion_matrix_counts_and_refusals():
+    cm = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2], np.int32))
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    assert cm.dtype == np.int64
+    assert confusion_matrix(np.array([1]), np.array([1]), np.int64(4)).shape == (4, 4)
+    assert confusion_matrix(np.array([], np.int64), np.array([], np.int64)).shape == (0, 0)
+    assert confusion_matrix([], [], 3).tolist() == [[0] * 3] * 3
+    for args, exc, match in [(([0, 1], [0]), ValueError, "same length"),
+                             (([0, -1], [0, 1]), ValueError, r"must lie in \[0, 2\), got values from -1 to 1"),
+                             (([0, 3], [0, 0], 3), ValueError, r"must lie in \[0, 3\), got values from 0 to 3"),
+                             (([0.0, 1.0], [0, 1]), TypeError, "y_true must hold integer class labels"),
+                             (([0, 1], [0, 1], True), TypeError, "num_classes must be a positive int")]:
+        with pytest.raises(exc, match=match):
+            confusion_matrix(*(np.asarray(a) if isinstance(a, list) else a for a in args))

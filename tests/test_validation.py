@@ -30,6 +30,8 @@ CONV_BAD = [
     ((X.astype(np.float32), W), {}, TypeError, r"dtypes must match.*x=float32.*weight=float64"),
     ((X.tolist(), W), {}, TypeError, r"x must be a numpy ndarray, got list"),
     ((X, W, np.zeros(5)), {}, ValueError, r"bias must have shape \(4,\), got \(5,\)"),
+    ((X, W), {"padding": 10**18}, ValueError, r"padding=1000000000000000000\).*more than this machine's memory"),
+    ((X, W), {"padding": (0, 10**9)}, ValueError, r"output would have shape \(2, 4, 6, 2000000006\).*padding="),
 ]
 
 

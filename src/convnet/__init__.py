@@ -13,6 +13,9 @@ Modules: ``functional`` (pure forward/backward ops), ``layers``, ``losses``, ``o
 ``datasets``; the command line is ``convnet`` (``python -m convnet``).
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from . import datasets, functional, layers, losses, optim
 from .layers import (
     AvgPool2d,
@@ -31,15 +34,25 @@ from .model import ModelFileError, Sequential, lenet, load
 from .optim import SGD, Adam
 from .training import TrainingDivergedError, confusion_matrix, evaluate, fit
 
-# `optimizers` is the documented alias of `optim`.
-optimizers = optim
-
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _version("convnet")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "functional", "layers", "losses", "optim", "optimizers", "datasets",
+    "functional", "layers", "losses", "optim", "datasets",
     "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Flatten", "Linear", "Dropout",
     "Sequential", "load", "lenet", "ModelFileError",
     "CrossEntropyLoss", "MSELoss", "SGD", "Adam",
     "fit", "evaluate", "confusion_matrix", "TrainingDivergedError",
 ]
+
+
+def __getattr__(name: str):
+    # `convnet.optimizers` was the README's name for `convnet.optim`: still works, with a warning.
+    if name == "optimizers":
+        import warnings
+
+        warnings.warn("convnet.optimizers is deprecated: use convnet.optim", DeprecationWarning, stacklevel=2)
+        return optim
+    raise AttributeError(f"module 'convnet' has no attribute {name!r}")

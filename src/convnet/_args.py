@@ -8,6 +8,7 @@ before any work is done.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -223,7 +224,24 @@ def conv_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride
     pads = padding_pads(padding, k, s, d)
     oh = out_size_or_raise(x.shape[2], pads[0], k[0], s[0], d[0], "height")
     ow = out_size_or_raise(x.shape[3], pads[1], k[1], s[1], d[1], "width")
+    check_output_fits((x.shape[0], weight.shape[0], oh, ow), x.dtype, padding)
     return s, pads, d, (oh, ow)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (2**47, the usual address space, if unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**47
+
+
+def check_output_fits(shape: tuple[int, ...], dtype: np.dtype, padding: object) -> None:
+    """Refuse a result larger than the machine's memory (an absurd ``padding``), before any work."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes > memory_bytes():
+        raise ValueError(f"the output would have shape {shape} ({nbytes / 2**30:.3g} GiB, with padding={padding!r}), "
+                         f"more than this machine's memory ({memory_bytes() / 2**30:.3g} GiB)")
 
 
 def pool_params(kernel_size: IntOrPair, stride: IntOrPair | None,

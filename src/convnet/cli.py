@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,6 +82,16 @@ def _load_data(data_dir: str | None):
     return datasets.load_mnist_idx(data_dir), f"IDX files in {data_dir}"
 
 
+def _load_test_data(data_dir: str | None):
+    """(x_test, y_test) of the bundled digits or of an IDX directory's test files alone."""
+    from . import datasets
+
+    if data_dir is None:
+        split = datasets.load_mnist_5k()
+        return split.x_test, split.y_test
+    return datasets.load_mnist_idx_part(data_dir, "test")
+
+
 # -- subcommands --------------------------------------------------------------------------------
 
 def _add_train_parser(sub) -> argparse.ArgumentParser:
@@ -114,6 +125,9 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="train on only the first N training images (quick runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoint in --out (same options otherwise): "
+                        "the result equals an uninterrupted run's; starts afresh if --out does not exist")
     p.add_argument("--plots", metavar="DIR", default=None,
                    help="write pictures to DIR: learning curves after every epoch, then filters, feature "
                         "maps, saliency and confusion matrix (needs matplotlib)")
@@ -130,9 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .optim import SGD, Adam, cosine_schedule
     from .training import evaluate, fit, format_epoch
 
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out):
-        raise CliError(f"--out {args.out!r} is a directory; give a file path such as {DEFAULT_OUT}", 2)
+    _check_out(args.out)
+    resume = args.resume and os.path.exists(args.out)
     plots = _training_plots(args.plots)
     split, source = _load_data(args.data)
     x_train, y_train, x_test, y_test = split
@@ -142,13 +155,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = model_mod.lenet(num_classes=num_classes, input_shape=x_train.shape[1:], rng=args.seed)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = Adam(lr=lr) if args.optimizer == "adam" else SGD(lr=lr, momentum=0.9)
-    os.makedirs(out_dir, exist_ok=True)
+    schedule = cosine_schedule(lr, args.epochs)
+    done = _resume_point(args.out, schedule, args.epochs) if resume else None
 
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"training on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
         f"{num_classes} classes); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, "
         f"batch size {args.batch_size}, {args.optimizer} lr {lr:g} "
         f"with cosine decay, seed {args.seed}" + (", random 1-pixel shifts" if args.augment else ""), flush=True)
+    if args.resume:
+        say(f"resuming from {args.out} after epoch {len(done)} of {args.epochs}" if done is not None
+            else f"no checkpoint at {args.out} to resume from: starting from scratch", flush=True)
+    elif _is_checkpoint(args.out):
+        say(f"note: {args.out} holds an interrupted run; training anew replaces it (--resume continues it)",
+            flush=True)
+    if done and plots is not None:
+        plots.history = [dict(rec) for rec in done]  # the learning curves show the whole run
 
     # On a terminal, fit draws a progress bar and prints each epoch's line on stderr;
     # otherwise (logs, pipes) the epoch lines go to stdout.
@@ -159,11 +181,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             say(format_epoch(rec, args.epochs), flush=True)
 
     t0 = time.perf_counter()
-    history = fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
-                  validation_split=args.val_split, seed=args.seed, progress=progress,
-                  checkpoint=args.out, lr_schedule=cosine_schedule(lr, args.epochs),
-                  augment=random_shift if args.augment else None,
-                  on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
+    fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+        validation_split=args.val_split, seed=args.seed, progress=progress,
+        checkpoint=args.out, lr_schedule=schedule, resume_from=args.out if done is not None else None,
+        augment=random_shift if args.augment else None,
+        on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
     result = evaluate(model, x_test, y_test)
     correct = int(np.count_nonzero(result["predictions"] == y_test))
@@ -171,11 +193,59 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"test loss {result['loss']:.4f}; trained in {train_time:.1f}s")
     model.save(args.out)
     print(f"model saved to {args.out}")
-    # Extra outputs derived from `history` (e.g. plots) belong here.
-    _ = history
     if plots is not None:
         plots.finish(model, x_test, y_test)
     return 0
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint (looks at the archive's member names only)."""
+    import zipfile
+
+    from .model import TRAINING_STATE_PREFIX
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return TRAINING_STATE_PREFIX + ".npy" in zf.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _resume_point(path: str, schedule, epochs: int) -> list[dict]:
+    """The history of the interrupted run checkpointed at ``path``, after checking that its
+    learning rate fits this run's schedule (fit checks everything else)."""
+    from . import _checkpoint
+
+    ckpt = _checkpoint.read(path)
+    if ckpt.epoch <= epochs and ckpt.state["optimizer"]["lr"] != schedule(ckpt.epoch):
+        raise CliError(f"cannot resume from {path}: it was trained with another learning rate "
+                       f"(--lr or --optimizer differ from the interrupted run)")
+    return ckpt.state["history"]
+
+
+def _check_out(out: str) -> None:
+    """Make sure the model can be saved to ``--out`` before any training: create its
+    directory if missing and try writing a file there; errors name the user's path."""
+    from ._io import check_writable
+
+    if not out:
+        raise CliError(f"--out must be a file path such as {DEFAULT_OUT}, got ''", 2)
+    if os.path.isdir(out):
+        raise CliError(f"--out {out!r} is a directory; give a file path such as {DEFAULT_OUT}", 2)
+    if out.endswith(("/", os.sep)):
+        raise CliError(f"--out {out!r} names a directory; give a file path such as "
+                       f"{os.path.join(out, 'convnet_mnist.npz')}", 2)
+    directory = os.path.dirname(out)
+    try:
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        check_writable(out)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way of the directory"
+        where = f"directory {directory!r}" if directory else "the current directory"
+        raise CliError(f"--out {out!r}: cannot save the model in {where}: {reason}", 1) from None
 
 
 def _add_evaluate_parser(sub) -> argparse.ArgumentParser:
@@ -211,7 +281,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import confusion_matrix, evaluate
 
     model = load(args.model)
-    _, _, x_test, y_test = _load_data(args.data)[0]
+    x_test, y_test = _load_test_data(args.data)
     _check_model_fits(model, x_test, args.model)
     result = evaluate(model, x_test, y_test, batch_size=args.batch_size)
     num_classes = max(int(y_test.max()) + 1, int(result["predictions"].max()) + 1)
@@ -292,7 +362,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CliError(f"--out {args.out!r} exists and is not a directory", 2)
     model = load(args.model)
-    _, _, x_test, y_test = _load_data(args.data)[0]
+    x_test, y_test = _load_test_data(args.data)
     _check_model_fits(model, x_test, args.model)
     if args.index >= len(x_test):
         raise CliError(f"--index must be below the number of test images ({len(x_test)}), got {args.index}", 2)
@@ -396,11 +466,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .datasets import IdxFormatError
     from .model import ModelFileError
-    from .training import TrainingDivergedError
+    from .training import ResumeError, TrainingDivergedError
 
     debug = bool(os.environ.get("CONVNET_DEBUG"))
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # Python's default shows the warning's source file and line: noise to a command-line user.
+        print(f"convnet {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = one_line_warning
+            return int(args.func(args) or 0)
     except CliError as exc:
         message, code = str(exc), exc.code
     except KeyboardInterrupt:
@@ -417,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # open() errors read "[Errno 2] ..."; say "<file>: <reason>" instead.
         message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         code = 1
-    except (ModelFileError, IdxFormatError, TrainingDivergedError) as exc:
+    except (ModelFileError, IdxFormatError, TrainingDivergedError, ResumeError) as exc:
         if debug:
             raise
         message, code = str(exc), 1

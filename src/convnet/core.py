@@ -38,36 +38,56 @@ from . import _blas
 Pair = tuple[int, int]
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
-# Upper bound, in bytes, for one im2col buffer; bigger batches are processed in chunks.
+# Upper bound, in bytes, of a convolution's temporaries (its workspace); bigger batches are
+# processed in chunks of images. The process-wide default; workspace_limit() overrides it per thread.
 _WORKSPACE_LIMIT = 256 * 2**20
+_LIMITS = threading.local()
+
+
+class WorkspaceLimitError(MemoryError):
+    """One image's convolution workspace is larger than the workspace limit (nothing was allocated)."""
 
 
 def get_workspace_limit() -> int:
-    """Return the im2col workspace limit in bytes (default 256 MiB)."""
-    return _WORKSPACE_LIMIT
+    """Return the workspace limit in bytes that applies in this thread (default 256 MiB)."""
+    stack = getattr(_LIMITS, "stack", None)
+    return stack[-1][0] if stack else _WORKSPACE_LIMIT
+
+
+def _limit_bytes(nbytes: object) -> int:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 1:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    return int(nbytes)
 
 
 def set_workspace_limit(nbytes: int) -> None:
-    """Set the largest im2col buffer (bytes) built at once.
+    """Set the process-wide workspace limit: the most bytes a convolution's temporaries take.
 
-    Convolutions whose im2col matrix would exceed the limit work through the batch
-    in chunks of images; results are identical up to rounding, memory stays bounded.
+    A batch whose workspace would exceed it is computed in chunks of images (results are
+    identical up to rounding); a single image whose workspace exceeds it is refused with a
+    ``MemoryError`` naming the limit, before anything is allocated. Threads inside
+    :func:`workspace_limit` keep their own limit.
     """
     global _WORKSPACE_LIMIT
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 1:
-        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
-    _WORKSPACE_LIMIT = int(nbytes)
+    _WORKSPACE_LIMIT = _limit_bytes(nbytes)
 
 
 @contextlib.contextmanager
 def workspace_limit(nbytes: int) -> Iterator[None]:
-    """Context manager that sets the workspace limit temporarily."""
-    old = _WORKSPACE_LIMIT
-    set_workspace_limit(nbytes)
+    """Context manager: the workspace limit is ``nbytes`` in this thread until the block ends.
+
+    Per thread, so threads nesting it in any order never see each other's limits, and
+    each block restores exactly what it replaced.
+    """
+    entry = [_limit_bytes(nbytes)]  # a fresh object: its block removes this entry, not another's
+    if not hasattr(_LIMITS, "stack"):
+        _LIMITS.stack = []
+    _LIMITS.stack.append(entry)
     try:
         yield
     finally:
-        set_workspace_limit(old)
+        stack = _LIMITS.stack
+        del stack[next(i for i in range(len(stack) - 1, -1, -1) if stack[i] is entry)]
 
 
 def row_buffer(shape: tuple[int, ...], dtype, fill: float | None = None,

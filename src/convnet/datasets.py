@@ -14,10 +14,12 @@ directory.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import stat
 import zlib
 from importlib import resources
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -29,6 +31,7 @@ __all__ = [
     "load_mnist_5k",
     "load_idx",
     "load_mnist_idx",
+    "load_mnist_idx_part",
     "random_shift",
     "MNIST_5K_SPLIT_SEED",
     "MNIST_5K_TEST_PER_CLASS",
@@ -113,23 +116,79 @@ _IDX_DTYPES = {
 }
 
 
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-        fh.seek(0)
-        if head == b"\x1f\x8b":  # gzip magic: decompress whatever the file is called
-            try:
-                with gzip.GzipFile(fileobj=fh) as gz:
-                    return gz.read()
-            except (EOFError, OSError, zlib.error) as exc:
-                raise IdxFormatError(f"{path}: corrupted or truncated gzip file ({exc})") from None
-        return fh.read()
+#: Deflate cannot expand data by more than 1032:1, so a gzip file of ``n`` bytes never
+#: inflates to more than ``1032 * n`` bytes: a bigger declared size is a truncated file.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _read_into(stream: BinaryIO, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``stream`` as far as the stream goes; the number of bytes read."""
+    done = 0
+    while done < len(buffer):
+        n = stream.readinto(buffer[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
+def _read_idx(path: str, stream: BinaryIO, limit: int, what: str) -> np.ndarray:
+    """Parse an IDX stream, reading no more than header + declared data + 1 bytes.
+
+    ``limit`` bounds the bytes the stream can hold (file size, or the deflate bound for
+    gzip); a header declaring more is rejected before anything is allocated.
+    """
+    head = stream.read(4)
+    if len(head) < 4:
+        raise IdxFormatError(f"{path}: not an IDX file (only {len(head)} bytes, need a 4-byte magic number)")
+    zero, code, ndim = int.from_bytes(head[:2], "big"), head[2], head[3]
+    if zero != 0 or code not in _IDX_DTYPES:
+        raise IdxFormatError(
+            f"{path}: not an IDX file (bad magic number 0x{head.hex()}; expected 0x0000 then a type "
+            f"code in {{{', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)}}} then the number of dimensions)"
+        )
+    if ndim == 0:
+        raise IdxFormatError(f"{path}: IDX header declares 0 dimensions")
+    header_len = 4 + 4 * ndim
+    rest = stream.read(4 * ndim)
+    if len(rest) < 4 * ndim:
+        raise IdxFormatError(
+            f"{path}: truncated IDX header ({4 + len(rest)} bytes, {ndim} dimensions need {header_len})"
+        )
+    dims = tuple(int.from_bytes(rest[4 * i: 4 * i + 4], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[code]
+    # Python ints: a product of up to 255 32-bit sizes cannot overflow here, as it would in int64.
+    nbytes = math.prod(dims) * dtype.itemsize
+    expected = header_len + nbytes
+    if expected > limit:
+        raise IdxFormatError(
+            f"{path}: IDX file truncated: header says shape {dims} of {dtype.name} ({expected} bytes in all), "
+            f"{what}"
+        )
+    out = np.empty(dims, dtype=dtype.newbyteorder("="))
+    got = _read_into(stream, memoryview(out).cast("B")) if nbytes else 0
+    if got < nbytes:
+        raise IdxFormatError(
+            f"{path}: IDX file truncated: header says shape {dims} of {dtype.name} "
+            f"({expected} bytes in all), file has {header_len + got} bytes"
+        )
+    if stream.read(1):
+        raise IdxFormatError(
+            f"{path}: IDX file has trailing bytes: header says shape {dims} of {dtype.name} "
+            f"({expected} bytes in all), file has more"
+        )
+    if not dtype.isnative:
+        out.byteswap(inplace=True)  # the file is big-endian
+    return out
 
 
 def load_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (the MNIST / Fashion-MNIST format), raw or gzip-compressed.
 
-    Gzip is recognised by its magic bytes, not by the file name.
+    Gzip is recognised by its magic bytes, not by the file name. At most the header, the
+    data it declares and one more byte are read (or decompressed), and a header declaring
+    more data than the file can hold is rejected before anything is allocated, so a small
+    file that inflates to gigabytes costs no memory.
 
     Parameters
     ----------
@@ -148,36 +207,27 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
         If ``path`` does not exist.
     IdxFormatError
         (a ``ValueError``) if the magic number, data type, dimensions or length are wrong,
-        e.g. for a truncated download.
+        e.g. for a truncated download, or ``path`` is not a regular file (a FIFO would
+        block).
     """
     path = os.fspath(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise IdxFormatError(f"{path}: not an IDX file (only {len(raw)} bytes, need a 4-byte magic number)")
-    zero, code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    if zero != 0 or code not in _IDX_DTYPES:
-        raise IdxFormatError(
-            f"{path}: not an IDX file (bad magic number 0x{raw[:4].hex()}; expected 0x0000 then a type "
-            f"code in {{{', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)}}} then the number of dimensions)"
-        )
-    if ndim == 0:
-        raise IdxFormatError(f"{path}: IDX header declares 0 dimensions")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise IdxFormatError(
-            f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions need {header_len})"
-        )
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_DTYPES[code]
-    expected = header_len + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise IdxFormatError(
-            f"{path}: IDX file {what}: header says shape {dims} of {dtype.name} "
-            f"({expected} bytes in all), file has {len(raw)} bytes"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims)
-    return data.astype(dtype.newbyteorder("="))
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise IdxFormatError(f"{path}: is {kind}, not an IDX file")
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if fh.read(2) != b"\x1f\x8b":  # gzip magic: decompress whatever the file is called
+            fh.seek(0)
+            return _read_idx(path, fh, size, f"file has {size} bytes")
+        fh.seek(0)
+        bound = _DEFLATE_MAX_RATIO * size
+        try:
+            with gzip.GzipFile(fileobj=fh) as gz:
+                return _read_idx(path, gz, bound,
+                                 f"but a gzip file of {size} bytes inflates to at most {bound} bytes")
+        except (EOFError, OSError, zlib.error) as exc:
+            raise IdxFormatError(f"{path}: corrupted or truncated gzip file ({exc})") from None
 
 
 # Standard file names; the second spelling is what some unzip tools produce.
@@ -198,11 +248,55 @@ def _find_file(directory: str, names: tuple[str, ...]) -> str:
     raise FileNotFoundError(f"{directory}: no {names[0]} (or {names[0]}.gz) found")
 
 
+def load_mnist_idx_part(directory: str | os.PathLike, part: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Load one part (``"train"`` or ``"test"``) of MNIST / Fashion-MNIST from ``directory``.
+
+    Reads only that part's two files (``train-*`` or ``t10k-*``), raw or ``.gz``; the
+    other part's files need not exist (``convnet evaluate --data`` needs only the test files).
+
+    Returns
+    -------
+    (x, y)
+        float32 images (N, 1, H, W) in [0, 1] and int64 labels (N,), N >= 1.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``directory`` or one of the two files is missing.
+    IdxFormatError
+        If a file is malformed, images are not 3-D uint8 with at least one image of at
+        least 1x1 pixels, labels are not 1-D uint8, or image and label counts differ.
+    """
+    if part not in ("train", "test"):
+        raise ValueError(f"part must be 'train' or 'test', got {part!r}")
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"data directory {directory!r} does not exist")
+    x_path = _find_file(directory, _MNIST_FILES[f"x_{part}"])
+    y_path = _find_file(directory, _MNIST_FILES[f"y_{part}"])
+    x = load_idx(x_path)
+    if x.ndim != 3 or x.dtype != np.uint8:
+        raise IdxFormatError(f"{x_path}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
+    if x.shape[0] == 0:
+        raise IdxFormatError(f"{x_path}: holds no images (header says shape {x.shape})")
+    if min(x.shape[1:]) == 0:
+        raise IdxFormatError(f"{x_path}: images of {x.shape[1]}x{x.shape[2]} pixels hold nothing")
+    y = load_idx(y_path)
+    if y.ndim != 1 or y.dtype != np.uint8:
+        raise IdxFormatError(f"{y_path}: expected uint8 labels (N,), got {y.dtype} {y.shape}")
+    if len(x) != len(y):
+        raise IdxFormatError(
+            f"{part} images and labels differ in count: {len(x)} images in {x_path}, {len(y)} labels in {y_path}"
+        )
+    return _images_to_float(x), y.astype(np.int64)
+
+
 def load_mnist_idx(directory: str | os.PathLike) -> Split:
     """Load full MNIST or Fashion-MNIST from the four standard IDX files in ``directory``.
 
     Expects ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each raw or with ``.gz``.
+    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each raw or with ``.gz``
+    (see :func:`load_mnist_idx_part` for one part alone).
 
     Returns
     -------
@@ -215,35 +309,16 @@ def load_mnist_idx(directory: str | os.PathLike) -> Split:
     FileNotFoundError
         If ``directory`` or one of the four files is missing.
     IdxFormatError
-        If a file is malformed, images are not 3-D uint8, labels are not 1-D uint8, or
-        image and label counts differ.
+        If a file is malformed, holds no images, images are not 3-D uint8, labels are not
+        1-D uint8, or image and label counts differ.
     """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"data directory {directory!r} does not exist")
-    paths = {key: _find_file(directory, names) for key, names in _MNIST_FILES.items()}
-    arrays = {key: load_idx(path) for key, path in paths.items()}
-    for part in ("train", "test"):
-        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
-        if x.ndim != 3 or x.dtype != np.uint8:
-            raise IdxFormatError(f"{paths[f'x_{part}']}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
-        if y.ndim != 1 or y.dtype != np.uint8:
-            raise IdxFormatError(f"{paths[f'y_{part}']}: expected uint8 labels (N,), got {y.dtype} {y.shape}")
-        if len(x) != len(y):
-            raise IdxFormatError(
-                f"{part} images and labels differ in count: {len(x)} images in {paths[f'x_{part}']}, "
-                f"{len(y)} labels in {paths[f'y_{part}']}"
-            )
-    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+    x_train, y_train = load_mnist_idx_part(directory, "train")
+    x_test, y_test = load_mnist_idx_part(directory, "test")
+    if x_train.shape[1:] != x_test.shape[1:]:
         raise IdxFormatError(
-            f"train and test image sizes differ: {arrays['x_train'].shape[1:]} vs {arrays['x_test'].shape[1:]}"
+            f"train and test image sizes differ: {x_train.shape[2:]} vs {x_test.shape[2:]}"
         )
-    return Split(
-        _images_to_float(arrays["x_train"]),
-        arrays["y_train"].astype(np.int64),
-        _images_to_float(arrays["x_test"]),
-        arrays["y_test"].astype(np.int64),
-    )
+    return Split(x_train, y_train, x_test, y_test)
 
 
 def random_shift(x: np.ndarray, rng: np.random.Generator, max_shift: int = 1) -> np.ndarray:

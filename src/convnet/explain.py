@@ -54,15 +54,12 @@ EXAMPLE_WEIGHT = np.array(
 EXAMPLE_BIAS = np.array([1, 0], dtype=np.float64)
 EXAMPLE_STRIDE = 2
 EXAMPLE_PADDING = 1
-EXAMPLE_OUTPUT = np.array(
-    [[[6, 7, 5], [3, -1, -1], [2, -1, 4]], [[2, -5, -8], [1, -4, -4], [0, -5, -5]]], dtype=np.float64)
 # A readable sensitivity map (dE/dnet) for the example layer's (2, 3, 3) output.
 EXAMPLE_DY = np.array(
     [[[1, 0, -1], [0, 2, 0], [-1, 0, 1]], [[0, 1, 0], [1, -1, 1], [0, 1, 0]]], dtype=np.float64)
 EXAMPLE_POOL_INPUT = np.array(
     [[[1, 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]],
      [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1], [3, 4, 5, 6]]], dtype=np.float64)
-EXAMPLE_POOL_OUTPUT = np.array([[[6, 8], [3, 4]], [[5, 7], [9, 6]]], dtype=np.float64)
 
 # explain prints every number, so user arrays must stay terminal-sized.
 MAX_SIDE = 32

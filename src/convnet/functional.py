@@ -21,7 +21,7 @@ from ._conv import ConvCache
 
 __all__ = [
     "ConvCache", "conv2d", "conv2d_with_cache", "conv2d_backward",
-    "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+    "max_pool2d", "max_pool2d_with_argmax", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
     "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward",
     "tanh", "tanh_backward", "identity", "identity_backward", "softmax", "log_softmax",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "linear", "linear_backward",
@@ -73,6 +73,12 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     cache : ConvCache or None
         None when the batch was processed in chunks because its workspace exceeds
         :func:`convnet.core.get_workspace_limit`.
+
+    Raises
+    ------
+    convnet.core.WorkspaceLimitError
+        (a ``MemoryError``) when one image's workspace alone exceeds the limit; nothing
+        is allocated then.
     """
     g = _conv_geometry(x, weight, bias, stride, padding, dilation)
     _check_algo(algo, g)
@@ -116,7 +122,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     x : ndarray, shape (N, C, H, W), the forward input
     weight : ndarray, shape (F, C, KH, KW)
     stride, padding, dilation : as in the forward call
-    cache : ConvCache, optional, from :func:`conv2d_with_cache` on the same ``x``
+    cache : ConvCache, optional, from :func:`conv2d_with_cache` on the same ``x``. A cache
+        of another input, or of ``x`` before an in-place change, is a ``ValueError``
+        (checked by a fingerprint of ``x``'s contents: one cheap pass over it).
     method : "auto", "zero_insert" or "col2im"
     algo : "auto", "im2col" or "taps": how the input gradient is summed, with a column
         matrix and one GEMM, or by one GEMM per kernel tap (any stride here). The filter
@@ -138,8 +146,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     _args.choice(method, "method", ("auto",) + _conv.METHODS)
     _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
     if cache is not None and not _conv.cache_matches(cache, x, g):
-        raise ValueError("cache does not belong to this input and geometry; pass the cache returned "
-                         "by conv2d_with_cache for the same x, weight shape, stride, padding, dilation")
+        raise ValueError("cache does not belong to this input and geometry (another x, x changed in place "
+                         "since the forward, or other shapes); pass the cache returned by conv2d_with_cache "
+                         "for the same x, weight shape, stride, padding and dilation")
     p = _conv.plan(g, backward=True, method=method, dx_algo=algo)
     return _conv.backward(dy, x, weight, g, p, cache, input_grad)
 
@@ -171,6 +180,24 @@ def max_pool2d(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None =
     return _max_pool(core.pad2d(x, pads, -np.inf), k, s, out_hw)
 
 
+def max_pool2d_with_argmax(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None = None,
+                           padding: IntOrPair = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`max_pool2d` and, for each output, which tap of its window holds the maximum.
+
+    Passing ``argmax`` to :func:`max_pool2d_backward` routes the error without
+    recomputing the forward's maximum.
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW)
+    argmax : uint8 ndarray (int32 for windows of more than 256 taps), shape (N, C, OH, OW)
+        The tap ``i * KW + j`` of the window's (first, row-major) maximum, as ``np.argmax``
+        of the flattened window picks it (a NaN counts as the maximum).
+    """
+    k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
+    return _max_pool_argmax(core.pad2d(x, pads, -np.inf), k, s, out_hw)
+
+
 def _max_pool(xp, k, s, out_hw) -> np.ndarray:
     y = core.strided_window(xp, 0, 0, s, out_hw).copy()
     for i in range(k[0]):
@@ -180,8 +207,36 @@ def _max_pool(xp, k, s, out_hw) -> np.ndarray:
     return y
 
 
+def _argmax_dtype(k) -> np.dtype:
+    return np.dtype(np.uint8 if k[0] * k[1] <= 256 else np.int32)
+
+
+def _max_pool_argmax(xp, k, s, out_hw) -> tuple[np.ndarray, np.ndarray]:
+    taps = [(i, j) for i in range(k[0]) for j in range(k[1])]
+    y = core.strided_window(xp, 0, 0, s, out_hw).copy()
+    dtype = _argmax_dtype(k)
+    arg = np.zeros(y.shape, dtype=dtype)
+    better = np.empty(y.shape, dtype=bool)
+    tap = np.empty(y.shape, dtype=dtype)
+    for t, (i, j) in enumerate(taps[1:], 1):
+        window = core.strided_window(xp, i, j, s, out_hw)
+        np.greater(window, y, out=better)  # strictly: the first maximum keeps its tap
+        # arg = t where better. Taps come in increasing order, so the last tap that beat the
+        # running maximum is the largest such t: a max measured 10x faster than a masked copy.
+        np.multiply(better, dtype.type(t), out=tap)
+        np.maximum(arg, tap, out=arg)
+        np.maximum(y, window, out=y)
+    if np.isnan(y.sum()):  # rare: NaN windows take their first NaN, as np.argmax does
+        nan_windows = np.isnan(y)
+        for t in range(len(taps) - 1, -1, -1):
+            hit = np.isnan(core.strided_window(xp, *taps[t], s, out_hw)) & nan_windows
+            np.copyto(arg, t, where=hit)
+    return y, arg
+
+
 def max_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
-                        stride: IntOrPair | None = None, padding: IntOrPair = 0) -> np.ndarray:
+                        stride: IntOrPair | None = None, padding: IntOrPair = 0,
+                        argmax: np.ndarray | None = None) -> np.ndarray:
     """Gradient of :func:`max_pool2d`: each error goes to its window's arg-max.
 
     Ties go to the first maximum in row-major window order (as ``np.argmax``).
@@ -191,6 +246,9 @@ def max_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
     ----------
     dy : ndarray, shape (N, C, OH, OW)
     x : ndarray, shape (N, C, H, W), the forward input
+    argmax : ndarray, shape (N, C, OH, OW), optional
+        From :func:`max_pool2d_with_argmax` on the same ``x`` and geometry; without it the
+        arg-max is found again from ``x``.
 
     Returns
     -------
@@ -198,25 +256,33 @@ def max_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
     """
     k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
     _pool_dy(dy, x, out_hw)
-    xp = core.pad2d(x, pads, -np.inf)
-    y = _max_pool(xp, k, s, out_hw)
-    dxp = np.zeros(xp.shape, dtype=x.dtype)
+    if argmax is None:
+        argmax = _max_pool_argmax(core.pad2d(x, pads, -np.inf), k, s, out_hw)[1]
+    else:
+        if not isinstance(argmax, np.ndarray):
+            raise TypeError(f"argmax must be the array from max_pool2d_with_argmax, got {type(argmax).__name__}")
+        _args.check_shape(argmax, "argmax", dy.shape)
+        if argmax.dtype != _argmax_dtype(k):
+            raise TypeError(f"argmax must be the {_argmax_dtype(k)} array from max_pool2d_with_argmax, "
+                            f"got {argmax.dtype}")
+    padded = x.shape[:2] + (x.shape[2] + sum(pads[0]), x.shape[3] + sum(pads[1]))
     overlapping = k[0] > s[0] or k[1] > s[1]
-    finite = bool(np.isfinite(dy).all())  # 0 * inf is nan: mask by selection then
-    pending = np.ones(y.shape, dtype=bool)  # windows whose arg-max is not yet found
-    hit = np.empty(y.shape, dtype=bool)
-    for i in range(k[0]):
-        for j in range(k[1]):
-            np.equal(core.strided_window(xp, i, j, s, out_hw), y, out=hit)
-            hit &= pending
-            pending ^= hit  # hit is a subset of pending: this clears the windows just served
-            dst = core.strided_window(dxp, i, j, s, out_hw)
+    # Windows that tile the padded input exactly write every element: no zero fill needed.
+    tiled = k == s and padded[2:] == (out_hw[0] * k[0], out_hw[1] * k[1])
+    dxp = np.empty(padded, dtype=x.dtype) if tiled else np.zeros(padded, dtype=x.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = bool(np.isfinite(dy.sum()))  # 0 * inf is nan: mask by selection then
+    hit = np.empty(dy.shape, dtype=bool)
+    for t in range(k[0] * k[1]):
+        np.equal(argmax, t, out=hit)
+        dst = core.strided_window(dxp, t // k[1], t % k[1], s, out_hw)
+        if overlapping:  # a pixel may be the arg-max of several windows: accumulate
             # A multiply by the mask measured ~8x faster than a masked copy (``where=``).
-            routed = dy * hit if finite else np.where(hit, dy, 0)
-            if overlapping:  # a pixel may be the arg-max of several windows: accumulate
-                dst += routed
-            else:  # each pixel lies in one tap's view only, so writing is enough
-                dst[...] = routed
+            dst += dy * hit if finite else np.where(hit, dy, 0)
+        elif finite:  # each pixel lies in one tap's view only, so writing is enough
+            np.multiply(dy, hit, out=dst)
+        else:
+            dst[...] = np.where(hit, dy, 0)
     return _crop(dxp, pads, x.shape)
 
 
@@ -291,9 +357,14 @@ def relu(x: np.ndarray) -> np.ndarray:
 
 
 def relu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``dy * (x > 0)``; the gradient at 0 is taken as 0."""
+    """``dy`` where ``x > 0``, else 0; the gradient at 0 is taken as 0."""
     _act_args(x, dy)
-    return np.where(x > 0, dy, 0).astype(x.dtype, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):  # the rare non-finite case is redone below
+        out = np.multiply(dy, x > 0)  # measured ~50x faster than np.where(x > 0, dy, 0) here
+        finite = np.isfinite(out.sum())
+    if not finite:  # inf or nan in dy where x <= 0 left nan (0 * inf): select instead
+        out = np.where(x > 0, dy, x.dtype.type(0))
+    return out
 
 
 def leaky_relu(x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:

@@ -100,10 +100,11 @@ class Parameter:
 
 
 class Layer:
-    """Base class: ``forward(x) -> y``, ``backward(dy) -> dx``, parameters and modes."""
+    """Base class: ``forward(x) -> y``, ``backward(dy, input_grad=True) -> dx``, parameters and modes.
 
-    #: Names of the layer's parameters, in save order (e.g. ("weight", "bias")).
-    param_names: tuple[str, ...] = ()
+    A subclass implements ``forward`` and ``backward`` and, when forward keeps arrays for
+    backward, ``clear_cache`` to drop them.
+    """
 
     def __init__(self) -> None:
         self.training = True
@@ -147,8 +148,6 @@ class Layer:
         for n in list(self.params):
             self.params[n] = self.params[n].astype(dt)
             self.grads[n] = np.zeros_like(self.params[n])
-        if hasattr(self, "_dtype"):
-            self._dtype = dt
         self.clear_cache()
         return self
 
@@ -167,17 +166,24 @@ class Layer:
     def forward(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Accumulate parameter gradients from ``dy`` (the loss gradient of the output) and
+        return the input gradient ``dx``.
+
+        With ``input_grad=False`` the caller needs only the parameter gradients: a layer may
+        skip ``dx`` and return None (``Sequential.backward`` asks this of its first layer
+        with parameters during training).
+        """
         raise NotImplementedError
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
     def clear_cache(self) -> None:
-        """Drop what forward kept for backward (frees memory after inference)."""
-        for attr in ("_x", "_cache", "_mask", "_shape"):
-            if hasattr(self, attr):
-                setattr(self, attr, None)
+        """Drop what forward kept for backward (frees memory after inference).
+
+        The base layer keeps nothing; a layer that keeps arrays overrides this.
+        """
 
     def _cached(self, attr: str):
         value = getattr(self, attr, None)
@@ -237,8 +243,6 @@ class Conv2d(Layer):
     Shapes: x (N, C, H, W) -> y (N, F, OH, OW), OH = (H + 2P - D*(KH-1) - 1) // S + 1.
     """
 
-    param_names = ("weight", "bias")
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
                  dilation: int | tuple[int, int] = 1, bias: bool = True, *, rng: RngLike = None,
@@ -255,12 +259,12 @@ class Conv2d(Layer):
         self.kernel_size, self.stride = _tuplify(kernel_size), _tuplify(stride)
         self.padding, self.dilation = _tuplify(padding), _tuplify(dilation)
         self.has_bias = bool(bias)
-        self._dtype = _as_float_dtype(dtype)
+        dt = _as_float_dtype(dtype)
         gen = _as_rng(rng)
         fan_in = self.in_channels * k[0] * k[1]
-        self._add_param("weight", _pytorch_uniform(gen, (self.out_channels, self.in_channels, *k), fan_in, self._dtype))
+        self._add_param("weight", _pytorch_uniform(gen, (self.out_channels, self.in_channels, *k), fan_in, dt))
         if self.has_bias:
-            self._add_param("bias", _pytorch_uniform(gen, (self.out_channels,), fan_in, self._dtype))
+            self._add_param("bias", _pytorch_uniform(gen, (self.out_channels,), fan_in, dt))
         self._x = None
         self._cache = None
 
@@ -299,12 +303,15 @@ class Conv2d(Layer):
             self.grads["bias"] += db
         return dx
 
+    def clear_cache(self) -> None:
+        self._x = self._cache = None
+
     def get_config(self) -> dict[str, Any]:
         return {
             "in_channels": self.in_channels, "out_channels": self.out_channels,
             "kernel_size": _jsonable(self.kernel_size), "stride": _jsonable(self.stride),
             "padding": _jsonable(self.padding), "dilation": _jsonable(self.dilation),
-            "bias": self.has_bias, "dtype": self._dtype.name,
+            "bias": self.has_bias, "dtype": self.dtype.name,
         }
 
 
@@ -322,8 +329,6 @@ class Linear(Layer):
     Shapes: x (N, in_features) -> y (N, out_features); weight (out_features, in_features).
     """
 
-    param_names = ("weight", "bias")
-
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rng: RngLike = None,
                  dtype: Any = np.float32) -> None:
         super().__init__()
@@ -332,12 +337,12 @@ class Linear(Layer):
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be True or False, got {bias!r}")
         self.has_bias = bool(bias)
-        self._dtype = _as_float_dtype(dtype)
+        dt = _as_float_dtype(dtype)
         gen = _as_rng(rng)
         self._add_param("weight", _pytorch_uniform(gen, (self.out_features, self.in_features),
-                                                   self.in_features, self._dtype))
+                                                   self.in_features, dt))
         if self.has_bias:
-            self._add_param("bias", _pytorch_uniform(gen, (self.out_features,), self.in_features, self._dtype))
+            self._add_param("bias", _pytorch_uniform(gen, (self.out_features,), self.in_features, dt))
         self._x = None
 
     weight = Conv2d.weight
@@ -363,9 +368,12 @@ class Linear(Layer):
             self.grads["bias"] += db
         return dx
 
+    def clear_cache(self) -> None:
+        self._x = None
+
     def get_config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.has_bias, "dtype": self._dtype.name}
+                "bias": self.has_bias, "dtype": self.dtype.name}
 
 
 class _Pool2d(Layer):
@@ -374,6 +382,9 @@ class _Pool2d(Layer):
         super().__init__()
         _args.pool_params(kernel_size, stride, padding)
         self.kernel_size, self.stride, self.padding = _tuplify(kernel_size), _tuplify(stride), _tuplify(padding)
+        self._x = None
+
+    def clear_cache(self) -> None:
         self._x = None
 
     def get_config(self) -> dict[str, Any]:
@@ -388,12 +399,22 @@ class MaxPool2d(_Pool2d):
     """
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        y = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        if self.training:  # the arg-max kept for backward routes the error without a second max
+            y, self._argmax = F.max_pool2d_with_argmax(x, self.kernel_size, self.stride, self.padding)
+        else:
+            y, self._argmax = F.max_pool2d(x, self.kernel_size, self.stride, self.padding), None
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        return F.max_pool2d_backward(dy, self._cached("_x"), self.kernel_size, self.stride, self.padding)
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
+        return F.max_pool2d_backward(dy, self._cached("_x"), self.kernel_size, self.stride, self.padding,
+                                     argmax=getattr(self, "_argmax", None))
+
+    def clear_cache(self) -> None:
+        super().clear_cache()
+        self._argmax = None
 
 
 class AvgPool2d(_Pool2d):
@@ -407,7 +428,9 @@ class AvgPool2d(_Pool2d):
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
         return F.avg_pool2d_backward(dy, self._cached("_x"), self.kernel_size, self.stride, self.padding)
 
 
@@ -419,8 +442,13 @@ class ReLU(Layer):
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
         return F.relu_backward(dy, self._cached("_x"))
+
+    def clear_cache(self) -> None:
+        self._x = None
 
 
 class LeakyReLU(Layer):
@@ -436,8 +464,13 @@ class LeakyReLU(Layer):
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
         return F.leaky_relu_backward(dy, self._cached("_x"), self.negative_slope)
+
+    def clear_cache(self) -> None:
+        self._x = None
 
     def get_config(self) -> dict[str, Any]:
         return {"negative_slope": self.negative_slope}
@@ -454,8 +487,13 @@ class Sigmoid(Layer):
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
         return F.sigmoid_backward(dy, self._cached("_x"))
+
+    def clear_cache(self) -> None:
+        self._x = None
 
 
 class Tanh(Layer):
@@ -466,8 +504,13 @@ class Tanh(Layer):
         self._x = x
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
         return F.tanh_backward(dy, self._cached("_x"))
+
+    def clear_cache(self) -> None:
+        self._x = None
 
 
 class Flatten(Layer):
@@ -480,9 +523,13 @@ class Flatten(Layer):
         self._shape = x.shape
         return x.reshape(x.shape[0], -1)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        shape = self._cached("_shape")
-        return dy.reshape(shape)
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
+        return dy.reshape(self._cached("_shape"))
+
+    def clear_cache(self) -> None:
+        self._shape = None
 
 
 class Dropout(Layer):
@@ -508,10 +555,16 @@ class Dropout(Layer):
         self._identity = False
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        if not input_grad:
+            return None
         if self._identity:
             return dy
         return F.dropout_backward(dy, self._cached("_mask"))
+
+    def clear_cache(self) -> None:
+        self._mask = None
+        self._identity = False
 
     def get_config(self) -> dict[str, Any]:
         return {"p": self.p}

@@ -8,6 +8,9 @@ File format (``model.save`` / ``convnet.load``): one ``.npz`` archive, readable 
   {...}}, ...], "params": {"0.weight": {"shape": [...], "dtype": "float32"}, ...},
   "sha256": "<digest of all parameter bytes in order>"}``
 * one array per parameter, named ``"<layer index>.<parameter name>"`` (e.g. ``"0.weight"``).
+* only in checkpoints written by ``fit(checkpoint=...)``: the training state, in members
+  whose names start with ``"__training__"`` (see :mod:`convnet._checkpoint`); ``load``
+  ignores them.
 
 Writes go to a temporary file in the target directory, are flushed to disk and then
 renamed over the target (``os.replace``), so an interrupted save leaves either the old
@@ -49,6 +52,8 @@ __all__ = ["Sequential", "load", "ModelFileError", "lenet", "FORMAT_NAME", "FORM
 FORMAT_NAME = "convnet.Sequential"
 FORMAT_VERSION = 1
 _ARCH_KEY = "__architecture__"
+#: Members of a training checkpoint that hold the training state (see ``convnet.fit``).
+TRAINING_STATE_PREFIX = "__training__"
 
 
 class ModelFileError(ValueError):
@@ -286,10 +291,14 @@ class Sequential:
     def save(self, path: str | os.PathLike) -> None:
         """Save architecture and weights to ``path`` (one ``.npz``), atomically.
 
-        The file name is used as given (no ``.npz`` is appended). See the module docstring
+        The file name is used as given (no ``.npz`` is appended). If ``path`` is a symbolic
+        link, the file it points to is replaced and the link kept. See the module docstring
         for the format.
         """
-        path = os.fspath(path)
+        _atomic_savez(os.fspath(path), self._file_arrays())
+
+    def _file_arrays(self) -> dict[str, np.ndarray]:
+        """The members of a saved file: architecture JSON and one array per parameter."""
         for layer in self.layers:
             if type(layer).__name__ not in LAYER_TYPES or LAYER_TYPES[type(layer).__name__] is not type(layer):
                 raise TypeError(f"cannot save custom layer type {type(layer).__name__}; "
@@ -300,7 +309,7 @@ class Sequential:
         arch["sha256"] = _digest(params)
         arrays = {_ARCH_KEY: np.array(json.dumps(arch))}
         arrays.update(params)
-        _atomic_savez(path, arrays)
+        return arrays
 
 
 def _digest(params: dict[str, np.ndarray]) -> str:
@@ -351,7 +360,9 @@ def load(path: str | os.PathLike) -> Sequential:
                 raise ModelFileError(f"{path}: not a convnet model file (no {_ARCH_KEY!r} entry; "
                                      f"entries: {sorted(names)[:5]})")
             arch_raw = data[_ARCH_KEY]
-            arrays = {name: data[name] for name in names if name != _ARCH_KEY}
+            # A training checkpoint (convnet.fit) also holds the training state: not weights.
+            arrays = {name: data[name] for name in names
+                      if name != _ARCH_KEY and not name.startswith(TRAINING_STATE_PREFIX)}
     except ModelFileError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:

@@ -18,7 +18,7 @@ import numpy as np
 from . import _args
 from .layers import Parameter
 
-__all__ = ["Optimizer", "SGD", "Adam", "OPTIMIZERS", "cosine_schedule"]
+__all__ = ["Optimizer", "SGD", "Adam", "cosine_schedule"]
 
 
 def _number(value, name: str, low: float, high: float | None = None, low_open: bool = False) -> float:
@@ -52,10 +52,18 @@ class Optimizer:
         return p.grad
 
     def step(self, parameters: Iterable[Parameter]) -> None:
-        for p in parameters:
+        params = list(parameters)
+        for p in params:
             if not isinstance(p, Parameter):
                 raise TypeError(f"step() expects Parameters (from model.parameters()), got {type(p).__name__}")
+        if self._step_all(params):
+            return
+        for p in params:
             self._update(p, self._state(p))
+
+    def _step_all(self, params: list[Parameter]) -> bool:
+        """Update all ``params`` at once if the optimizer can; False leaves them to ``_update``."""
+        return False
 
     def _update(self, p: Parameter, state: dict) -> None:
         raise NotImplementedError
@@ -112,6 +120,82 @@ class Adam(Optimizer):
         self.betas = (_number(betas[0], "betas[0]", 0.0, 1.0), _number(betas[1], "betas[1]", 0.0, 1.0))
         self.eps = _number(eps, "eps", 0.0, low_open=True)
 
+    def _step_all(self, params: list[Parameter]) -> bool:
+        """One pass over all parameters' moments, kept in two flat buffers.
+
+        The per-parameter state (``state[name]["m"]``, ``["v"]``) are views of these
+        buffers, so the arithmetic is the same, elementwise, as :meth:`_update`'s (bit for
+        bit); only the number of numpy calls drops (about 13 per parameter before).
+        """
+        if len(params) < 2:
+            return False
+        flat = self._flat
+        if flat is None or not self._flat_matches(flat, params):
+            flat = self._flat = self._build_flat(params)
+            if flat is None:
+                return False
+        slices, m, v, g = flat["slices"], flat["m"], flat["v"], flat["g"]
+        np.concatenate([p.grad.reshape(-1) for p in params], out=g)
+        if self.weight_decay:
+            g += self.weight_decay * np.concatenate([p.data.reshape(-1) for p in params])
+        t = flat["step"] = flat["step"] + 1
+        for p in params:
+            self.state[p.name]["step"] = t
+        b1, b2 = self.betas
+        tmp, denom = flat["tmp"], flat["denom"]  # kept between steps: no fresh pages to fault in
+        np.multiply(g, 1 - b1, out=tmp)
+        m *= b1
+        m += tmp
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        v *= b2
+        v += tmp
+        np.sqrt(v, out=denom)
+        denom /= math.sqrt(1 - b2 ** t)
+        denom += self.eps
+        update = np.divide(m, denom, out=tmp)
+        update *= self.lr / (1 - b1 ** t)
+        for p, sl in zip(params, slices):
+            p.data -= update[sl].reshape(p.data.shape)
+        return True
+
+    _flat: dict | None = None
+
+    def _flat_matches(self, flat: dict, params: list[Parameter]) -> bool:
+        if len(params) != len(flat["names"]):
+            return False
+        for p, name, view_m, view_v in zip(params, flat["names"], flat["views_m"], flat["views_v"]):
+            st = self.state.get(p.name)
+            if p.name != name or p.grad.dtype != flat["g"].dtype or p.data.shape != view_m.shape \
+                    or p.grad.shape != view_m.shape or st is None or st.get("m") is not view_m \
+                    or st.get("v") is not view_v or st.get("step") != flat["step"]:
+                return False  # another model, or state set from outside: rebuild
+        return True
+
+    def _build_flat(self, params: list[Parameter]) -> dict | None:
+        dtype = params[0].data.dtype
+        states = [self._state(p) for p in params]  # raises on a shape change, as step by step
+        steps = {st.get("step", 0) for st in states}
+        if len({p.name for p in params}) != len(params) or len(steps) != 1 \
+                or any(p.data.dtype != dtype or p.grad.dtype != dtype or not p.grad.flags.c_contiguous
+                       for p in params):
+            return None
+        sizes = np.cumsum([0] + [p.data.size for p in params])
+        slices = [slice(int(a), int(b)) for a, b in zip(sizes[:-1], sizes[1:])]
+        m, v = np.zeros(int(sizes[-1]), dtype), np.zeros(int(sizes[-1]), dtype)
+        views_m, views_v = [], []
+        for p, st, sl in zip(params, states, slices):
+            vm, vv = m[sl].reshape(p.data.shape), v[sl].reshape(p.data.shape)
+            if "m" in st:
+                vm[...], vv[...] = st["m"], st["v"]
+            st["m"], st["v"], st["step"] = vm, vv, st.get("step", 0)
+            views_m.append(vm)
+            views_v.append(vv)
+        return {"names": [p.name for p in params], "slices": slices, "m": m, "v": v,
+                "g": np.empty(int(sizes[-1]), dtype), "tmp": np.empty(int(sizes[-1]), dtype),
+                "denom": np.empty(int(sizes[-1]), dtype), "views_m": views_m, "views_v": views_v,
+                "step": next(iter(steps))}
+
     def _update(self, p: Parameter, state: dict) -> None:
         b1, b2 = self.betas
         g = self._grad(p)
@@ -134,10 +218,6 @@ class Adam(Optimizer):
 
     def __repr__(self) -> str:
         return f"Adam(lr={self.lr:g}, betas={self.betas}, eps={self.eps:g}, weight_decay={self.weight_decay:g})"
-
-
-#: Optimizers by lower-case name (used by the command line).
-OPTIMIZERS = {"sgd": SGD, "adam": Adam}
 
 
 def cosine_schedule(lr: float, epochs: int, min_lr: float = 0.0):

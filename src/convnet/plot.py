@@ -25,6 +25,7 @@ import numpy as np
 from . import _args
 from ._io import atomic_open
 from .layers import AvgPool2d, Conv2d, MaxPool2d
+from .training import confusion_matrix
 
 __all__ = [
     "MISSING_MATPLOTLIB",
@@ -40,7 +41,6 @@ __all__ = [
     "feature_maps_png",
     "saliency_map",
     "saliency_png",
-    "confusion_counts",
     "confusion_matrix_png",
     "plot_model",
     "TrainingPlots",
@@ -403,17 +403,6 @@ def saliency_png(model: Any, x: np.ndarray, path: str | os.PathLike, label: int 
 
 # --------------------------------------------------------------------------- confusion matrix
 
-def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    """Counts ``cm[t, p]`` of samples of true class ``t`` predicted as ``p``; shape (K, K)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"y_true and y_pred must be 1-D of the same length, got {y_true.shape} and {y_pred.shape}")
-    if y_true.size and min(y_true.min(), y_pred.min()) < 0:
-        raise ValueError("class labels must be >= 0")
-    k = num_classes if num_classes is not None else int(max(y_true.max(initial=-1), y_pred.max(initial=-1)) + 1)
-    return np.bincount(y_true.astype(np.int64) * k + y_pred.astype(np.int64), minlength=k * k).reshape(k, k)
-
-
 def confusion_matrix_png(cm: np.ndarray, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> str:
     """Draw a confusion matrix as a heat map with the count in every cell.
 
@@ -509,7 +498,7 @@ def plot_model(model: Any, out_dir: str | os.PathLike, x: np.ndarray, y: np.ndar
     if y is not None:
         logits = model.predict(x.astype(model.dtype or np.float32, copy=False))
         k = max(logits.shape[1], int(np.max(y)) + 1)
-        cm = confusion_counts(np.asarray(y), np.argmax(logits, axis=1), k)
+        cm = confusion_matrix(np.asarray(y), np.argmax(logits, axis=1), k)
         done(confusion_matrix_png(cm, os.path.join(out_dir, CONFUSION_MATRIX)))
     return written
 

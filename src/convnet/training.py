@@ -17,14 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from . import _args
+from . import _args, _checkpoint
 from ._blas import blas_threads as _blas_threads
 from ._blas import limit_blas_threads, resolve_threads
+from ._checkpoint import ResumeError
+from ._io import check_writable
 from .losses import CrossEntropyLoss, Loss
 from .model import Sequential
 from .optim import Adam, Optimizer
 
-__all__ = ["fit", "evaluate", "confusion_matrix", "format_epoch", "limit_blas_threads", "TrainingDivergedError"]
+__all__ = ["fit", "evaluate", "confusion_matrix", "format_epoch", "limit_blas_threads", "TrainingDivergedError",
+           "ResumeError"]
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -61,13 +64,45 @@ def _params_finite(model: Sequential) -> bool:
     return all(bool(np.isfinite(p.data).all()) for p in model.parameters())
 
 
+def _first_non_finite(*arrays: np.ndarray | None) -> int | None:
+    """Index of the first sample holding NaN or an infinity in any of ``arrays`` (float
+    arrays of the same length; others are skipped), or None. Works in blocks of samples so
+    the temporary masks stay small."""
+    first = None
+    for a in arrays:
+        if a is None or a.dtype.kind not in "fc":
+            continue
+        for start in range(0, len(a) if first is None else first, 1024):
+            block = a[start:start + 1024]
+            ok = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+            if not ok.all():
+                first = start + int(np.argmin(ok))
+                break
+    return first
+
+
+def _divergence_cause(x_train: np.ndarray, y_train: np.ndarray, idx: np.ndarray, xb: np.ndarray,
+                      sample_index: np.ndarray | None) -> str:
+    """Why the loss of a batch is not finite, for the error message: bad data, or the
+    training itself (then a lower learning rate is the usual cure)."""
+    bad = _first_non_finite(x_train[idx], y_train[idx])
+    if bad is not None:
+        i = int(idx[bad] if sample_index is None else sample_index[idx[bad]])
+        return (f": training sample {i} holds NaN or infinite values (clean the data; "
+                f"a lower learning rate will not help)")
+    if _first_non_finite(xb) is not None:
+        return ": augment returned NaN or infinite values"
+    return " (try a lower learning rate)"
+
+
 def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, batch_size: int = 32,
         loss: Loss | None = None, optimizer: Optimizer | None = None, validation_split: float = 0.0,
         validation_data: tuple[np.ndarray, np.ndarray] | None = None, shuffle: bool = True,
         seed: int | None = 0, progress: bool | None = None, checkpoint: str | os.PathLike | None = None,
         on_epoch_end: Callable[[dict], None] | None = None,
         augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-        lr_schedule: Callable[[int], float] | None = None, blas_threads: int | str | None = None) -> list[dict]:
+        lr_schedule: Callable[[int], float] | None = None, blas_threads: int | str | None = None,
+        resume_from: str | os.PathLike | None = None) -> list[dict]:
     """Train ``model`` with mini-batch gradient descent.
 
     Parameters
@@ -92,7 +127,9 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         Show a tqdm progress bar on stderr during each epoch, then the epoch's line
         (:func:`format_epoch`); None (default) shows them only when stderr is a terminal.
     checkpoint : path, optional
-        Save the model (atomically) after every epoch whose weights are all finite.
+        Save the model (atomically) after every epoch whose weights are all finite, with
+        the training state (optimizer state, epoch, random generator states, history) that
+        ``resume_from`` needs; ``convnet.load`` reads it as a model.
     on_epoch_end : callable, optional
         Called with each epoch's history dict.
     augment : callable, optional
@@ -107,11 +144,20 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         fewer when others are busy, since waiting BLAS threads then stall each GEMM (see
         :class:`convnet._blas.ThreadPolicy`). An int fixes the count. None (default) takes
         the environment variable ``CONVNET_BLAS_THREADS`` ("auto" or an int), else "auto".
+    resume_from : path, optional
+        A ``checkpoint`` file of an interrupted run: restore its weights, optimizer state,
+        random generators and history, and continue after its last completed epoch. The
+        call must train the same model (any initial weights) on the same data with the same
+        settings (epochs, batch_size, seed, shuffle, augment, loss, optimizer type and
+        hyperparameters) and an equivalent ``lr_schedule``; it then ends with the same
+        weights, bit for bit, as an uninterrupted run. Anything else is refused with a
+        :class:`ResumeError` before training. Usually the same path as ``checkpoint``.
 
     Returns
     -------
     list of dict
-        The history, one dict per epoch (see the module docstring).
+        The history, one dict per epoch (see the module docstring); after a resume it
+        starts with the epochs of the interrupted run.
 
     Raises
     ------
@@ -119,6 +165,9 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         (a ``FloatingPointError``) when the loss or the weights become NaN or infinite,
         naming the epoch and step. The checkpoint on disk then still holds the last
         good epoch.
+    ResumeError
+        (a ``ValueError``) if ``resume_from`` holds no training state or does not match
+        this call.
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a Sequential, got {type(model).__name__}")
@@ -147,14 +196,24 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         directory = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+        check_writable(checkpoint)  # fail now, not after the first epoch
+    if resume_from is not None:
+        resume_from = os.fspath(resume_from)
+        if seed is None and (validation_split > 0 and validation_data is None):
+            raise ValueError("resume_from with validation_split needs an int seed: the split is drawn from it")
 
     split_seq, shuffle_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
+    train_index = None  # rows of x that x_train holds, when not all of them in order
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise TypeError("validation_data must be a pair (x_val, y_val)")
         x_val, y_val = validation_data
         _check_xy(x_val, y_val, loss, "validation")
         x_train, y_train = x, y
+        bad = _first_non_finite(x_val, y_val)
+        if bad is not None:
+            raise ValueError(f"validation data holds NaN or infinite values (sample {bad} of validation_data); "
+                             f"its loss would be NaN in every epoch")
     elif validation_split > 0:
         n_val = int(round(len(x) * validation_split))
         if n_val < 1 or n_val >= len(x):
@@ -163,28 +222,52 @@ def fit(model: Sequential, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, ba
         perm = np.random.default_rng(split_seq).permutation(len(x))
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+        train_index = train_idx
+        bad = _first_non_finite(x_val, y_val)
+        if bad is not None:
+            raise ValueError(f"validation data holds NaN or infinite values (sample {int(val_idx[bad])} of x, held "
+                             f"out by validation_split); its loss would be NaN in every epoch")
     else:
         x_train, y_train, x_val, y_val = x, y, None, None
+
+    rngs = {"shuffle": np.random.default_rng(shuffle_seq), "augment": np.random.default_rng(augment_seq)}
+    history: list[dict] = []
+    saver = None
+    if checkpoint is not None or resume_from is not None:
+        # What a resumed run must share with the interrupted one (besides model and optimizer).
+        settings = {"epochs": epochs, "batch_size": batch_size, "seed": None if seed is None else int(seed),
+                    "shuffle": bool(shuffle), "augment": augment is not None, "loss": type(loss).__name__,
+                    "samples": len(x_train), "data_sha256": _checkpoint.data_digest(x_train, y_train)}
+        if resume_from is not None:
+            ckpt = _checkpoint.read(resume_from)
+            if ckpt.epoch > epochs:
+                raise ResumeError(f"cannot resume from {resume_from}: it is at epoch {ckpt.epoch}, "
+                                  f"beyond epochs={epochs}")
+            history = _checkpoint.restore(ckpt, model, optimizer, settings, rngs)
+        if checkpoint is not None:
+            def saver(epoch: int, done: list[dict]) -> None:
+                _checkpoint.save(checkpoint, model, optimizer, epoch=epoch, settings=settings, rngs=rngs,
+                                 history=done)
 
     if model.input_shape is None:
         model.input_shape = tuple(x.shape[1:])
     show = sys.stderr.isatty() if progress is None else bool(progress)
     with _blas_threads(blas_threads) as threads:
         return _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle,
-                      np.random.default_rng(shuffle_seq), np.random.default_rng(augment_seq), augment,
-                      lr_schedule, show, checkpoint, on_epoch_end, threads.step)
+                      rngs["shuffle"], rngs["augment"], augment, lr_schedule, show, checkpoint, saver,
+                      on_epoch_end, train_index, history, threads.step)
 
 
 def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch_size, shuffle, shuffle_rng,
-           augment_rng, augment, lr_schedule, show, checkpoint, on_epoch_end, threads_step) -> list[dict]:
+           augment_rng, augment, lr_schedule, show, checkpoint, saver, on_epoch_end, train_index,
+           history, threads_step) -> list[dict]:
     if show:
         from tqdm.auto import tqdm  # imported lazily: keeps `import convnet` cheap
     n = len(x_train)
     steps = math.ceil(n / batch_size)
     params = model.parameters()
-    history: list[dict] = []
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         t0 = time.perf_counter()
         if lr_schedule is not None:
             lr = lr_schedule(epoch)
@@ -203,14 +286,18 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
                     xb = _augmented(augment, xb, augment_rng)
                 threads_step()
                 model.zero_grad()
-                out = model.forward(xb)
-                value = loss(out, yb)
-                if not math.isfinite(value):
-                    raise TrainingDivergedError(
-                        f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps} "
-                        f"(try a lower learning rate)" + _checkpoint_note(checkpoint, history), epoch, step)
-                model.backward(loss.backward(), input_grad=False)  # nothing needs d(loss)/d(images)
-                optimizer.step(params)
+                # Overflow and NaN are caught below and reported as one error, so numpy's
+                # warnings (with source lines on stderr) would only repeat it.
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    out = model.forward(xb)
+                    value = loss(out, yb)
+                    if not math.isfinite(value):
+                        raise TrainingDivergedError(
+                            f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps}"
+                            + _divergence_cause(x_train, y_train, idx, xb, train_index)
+                            + _checkpoint_note(checkpoint, history), epoch, step)
+                    model.backward(loss.backward(), input_grad=False)  # nothing needs d(loss)/d(images)
+                    optimizer.step(params)
                 total_loss += value * len(idx)
                 if loss.classification:
                     correct += _accuracy(out, yb)
@@ -239,15 +326,16 @@ def _train(model, x_train, y_train, x_val, y_val, loss, optimizer, epochs, batch
             "time": 0.0,
         }
         if x_val is not None:
-            val = evaluate(model, x_val, y_val, loss=loss)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # an inf loss says it all
+                val = evaluate(model, x_val, y_val, loss=loss)
             record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
             model.train()
         record["time"] = time.perf_counter() - t0
         history.append(record)
         if show:
             tqdm.write(format_epoch(record, epochs), file=sys.stderr)
-        if checkpoint is not None:
-            model.save(checkpoint)
+        if saver is not None:
+            saver(epoch, history)
         if on_epoch_end is not None:
             on_epoch_end(record)
     return history
@@ -310,10 +398,23 @@ def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, *, loss: Loss | No
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    """Counts ``m[i, j]`` of samples of true class ``i`` predicted as ``j``; int64 (K, K)."""
+    """Counts ``m[i, j]`` of samples of true class ``i`` predicted as ``j``; int64 (K, K).
+
+    ``num_classes`` (K) defaults to the largest label + 1; labels must be integers in [0, K).
+    """
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true and y_pred must be 1-D of the same length, got {y_true.shape} and {y_pred.shape}")
-    k = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1 if num_classes is None else int(num_classes)
-    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k).astype(np.int64)
+    if y_true.size == 0:
+        k = 0 if num_classes is None else _args.non_negative_int(num_classes, "num_classes")
+        return np.zeros((k, k), np.int64)
+    for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+    low, top = int(min(y_true.min(), y_pred.min())), int(max(y_true.max(), y_pred.max()))
+    k = top + 1 if num_classes is None else _args.positive_int(num_classes, "num_classes")
+    if low < 0 or top >= k:
+        raise ValueError(f"class labels must lie in [0, {k}), got values from {low} to {top}")
+    flat = y_true.astype(np.int64) * k + y_pred.astype(np.int64)
+    return np.bincount(flat, minlength=k * k).reshape(k, k)
