@@ -163,6 +163,8 @@ def test_predict_rejects_bad_pixels(server, body, fragment):
     (b'{"pixels": [NaN' + b", 0" * 783 + b"]}", "NaN is not a number JSON allows"),
     (b'{"pixels": [Infinity' + b", 0" * 783 + b"]}", "Infinity is not a number"),
     (b'{"pixels": [1e999' + b", 0" * 783 + b"]}", "finite numbers in [0, 1]"),
+    (b'{"pixels": [1' + b"0" * 400 + b", 0" * 783 + b"]}", "finite numbers in [0, 1], got a huge integer"),
+    (b'{"pixels": [1' + b"0" * 5000 + b", 0" * 783 + b"]}", "not valid JSON"),
     (b'{"pixels": [0, 0', "not valid JSON"),
     (b"\xff\xfe{}", "not valid JSON"),
     (b"[" * 60000, "not valid JSON"),

@@ -17,6 +17,7 @@ import pytest
 
 import convnet.functional as F
 import convnet.reference as R
+import golden
 from convnet import explain
 from convnet.layers import AvgPool2d, Conv2d, MaxPool2d
 from serving import running_server, small_model, small_trainer
@@ -195,12 +196,12 @@ def test_explain_view_shows_the_worked_examples(page):
     wait(page, "return document.querySelectorAll('#steps li').length > 0")
     # Conv forward: the tutorial's feature maps.
     open_step(page, 0, "Feature maps")
-    np.testing.assert_array_equal(table(page, "feature map 0"), explain.EXAMPLE_OUTPUT[0])
-    np.testing.assert_array_equal(table(page, "feature map 1"), explain.EXAMPLE_OUTPUT[1])
+    np.testing.assert_array_equal(table(page, "feature map 0"), golden.CONV_Y[0])
+    np.testing.assert_array_equal(table(page, "feature map 1"), golden.CONV_Y[1])
     assert "engine == loop reference" in page.find_element(By.ID, "step-body").text
     # Backward: the sensitivity map and filter gradients, against the loop reference.
-    dx, dw, _ = R.conv2d_backward(explain.EXAMPLE_DY[None], explain.EXAMPLE_INPUT[None], explain.EXAMPLE_WEIGHT,
-                                  stride=2, padding=1)
+    dx, dw, _ = R.conv2d_backward(explain.EXAMPLE_DY[None], golden.CONV_X[None], golden.CONV_W,
+                                  stride=golden.CONV_STRIDE, padding=golden.CONV_PADDING)
     open_step(page, 1, "4. Input sensitivity map")
     for c in range(3):
         np.testing.assert_allclose(table(page, f"input sensitivity map dx, channel {c}"), dx[0, c], atol=1e-4)
@@ -208,7 +209,7 @@ def test_explain_view_shows_the_worked_examples(page):
     np.testing.assert_allclose(table(page, "dW1, channel 2"), dw[1, 2], atol=1e-4)
     # Pooling: max pooled maps, then the next step (button) routes the error.
     open_step(page, 2, "Max pooling forward")
-    np.testing.assert_array_equal(table(page, "max pooled, channel 1"), explain.EXAMPLE_POOL_OUTPUT[1])
+    np.testing.assert_array_equal(table(page, "max pooled, channel 1"), golden.MAX_POOL_Y[1])
     page.find_element(By.ID, "next").click()
     title = page.find_element(By.ID, "step-title").text
     assert title.startswith("Pooling: 2x2 windows, stride 2: Max pooling backward")

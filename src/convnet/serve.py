@@ -189,7 +189,10 @@ class Inference:
         if not all(type(v) in (int, float) for v in values):
             bad = next(v for v in values if type(v) not in (int, float))
             raise HttpError(400, f"pixels must be numbers, got {json.dumps(bad)[:40]}")
-        a = np.array(values, dtype=np.float64)
+        try:
+            a = np.array(values, dtype=np.float64)
+        except OverflowError:  # an integer beyond float range
+            raise HttpError(400, "pixels must be finite numbers in [0, 1], got a huge integer") from None
         if not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
             raise HttpError(400, f"pixels must be finite numbers in [0, 1], got values in [{a.min()}, {a.max()}]")
         return a.astype(self.dtype).reshape(1, *self.input_shape)
@@ -353,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body leave at once, not 40 ms apart (delayed ACKs)
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         if self.server.log:
             super().log_message(format, *args)
 
@@ -405,19 +408,19 @@ class _Handler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise HttpError(400, f"the body is not valid JSON: {str(exc)[:120]}") from None
 
-    def _dispatch(self, routes: dict[str, Callable[[], None]]) -> None:
+    def _dispatch(self, routes: dict[str, Callable[[_Handler], None]]) -> None:
         try:
             self._check_host()
             path = urlsplit(self.path).path
             route = routes.get(path)
             if route is None:
-                other = self.server.post_routes if self.command == "GET" else self.server.get_routes
-                if path in other or (self.command == "POST" and path in _PAGES):
+                other = self.server.post_routes if self.command != "POST" else self.server.get_routes
+                if path in other:
                     raise HttpError(405, f"{self.command} is not allowed on {path}")
                 raise HttpError(404, f"no such page or endpoint: {path[:80]}")
             route(self)
         except HttpError as exc:
-            if exc.status in (411, 413) or (exc.status >= 400 and self.command == "POST"):
+            if self.command == "POST":
                 self.close_connection = True  # the body may be unread
             self._json(exc.status, {"error": str(exc)})
         except (BrokenPipeError, ConnectionResetError):
@@ -428,13 +431,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._json(500, {"error": f"internal error ({type(exc).__name__}); see the server's output"})
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self._dispatch(self.server.get_routes)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._dispatch(self.server.get_routes)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch(self.server.post_routes)
 
     # -- endpoints
