@@ -98,19 +98,23 @@ THREE = [(95, 70), (125, 52), (165, 55), (188, 80), (180, 110), (150, 132), (128
          (192, 205), (168, 232), (130, 240), (95, 225)]
 
 
-def draw(driver, points) -> None:
-    """Press, move through ``points`` and release, with real pointer events."""
+def draw(driver, points, pointer: str = "mouse") -> None:
+    """Press, move through ``points`` and release, with real pointer events of a mouse or a finger."""
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions import interaction
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
     from selenium.webdriver.common.by import By
 
     pad = driver.find_element(By.ID, "pad")
-    size = pad.size
-    actions = ActionChains(driver, duration=10)
-    x0, y0 = points[0]
-    actions.move_to_element_with_offset(pad, x0 - size["width"] // 2, y0 - size["height"] // 2).click_and_hold()
-    for (xa, ya), (xb, yb) in zip(points, points[1:]):
-        actions.move_by_offset(xb - xa, yb - ya)
-    actions.release().perform()
+    half_w, half_h = pad.size["width"] // 2, pad.size["height"] // 2
+    kind = interaction.POINTER_MOUSE if pointer == "mouse" else interaction.POINTER_TOUCH
+    actions = ActionChains(driver, duration=10, devices=[PointerInput(kind, pointer)])
+    moves = actions.w3c_actions.pointer_action
+    moves.move_to(pad, points[0][0] - half_w, points[0][1] - half_h).pointer_down()
+    for x, y in points[1:]:
+        moves.move_to(pad, x - half_w, y - half_h)
+    moves.pointer_up()
+    actions.perform()
 
 
 def settled_prediction(driver) -> dict:
@@ -129,6 +133,7 @@ def test_drawn_digit_is_predicted_like_the_model_with_feature_maps(page):
     page.execute_script("document.getElementById('clear').click()")
     draw(page, THREE)
     got = settled_prediction(page)
+    assert page.execute_script("return document.getElementById('pad').dataset.pointer") == "mouse"
     x = np.array(got["pixels"], dtype=np.float32).reshape(1, 1, 28, 28)
     assert 0 <= x.min() and x.max() == 1 and 40 < np.count_nonzero(x) < 400  # a stroke, not a blank or a blob
     logits = model.predict(x)[0]
@@ -168,6 +173,16 @@ def test_clear_then_draw_again_sends_the_new_drawing(page):
     columns = np.nonzero(x[0, 0].sum(axis=0))[0]
     assert columns.max() - columns.min() < 10  # a narrow upright stroke, centred
     assert 10 <= columns.mean() <= 17
+
+
+def test_drawing_with_a_finger(page):
+    page.execute_script("document.getElementById('clear').click()")
+    draw(page, [(90, 60), (190, 60), (120, 240)], pointer="touch")  # a 7
+    got = settled_prediction(page)
+    assert page.execute_script("return document.getElementById('pad').dataset.pointer") == "touch"
+    x = np.array(got["pixels"], dtype=np.float32).reshape(1, 1, 28, 28)
+    assert np.count_nonzero(x) > 40
+    assert got["cls"] == int(np.argmax(small_model().predict(x)[0]))
 
 
 def table(driver, label: str) -> np.ndarray:

@@ -107,6 +107,7 @@ function padPoint(event) {
 let last = null;
 pad.addEventListener("pointerdown", (event) => {
   pad.setPointerCapture(event.pointerId);
+  pad.dataset.pointer = event.pointerType;  // mouse, pen or touch
   last = padPoint(event);
   stroke(last, last);
 });
