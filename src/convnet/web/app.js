@@ -87,6 +87,8 @@ const padCtx = pad.getContext("2d", { willReadFrequently: true });
 const predict = { timer: null, inflight: false, again: false, seq: 0 };
 
 function clearPad() {
+  predict.seq++;  // an answer still on its way is for the old drawing
+  clearTimeout(predict.timer);
   padCtx.fillStyle = "#000";
   padCtx.fillRect(0, 0, pad.width, pad.height);
   $("input").getContext("2d").clearRect(0, 0, 28, 28);
@@ -225,6 +227,7 @@ function buildBars(classes) {
 }
 
 function showPrediction(result, pixels, ms, seq) {
+  if (seq !== predict.seq) return;
   const out = $("predicted");
   out.textContent = String(result.predicted);
   out.dataset.class = String(result.predicted);
