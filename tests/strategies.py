@@ -62,6 +62,70 @@ def conv_cases(draw, dtypes=(np.float64, np.float32), max_hw: int = 9, max_k: in
 
 
 @dataclass(frozen=True)
+class GroupedCase:
+    """A grouped conv2d (``kind="conv"``) or conv_transpose2d (``kind="transpose"``) problem.
+
+    For a transpose, ``x`` is its input (N, C_in, H, W), ``weight`` (C_in, C_out/G, KH, KW)
+    and ``dy`` has the shape of its output.
+    """
+
+    kind: str
+    x: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    dy: np.ndarray
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    output_padding: tuple[int, int] = (0, 0)
+
+    @property
+    def kwargs(self) -> dict:
+        kw = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+        if self.kind == "transpose":
+            kw["output_padding"] = self.output_padding
+        return kw
+
+
+@st.composite
+def grouped_cases(draw, kind: str = "conv", dtypes=(np.float64, np.float32), max_groups: int = 3,
+                  max_hw: int = 7, max_k: int = 3) -> GroupedCase:
+    """Draw groups G and channels per group (depthwise included), with any stride, padding and dilation."""
+    g = draw(st.integers(1, max_groups))
+    cg, fg = draw(st.integers(1, 2)), draw(st.integers(1, 2))  # cg = fg = 1: depthwise
+    n = draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, max_k)), draw(st.integers(1, max_k))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    dtype = draw(st.sampled_from(dtypes))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "conv":
+        ph, pw = draw(st.integers(0, max_k)), draw(st.integers(0, max_k))
+        h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), max_hw))
+        w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), max_hw))
+        x_shape, w_shape, op = (n, g * cg, h, w), (g * fg, cg, kh, kw), (0, 0)
+        out_shape = (n, g * fg, out_len(h, kh, sh, ph, dh), out_len(w, kw, sw, pw, dw))
+        bias_len = g * fg
+    else:
+        h, w = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+        oph, opw = draw(st.integers(0, max(sh, dh) - 1)), draw(st.integers(0, max(sw, dw) - 1))
+        full_h, full_w = (h - 1) * sh + dh * (kh - 1) + 1 + oph, (w - 1) * sw + dw * (kw - 1) + 1 + opw
+        ph, pw = draw(st.integers(0, (full_h - 1) // 2)), draw(st.integers(0, (full_w - 1) // 2))
+        x_shape, w_shape, op = (n, g * cg, h, w), (g * cg, fg, kh, kw), (oph, opw)
+        out_shape = (n, g * fg, full_h - 2 * ph, full_w - 2 * pw)
+        bias_len = g * fg
+    return GroupedCase(
+        kind=kind,
+        x=readonly(rng.standard_normal(x_shape).astype(dtype)),
+        weight=readonly(rng.standard_normal(w_shape).astype(dtype)),
+        bias=readonly(rng.standard_normal(bias_len).astype(dtype)),
+        dy=readonly(rng.standard_normal(out_shape).astype(dtype)),
+        stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=g, output_padding=op,
+    )
+
+
+@dataclass(frozen=True)
 class PoolCase:
     x: np.ndarray
     dy: np.ndarray

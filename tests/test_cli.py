@@ -258,3 +258,15 @@ def test_resume_messages(tmp_path):
     note = run("train", "--epochs", 1, "--limit", 40, "--out", tmp_path / "c.npz", "--lr", "0.01")
     assert note.stdout.splitlines()[1] == (f"note: {tmp_path / 'c.npz'} holds an interrupted run; training anew "
                                            f"replaces it (--resume continues it)")
+
+
+def test_memory_error_is_one_line(monkeypatch, capsys):
+    from convnet import cli, model
+
+    def exhausted(path):
+        raise MemoryError("Unable to allocate 7.28 TiB for an array")
+
+    monkeypatch.setattr(model, "load", exhausted)
+    assert cli.main(["summary", "any.npz"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == "convnet summary: error: out of memory (Unable to allocate 7.28 TiB for an array)\n"

@@ -210,6 +210,7 @@ def _one_of_each():
         (L.Conv2d(2, 3, 3, rng=0, dtype=np.float64), x4), (L.MaxPool2d(2), x4), (L.AvgPool2d(2), x4),
         (L.ReLU(), x4), (L.LeakyReLU(0.1), x4), (L.Sigmoid(), x4), (L.Tanh(), x4), (L.Flatten(), x4),
         (L.Linear(6, 4, rng=0, dtype=np.float64), _randn(3, 6)), (L.Dropout(0.5, rng=0), x4),
+        (L.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2, rng=0, dtype=np.float64), x4),
     ]
 
 
@@ -217,7 +218,7 @@ def test_every_layer_type_is_covered_by_the_contract_tests():
     assert {type(layer) for layer, _ in _one_of_each()} == set(L.LAYER_TYPES.values())
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(len(_one_of_each())))
 def test_every_layer_keeps_the_backward_contract(index):
     """backward(dy, input_grad=True) is dx; input_grad=False gives the same parameter
     gradients and no dx; clear_cache drops what forward kept, so backward is refused."""
@@ -243,3 +244,45 @@ def test_every_layer_keeps_the_backward_contract(index):
         layer.backward(dy)
     forward()
     np.testing.assert_array_equal(layer.backward(dy), dx)  # a new forward makes backward work again
+
+
+@pytest.mark.parametrize("make", [
+    lambda: L.Conv2d(4, 6, 3, padding=1, groups=2, rng=0, dtype=np.float64),
+    lambda: L.Conv2d(4, 8, 3, stride=2, groups=4, bias=False, rng=0, dtype=np.float64),  # depthwise, x2
+    lambda: L.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, rng=0, dtype=np.float64),
+    lambda: L.ConvTranspose2d(4, 2, (2, 3), stride=(2, 1), dilation=(1, 2), output_padding=(1, 1), rng=0,
+                              dtype=np.float64),
+])
+def test_grouped_and_transposed_layers(make, tmp_path):
+    """Numerical gradients, PyTorch's weight layouts and init bound, and a save/load round trip."""
+    from convnet import Sequential, load
+
+    layer = make()
+    x = _randn(2, 4, 5, 5)
+    groups, k = layer.groups, layer.weight.shape[2:]
+    if isinstance(layer, L.ConvTranspose2d):
+        assert layer.weight.shape == (4, layer.out_channels // groups) + k
+        fan_in = layer.out_channels // groups * k[0] * k[1]
+    else:
+        assert layer.weight.shape == (layer.out_channels, 4 // groups) + k
+        fan_in = 4 // groups * k[0] * k[1]
+    assert np.abs(layer.weight).max() <= 1 / np.sqrt(fan_in)
+    y = layer.forward(x)
+    dy = np.random.default_rng(3).standard_normal(y.shape)
+    layer.zero_grad()
+    dx = layer.backward(dy)
+    inputs = {"x": x, **{n: p.copy() for n, p in layer.params.items()}}
+
+    def f(x, **params):
+        layer.params.update(params)
+        return layer.forward(x)
+
+    report = check_backward(f, inputs, dy, {"x": dx, **layer.grads})
+    assert report.ok, report
+    config = layer.get_config()
+    assert type(layer)(**config).get_config() == config
+    model = Sequential(make(), input_shape=(4, 5, 5))
+    model.save(tmp_path / "m.npz")
+    again = load(tmp_path / "m.npz")
+    assert repr(again.layers[0]) == repr(model.layers[0])
+    np.testing.assert_array_equal(again.forward(x), model.forward(x))

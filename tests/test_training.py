@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import convnet
-from convnet import _blas
+from convnet import _blas, optim
 from convnet import layers as L
 from convnet.datasets import random_shift
 from convnet.gradcheck import numerical_gradient
@@ -443,10 +443,11 @@ def test_adam_in_one_pass_equals_step_by_step_bit_for_bit(dtype, wd):
         slow.step(b)
         for p, q in zip(a, b):
             np.testing.assert_array_equal(p.data, q.data)
-    assert fast._flat is not None  # the one-pass route ran
+    flat = optim._FLAT.get(fast)
+    assert flat is not None and "_flat" not in vars(fast)  # the one-pass route ran; config untouched
     for p in a:  # the per-name state is still there, as views of the flat moments
         st, ref = fast.state[p.name], slow.state[p.name]
-        assert st["step"] == ref["step"] == 4 and np.shares_memory(st["m"], fast._flat["m"])
+        assert st["step"] == ref["step"] == 4 and np.shares_memory(st["m"], flat["m"])
         np.testing.assert_array_equal(st["m"], ref["m"])
         np.testing.assert_array_equal(st["v"], ref["v"])
 

@@ -201,18 +201,45 @@ def out_size_or_raise(size: int, pads: tuple[int, int], k: int, s: int, d: int, 
     return output_size(size, k, s, pads, d)
 
 
+def transposed_output_size(size: int, k: int, s: int, pads: tuple[int, int], d: int = 1,
+                           output_padding: int = 0) -> int:
+    """Output length of one axis of a transposed convolution: the inverse of :func:`output_size`.
+
+    ``(H - 1)*S - P0 - P1 + D*(K-1) + output_padding + 1``: the largest input of the forward
+    convolution whose output has ``H`` entries is ``output_padding`` (< S) longer than the
+    smallest, and PyTorch picks it with that argument.
+    """
+    return (size - 1) * s - pads[0] - pads[1] + d * (k - 1) + output_padding + 1
+
+
+def _check_groups(groups: object, c: int, f: int, c_name: str, f_name: str) -> int:
+    groups = positive_int(groups, "groups")
+    if c % groups or f % groups:
+        raise ValueError(f"groups={groups} must divide both {c_name}={c} and {f_name}={f}")
+    return groups
+
+
 def conv_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: IntOrPair,
-              padding: Padding, dilation: IntOrPair):
-    """Validate conv2d arguments; return ``(stride, pads, dilation, (OH, OW))``."""
+              padding: Padding, dilation: IntOrPair, groups: int = 1):
+    """Validate conv2d arguments; return ``(stride, pads, dilation, (OH, OW))``.
+
+    ``weight`` is (F, C/groups, KH, KW); C and F must be multiples of ``groups``.
+    """
     check_array(x, "x", 4, "(N, C, H, W)")
-    check_array(weight, "weight", 4, "(F, C, KH, KW)")
+    check_array(weight, "weight", 4, "(F, C, KH, KW)" if groups == 1 else "(F, C/groups, KH, KW)")
     if bias is not None:
         check_array(bias, "bias", 1, "(F,)")
     check_same_dtype(x=x, weight=weight, bias=bias)
-    if weight.shape[1] != x.shape[1]:
+    groups = _check_groups(groups, x.shape[1], weight.shape[0], "C (the input channels)", "F (the filters)")
+    if weight.shape[1] * groups != x.shape[1]:
+        if groups == 1:
+            raise ValueError(
+                f"channel mismatch: x has C={x.shape[1]} channels (shape {x.shape}) but weight expects "
+                f"C={weight.shape[1]} (shape {weight.shape})"
+            )
         raise ValueError(
-            f"channel mismatch: x has C={x.shape[1]} channels (shape {x.shape}) but weight expects "
-            f"C={weight.shape[1]} (shape {weight.shape})"
+            f"channel mismatch: x has C={x.shape[1]} channels (shape {x.shape}), so with groups={groups} "
+            f"weight must have C/groups={x.shape[1] // groups} channels, got {weight.shape[1]} (shape {weight.shape})"
         )
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}")
@@ -226,6 +253,53 @@ def conv_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride
     ow = out_size_or_raise(x.shape[3], pads[1], k[1], s[1], d[1], "width")
     check_output_fits((x.shape[0], weight.shape[0], oh, ow), x.dtype, padding)
     return s, pads, d, (oh, ow)
+
+
+def conv_transpose_args(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: IntOrPair,
+                        padding: IntOrPair, output_padding: IntOrPair, groups: int, dilation: IntOrPair):
+    """Validate conv_transpose2d arguments; return ``(stride, pads, dilation, (OH, OW))``.
+
+    ``x`` is (N, C_in, H, W), ``weight`` (C_in, C_out/groups, KH, KW) as in PyTorch, the
+    output (N, C_out, OH, OW) with :func:`transposed_output_size`. ``output_padding`` must
+    be smaller than the stride or the dilation (PyTorch's rule), so it only picks among the
+    inputs of the forward convolution that give ``H`` outputs.
+    """
+    check_array(x, "x", 4, "(N, C_in, H, W)")
+    check_array(weight, "weight", 4, "(C_in, C_out/groups, KH, KW)")
+    if bias is not None:
+        check_array(bias, "bias", 1, "(C_out,)")
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"channel mismatch: x has C_in={x.shape[1]} channels (shape {x.shape}) but weight "
+                         f"(C_in, C_out/groups, KH, KW) expects C_in={weight.shape[0]} (shape {weight.shape})")
+    groups = positive_int(groups, "groups")
+    if x.shape[1] % groups:
+        raise ValueError(f"groups={groups} must divide C_in={x.shape[1]} (the input channels)")
+    c_out = weight.shape[1] * groups
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},) (C_out), got {bias.shape}")
+    if min(weight.shape) < 1 or min(x.shape) < 1:
+        raise ValueError(f"empty arrays are not supported: x {x.shape}, weight {weight.shape}")
+    s = pair(stride, "stride", 1)
+    d = pair(dilation, "dilation", 1)
+    if isinstance(padding, str):
+        raise ArgumentTypeError(f"padding of a transposed convolution must be an int or a pair, got {padding!r}")
+    p = pair(padding, "padding", 0)
+    op = pair(output_padding, "output_padding", 0)
+    for axis, o, si, di in zip(("height", "width"), op, s, d):
+        if o >= max(si, di):
+            raise ValueError(f"output_padding must be smaller than stride or dilation, got output_padding="
+                             f"{output_padding!r} with stride={stride!r}, dilation={dilation!r} ({axis})")
+    pads = ((p[0], p[0]), (p[1], p[1]))
+    out = []
+    for axis, size, k, si, pi, di, o in zip(("height", "width"), x.shape[2:], weight.shape[2:], s, pads, d, op):
+        length = transposed_output_size(size, k, si, pi, di, o)
+        if length < 1:
+            raise ValueError(f"padding={padding!r} leaves no output {axis}: (H-1)*S - 2P + D*(K-1) + "
+                             f"output_padding + 1 = {length} for input {axis} {size}")
+        out.append(length)
+    check_output_fits((x.shape[0], c_out, out[0], out[1]), x.dtype, padding)
+    return s, pads, d, (out[0], out[1])
 
 
 def memory_bytes() -> int:

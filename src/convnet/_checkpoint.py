@@ -67,8 +67,10 @@ def layer_rngs(layers: list, prefix: str = "") -> dict[str, np.random.Generator]
 
 
 def optimizer_config(optimizer: Optimizer) -> dict[str, Any]:
-    """Hyperparameters that must match for a resumed run (``lr`` follows the schedule)."""
-    return _jsonable({k: v for k, v in sorted(vars(optimizer).items()) if k not in ("state", "lr")})
+    """Hyperparameters that must match for a resumed run (``lr`` follows the schedule;
+    private attributes are caches, e.g. Adam's flat moment buffers)."""
+    return _jsonable({k: v for k, v in sorted(vars(optimizer).items())
+                      if k not in ("state", "lr") and not k.startswith("_")})
 
 
 def data_digest(x: np.ndarray, y: np.ndarray) -> str:

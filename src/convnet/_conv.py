@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _blas, core
+from . import core
 from ._args import Pads
 
 Pair = tuple[int, int]
@@ -36,7 +36,12 @@ METHODS = ("zero_insert", "col2im")
 
 
 class Geometry(NamedTuple):
-    """The canonical arguments of one convolution: shapes, stride, pads, dilation, dtype."""
+    """The canonical arguments of one convolution: shapes, stride, pads, dilation, dtype, groups.
+
+    ``x`` is (N, C, H, W), the weight (F, C/groups, KH, KW), the output (N, F, OH, OW).
+    ``out_hw`` is the number of window positions; the floor rule gives it for conv2d, and a
+    transposed convolution (whose output is this geometry's input) may pass it explicitly.
+    """
 
     n: int
     c: int
@@ -50,11 +55,13 @@ class Geometry(NamedTuple):
     dilation: Pair
     out_hw: Pair
     dtype: np.dtype
+    groups: int = 1
 
     @classmethod
-    def of(cls, x: np.ndarray, weight: np.ndarray, stride: Pair, pads: Pads, dilation: Pair,
-           out_hw: Pair) -> Geometry:
-        return cls(*x.shape, weight.shape[0], *weight.shape[2:], stride, pads, dilation, out_hw, x.dtype)
+    def of(cls, x_shape: tuple[int, ...], weight: np.ndarray, stride: Pair, pads: Pads, dilation: Pair,
+           out_hw: Pair, groups: int = 1) -> Geometry:
+        return cls(*x_shape, weight.shape[0], *weight.shape[2:], stride, pads, dilation, out_hw, weight.dtype,
+                   groups)
 
     @property
     def kernel(self) -> Pair:
@@ -200,7 +207,13 @@ def plan(g: Geometry, backward: bool, algo: str = "auto", method: str = "auto", 
 def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, limit: int,
           table: Thresholds) -> Plan:
     stride1 = g.stride == (1, 1)
-    auto_algo = algo == "auto"
+    auto_algo = algo == "auto" and g.groups == 1
+    if g.groups > 1:
+        # Grouped layers: the column-matrix algorithms batch the groups in one matmul over a
+        # group axis; the per-tap GEMMs do not take groups.
+        algo = "im2col" if algo == "auto" else algo
+        dx_algo = "im2col" if dx_algo == "auto" else dx_algo
+        method = "col2im" if method == "auto" else method
     if auto_algo:
         if backward:
             wide = (g.c >= table.cached_taps_min_channels
@@ -231,9 +244,14 @@ def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, lim
     return Plan(algo, method, dx_algo, fwd_images, bwd_images)
 
 
-def unsupported(algo: str, g: Geometry) -> str | None:
-    """Why ``algo`` cannot compute the layer ``g`` (for the caller's error), or None."""
-    if algo == "taps" and g.stride != (1, 1):
+def unsupported(algo: str, g: Geometry, forward: bool = True) -> str | None:
+    """Why ``algo`` cannot compute the layer ``g`` (for the caller's error), or None.
+
+    ``forward`` False asks about the input gradient's algorithm (taps take any stride there).
+    """
+    if algo == "taps" and g.groups > 1:
+        return f"algo='taps' does not take groups > 1 (got groups={g.groups}); use 'auto' or 'im2col'"
+    if algo == "taps" and forward and g.stride != (1, 1):
         return f"algo='taps' needs stride 1, got stride={g.stride}"
     return None
 
@@ -298,14 +316,14 @@ def _columns(x: np.ndarray, g: Geometry, reuse: str | None) -> np.ndarray:
     padded CNHW copy was faster (4.0 vs 4.9 ms on the CIFAR layer)."""
     args = (g.kernel, g.stride, g.dilation, g.out_hw)
     if g.stride != (1, 1):
-        return core.im2col_nchw(x, g.pads, *args, reuse=reuse)
-    return core.im2col(core.nchw_to_cnhw(x, g.pads, reuse=_Scratch.PADDED), *args, reuse=reuse)
+        return core.im2col_nchw(x, g.pads, *args, reuse=reuse, groups=g.groups)
+    return core.im2col(core.nchw_to_cnhw(x, g.pads, reuse=_Scratch.PADDED), *args, reuse=reuse, groups=g.groups)
 
 
 def _forward_im2col(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray:
     # Kept columns go to the cache and need their own memory; otherwise scratch.
     cols = _columns(x, g, reuse=None if keep else _Scratch.FWD_COLS)
-    core.gemm_into_nchw(wm, cols, y, bias)
+    core.gemm_into_nchw(wm, cols, y, bias, groups=g.groups)
     return cols
 
 
@@ -343,30 +361,51 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
     """Gradients of ``conv2d`` by plan ``p``; ``cache`` (checked by the caller) skips the
     column matrix's rebuild."""
     wm = core.kernel_matrix(weight)
-    dwm_t = np.zeros(wm.shape[::-1], dtype=wm.dtype)  # (KH*KW*C, F): cols @ dy.T measured faster
-    dx = np.empty_like(x) if input_grad else None
+    groups = g.groups
+    # (G, KH*KW*C/G, F/G), per group cols @ dy.T (measured faster than dy @ cols.T)
+    dwm_t = np.zeros((groups, wm.shape[1], g.f // groups), dtype=wm.dtype)
+    dx = np.empty((g.n, g.c, g.h, g.w), dtype=g.dtype) if input_grad else None
     for sl in [slice(0, g.n)] if cache is not None else _slices(g.n, p.bwd_images):
         if cache is not None and cache.algo == "im2col":
             cols = cache.data
         elif cache is not None:
             # The filter gradient is one GEMM on the column matrix even after a taps forward:
             # per-tap GEMMs with an (N*Hp*Wp)-long reduction ran 2x slower.
-            cols = core.im2col(cache.data, g.kernel, g.stride, g.dilation, g.out_hw, reuse=_Scratch.BWD_COLS)
+            cols = core.im2col(cache.data, g.kernel, g.stride, g.dilation, g.out_hw, reuse=_Scratch.BWD_COLS,
+                               groups=groups)
         else:
             cols = _columns(x[sl], g, reuse=_Scratch.BWD_COLS)
         dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse=_Scratch.BWD_DY)  # (F, n, OH, OW): whole planes moved
-        _blas.gemm(cols, core.as_matrix(dy_cnhw).T, dwm_t, beta=1.0)
+        core.stacked_gemm(core.as_groups(cols, groups),
+                          core.as_groups(core.as_matrix(dy_cnhw), groups).transpose(0, 2, 1), dwm_t, beta=1.0)
         del cols  # free the column matrix before the input gradient builds its own
-        if dx is None:
-            continue
-        if p.method == "col2im":
-            dx_cnhw = _dx_col2im(dy_cnhw, wm, g, p.dx_algo)
-        else:
-            dx_cnhw = _dx_zero_insert(dy_cnhw, weight, g, p.dx_algo)
-        dx[sl] = dx_cnhw.transpose(1, 0, 2, 3)
-    dweight = np.ascontiguousarray(dwm_t.reshape(g.kh, g.kw, g.c, g.f).transpose(3, 2, 0, 1))
+        if dx is not None:
+            dx[sl] = _input_grad_cnhw(dy_cnhw, weight, wm, g, p).transpose(1, 0, 2, 3)
+    dweight = dwm_t.reshape(groups, g.kh, g.kw, g.c // groups, g.f // groups).transpose(0, 4, 3, 1, 2)
+    dweight = np.ascontiguousarray(dweight).reshape(weight.shape)
     dbias = dy.sum(axis=(0, 2, 3))
     return dx, dweight, dbias
+
+
+def input_grad(dy: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan) -> np.ndarray:
+    """The input gradient of ``conv2d`` alone, NCHW (N, C, H, W): ``conv_transpose2d``'s forward.
+
+    The same code as :func:`backward`'s input gradient (:func:`_input_grad_cnhw`): the
+    tutorial's zero insertion, padding and flipped filters, or its col2im transpose.
+    """
+    wm = core.kernel_matrix(weight)
+    dx = np.empty((g.n, g.c, g.h, g.w), dtype=g.dtype)
+    for sl in _slices(g.n, p.bwd_images):
+        dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse=_Scratch.BWD_DY)
+        dx[sl] = _input_grad_cnhw(dy_cnhw, weight, wm, g, p).transpose(1, 0, 2, 3)
+    return dx
+
+
+def _input_grad_cnhw(dy_cnhw: np.ndarray, weight: np.ndarray, wm: np.ndarray, g: Geometry, p: Plan) -> np.ndarray:
+    """The input gradient of one chunk, CNHW (C, n, H, W), by the plan's route and algorithm."""
+    if p.method == "col2im":
+        return _dx_col2im(dy_cnhw, wm, g, p.dx_algo)
+    return _dx_zero_insert(dy_cnhw, weight, g, p.dx_algo)
 
 
 def _dx_col2im(dy_cnhw: np.ndarray, wm: np.ndarray, g: Geometry, algo: str) -> np.ndarray:
@@ -380,11 +419,13 @@ def _dx_col2im(dy_cnhw: np.ndarray, wm: np.ndarray, g: Geometry, algo: str) -> n
         dxp = core.transposed_taps(dy_cnhw, wm, g.padded_hw, g.kernel, g.stride, g.dilation,
                                    reuse=_Scratch.BWD_TAPS)
     else:
-        dcols = core.as_matrix(core.row_buffer((wm.shape[1],) + dy_cnhw.shape[1:], wm.dtype,
+        groups = g.groups
+        dcols = core.as_matrix(core.row_buffer((g.kh * g.kw * g.c,) + dy_cnhw.shape[1:], wm.dtype,
                                                reuse=_Scratch.BWD_DCOLS))
-        _blas.gemm(wm.T, core.as_matrix(dy_cnhw), dcols, beta=0.0)
+        core.stacked_gemm(core.as_groups(wm, groups).transpose(0, 2, 1),
+                          core.as_groups(core.as_matrix(dy_cnhw), groups), core.as_groups(dcols, groups))
         dxp = core.col2im(dcols, (g.c, n) + g.padded_hw, g.kernel, g.stride, g.dilation, g.out_hw,
-                          reuse=_Scratch.BWD_DXP)
+                          reuse=_Scratch.BWD_DXP, groups=groups)
     return dxp[:, :, pt:pt + g.h, pl:pl + g.w]
 
 
@@ -394,18 +435,19 @@ def _dx_zero_insert(dy_cnhw: np.ndarray, weight: np.ndarray, g: Geometry, algo: 
     The stride-expanded map is padded by ``D*(K-1) - P_before`` in front and by whatever
     makes its length ``H + D*(K-1)`` behind (negative = crop, for ``P > D*(K-1)`` or
     rows no window reached), so a stride-1 correlation with the flipped filters has
-    exactly ``H`` outputs.
+    exactly ``H`` outputs. With groups, that correlation is grouped the same way.
     """
     (oh, ow), (sh, sw), (dh, dw) = g.out_hw, g.stride, g.dilation
     (pt, _), (pl, _) = g.pads
     ext = (dh * (g.kh - 1), dw * (g.kw - 1))
     zpads = ((ext[0] - pt, g.h + pt - (oh - 1) * sh - 1), (ext[1] - pl, g.w + pl - (ow - 1) * sw - 1))
     z = core.zero_insert(dy_cnhw, g.stride, zpads, reuse=_Scratch.BWD_Z)
-    wm = core.flipped_kernel_matrix(weight)
+    wm = core.flipped_kernel_matrix(weight, g.groups)
     hw = (g.h, g.w)
     if algo == "taps":
         return core.correlate_taps(z, wm, g.kernel, g.dilation, hw, reuse=_Scratch.CORR_Y)
-    cols = core.im2col(z, g.kernel, (1, 1), g.dilation, hw, reuse=_Scratch.CORR_COLS)
+    cols = core.im2col(z, g.kernel, (1, 1), g.dilation, hw, reuse=_Scratch.CORR_COLS, groups=g.groups)
     y = core.row_buffer((g.c, z.shape[1]) + hw, g.dtype, reuse=_Scratch.CORR_Y)
-    _blas.gemm(wm, cols, core.as_matrix(y), beta=0.0)
+    core.stacked_gemm(core.as_groups(wm, g.groups), core.as_groups(cols, g.groups),
+                      core.as_groups(core.as_matrix(y), g.groups))
     return y

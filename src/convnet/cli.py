@@ -9,6 +9,8 @@ Subcommands, one ``cmd_<name>(args) -> int`` function each, registered in
 * ``convnet summary MODEL``: the architecture, output shapes and parameter counts.
 * ``convnet plot MODEL --out DIR``: PNG pictures of a saved model (needs matplotlib).
 * ``convnet explain [conv|backward|pool]``: the tutorial's worked examples, step by step.
+* ``convnet predict MODEL INPUT...``: classify pictures, .npy arrays or IDX files.
+* ``convnet export MODEL --onnx OUT --safetensors OUT``: the model for other engines.
 * ``convnet serve [MODEL]``: a local web page to draw digits and watch the network (``serve.py``).
 
 User mistakes (missing files, bad option values, corrupted models) print one line
@@ -402,6 +404,152 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if mismatches else 0
 
 
+def _load_any_model(path: str):
+    """A convnet model file, or an ONNX file (by its .onnx name)."""
+    if path.lower().endswith(".onnx"):
+        try:
+            from . import onnx as convnet_onnx
+        except ImportError as exc:
+            raise CliError(str(exc), 1) from None
+        return convnet_onnx.load(path)
+    from .model import load
+
+    return load(path)
+
+
+def _add_predict_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "predict", help="classify image files, .npy arrays or IDX files with a saved model",
+        description="Print the predicted class and its probability for every image in the inputs: PNG or JPEG "
+                    "pictures (converted to the model's channels and size, scaled to [0, 1] as in training; "
+                    "needs Pillow), .npy arrays ((H, W), (N, H, W), (C, H, W) or (N, C, H, W); uint8 is scaled "
+                    "by 1/255) or IDX files. One line per image: 'FILE: CLASS (PROBABILITY)', or with --json "
+                    "one JSON object per line. A bad file gets one line on stderr and the others are still "
+                    "predicted; the exit status is 1 if any input failed.")
+    p.add_argument("model", metavar="MODEL", help="model file from `convnet train` / model.save(), or an .onnx file")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image, .npy or IDX files")
+    p.add_argument("--top", type=_positive_int, default=1, metavar="K", help="show the K most probable classes")
+    p.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines) on stdout")
+    p.add_argument("--invert", action="store_true",
+                   help="invert pictures (dark digits on a light background -> MNIST's light on dark)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="inference batch size (default 256)")
+    p.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run the prediction on the Dask cluster at ADDRESS (e.g. tcp://host:8786; needs "
+                        "convnet[dask])")
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``convnet predict MODEL INPUT...``; exit status 1 if any input could not be read."""
+    import json
+
+    import numpy as np
+
+    from . import functional as F
+    from .inference import InputFileError, read_images, sample_shape, top_k
+
+    model = _load_any_model(args.model)
+    try:
+        shape = sample_shape(model)
+    except ValueError as exc:
+        raise CliError(f"{args.model}: {exc}", 1) from None
+    dtype = model.dtype or np.float32
+    labels: list[str] = []
+    batches = []
+    failed = 0
+    for path in args.inputs:
+        try:
+            x = read_images(path, shape, dtype, invert=args.invert)
+        except InputFileError as exc:
+            failed += 1
+            print(f"convnet predict: error: {exc}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"input": path, "error": str(exc)}))
+            continue
+        batches.append(x)
+        labels.extend([path] if len(x) == 1 else [f"{path}[{i}]" for i in range(len(x))])
+    if batches:
+        x = np.concatenate(batches) if len(batches) > 1 else batches[0]
+        if args.scheduler is not None:
+            logits = _predict_on_cluster(model, x, args.scheduler, args.batch_size)
+        else:
+            logits = model.predict(x, batch_size=args.batch_size)
+        if logits.ndim != 2:
+            raise CliError(f"{args.model}: the model outputs shape {logits.shape[1:]} per image, "
+                           f"not class scores", 1)
+        classes, probs = top_k(F.softmax(logits.astype(np.float64), axis=1), args.top)
+        for label, cls, prob in zip(labels, classes, probs):
+            if args.json:
+                top = [{"class": int(c), "probability": float(p)} for c, p in zip(cls, prob)]
+                print(json.dumps({"input": label, "class": top[0]["class"],
+                                  "probability": top[0]["probability"], "top": top}))
+            else:
+                print(f"{label}: " + ", ".join(f"{int(c)} ({p:.4f})" for c, p in zip(cls, prob)))
+    return 1 if failed else 0
+
+
+def _predict_on_cluster(model, x, address: str, batch_size: int):
+    try:
+        from distributed import Client
+
+        from . import dask as convnet_dask
+    except ImportError:
+        raise CliError("--scheduler needs Dask: pip install 'convnet[dask]'", 1) from None
+    import dask.array as da
+
+    try:
+        client = Client(address, timeout=10, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CliError(f"--scheduler {address}: cannot connect ({exc})", 1) from None
+    with client:
+        images = da.from_array(x, chunks=(batch_size, *x.shape[1:]))
+        return convnet_dask.predict(model, images, batch_size=batch_size, output="logits").compute(scheduler=client)
+
+
+def _add_export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a saved model as ONNX and/or its weights as .safetensors",
+                       description="Write a saved convnet model as an ONNX file (for ONNX Runtime and other "
+                                   "engines) and/or its weights as .safetensors under PyTorch's state_dict names "
+                                   "(for the same architecture in PyTorch).")
+    p.add_argument("model", metavar="MODEL", help="model file written by `convnet train` or model.save()")
+    p.add_argument("--onnx", metavar="OUT", default=None, help="write an ONNX file (needs convnet[onnx])")
+    p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--safetensors", metavar="OUT", default=None,
+                   help="write the weights as .safetensors (needs convnet[safetensors])")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``convnet export MODEL --onnx OUT --safetensors OUT``."""
+    from .model import load
+
+    if args.onnx is None and args.safetensors is None:
+        raise CliError("nothing to do: give --onnx OUT and/or --safetensors OUT", 2)
+    if args.opset is not None and args.onnx is None:
+        raise CliError("--opset applies to --onnx only", 2)
+    for out in (args.onnx, args.safetensors):
+        if out is not None and os.path.isdir(out):
+            raise CliError(f"{out!r} is a directory; give a file path", 2)
+    model = load(args.model)
+    try:
+        if args.onnx is not None:
+            from . import onnx as convnet_onnx
+        if args.safetensors is not None:
+            from . import weights
+    except ImportError as exc:
+        raise CliError(str(exc), 1) from None
+    if args.onnx is not None:
+        opset = args.opset if args.opset is not None else convnet_onnx.DEFAULT_OPSET
+        convnet_onnx.export(model, args.onnx, opset=opset)
+        print(f"wrote {args.onnx} (ONNX, opset {opset})")
+    if args.safetensors is not None:
+        weights.save_safetensors(model, args.safetensors)
+        print(f"wrote {args.safetensors} ({len(model.state_dict())} tensors under PyTorch's state_dict names)")
+    return 0
+
+
 def _add_serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="a local web page: draw a digit and watch the network see it",
                        description="Serve a page where you draw a digit and see the class probabilities, the "
@@ -441,7 +589,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # Each entry adds one subcommand's parser (which sets `func`); add new subcommands here.
 SUBCOMMANDS: list[Callable] = [_add_train_parser, _add_evaluate_parser, _add_summary_parser,
-                               _add_plot_parser, _add_explain_parser, _add_serve_parser]
+                               _add_plot_parser, _add_explain_parser, _add_predict_parser, _add_export_parser,
+                               _add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,7 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .datasets import IdxFormatError
     from .model import ModelFileError
+    from .onnx import OnnxError
     from .training import ResumeError, TrainingDivergedError
+    from .weights import WeightsFileError
 
     debug = bool(os.environ.get("CONVNET_DEBUG"))
 
@@ -495,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # open() errors read "[Errno 2] ..."; say "<file>: <reason>" instead.
         message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         code = 1
-    except (ModelFileError, IdxFormatError, TrainingDivergedError, ResumeError) as exc:
+    except (ModelFileError, IdxFormatError, TrainingDivergedError, ResumeError, OnnxError, WeightsFileError) as exc:
         if debug:
             raise
         message, code = str(exc), 1
@@ -505,6 +656,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message, code = f"{exc} (set CONVNET_DEBUG=1 for a traceback)", 1
+    except MemoryError as exc:
+        # Files are checked before allocating; this is the last line of defence (e.g. a
+        # model too big for this machine), still one line.
+        if debug:
+            raise
+        message, code = f"out of memory ({exc or 'MemoryError'})", 1
     print(f"convnet {args.command}: error: {message}", file=sys.stderr)
     return code
 

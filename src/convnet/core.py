@@ -205,8 +205,27 @@ def cnhw_to_nchw(y: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None)
         np.add(src, bias.reshape(1, -1, 1, 1), out=out)
 
 
+def as_groups(m: np.ndarray, groups: int) -> np.ndarray:
+    """View of a matrix ``(G*R, K)`` as the stack ``(G, R, K)`` of its row groups (never a copy)."""
+    return np.reshape(m, (groups, m.shape[0] // groups, m.shape[1]), copy=False)
+
+
+def stacked_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0) -> None:
+    """``c[g] = a[g] @ b[g] + beta * c[g]`` for every group ``g`` of stacks ``(G, ., .)``.
+
+    One group is one BLAS call (:func:`convnet._blas.gemm`); more groups are one
+    ``matmul`` over the group axis (grouped convolution: no Python loop over groups).
+    """
+    if a.shape[0] == 1:
+        _blas.gemm(a[0], b[0], c[0], beta=beta)
+    elif beta == 0.0:
+        np.matmul(a, b, out=c)
+    else:
+        c += np.matmul(a, b)
+
+
 def gemm_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None,
-                   blocks: int = 4) -> None:
+                   blocks: int = 4, groups: int = 1) -> None:
     """``out = wm @ cols`` laid out NCHW (plus ``bias``), in ``blocks`` groups of images.
 
     The GEMM yields CNHW rows; going through a group of images at a time keeps that
@@ -220,6 +239,8 @@ def gemm_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.n
     out : ndarray, shape (N, F, OH, OW), written
     bias : ndarray, shape (F,), optional
     blocks : number of image groups
+    groups : channel groups of a grouped convolution: ``wm`` and ``cols`` rows split into
+        ``groups`` equal blocks, multiplied block by block (see :func:`stacked_gemm`)
     """
     n, f, oh, ow = out.shape
     ohw = oh * ow
@@ -228,7 +249,8 @@ def gemm_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.n
     for i in range(0, n, step):
         nb = min(step, n - i)
         t = tmp[:, :nb]
-        _blas.gemm(wm, cols[:, i * ohw:(i + nb) * ohw], as_matrix(t), beta=0.0)
+        stacked_gemm(as_groups(wm, groups), as_groups(cols[:, i * ohw:(i + nb) * ohw], groups),
+                     as_groups(as_matrix(t), groups))
         cnhw_to_nchw(t, out[i:i + nb], bias)
 
 
@@ -254,7 +276,7 @@ def window_view(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_
 
 
 def im2col(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair,
-           reuse: str | None = None) -> np.ndarray:
+           reuse: str | None = None, groups: int = 1) -> np.ndarray:
     """Unfold every window of a padded CNHW array into one column.
 
     Parameters
@@ -269,12 +291,14 @@ def im2col(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: P
     -------
     cols : ndarray, shape (KH*KW*C, N*OH*OW), dtype of ``xp``, rows ordered (kh, kw, c),
         columns (n, oh, ow); contiguous rows with a padded row stride (:func:`row_buffer`).
-        Each tap copies whole strided planes.
+        Each tap copies whole strided planes. With ``groups`` G, rows are ordered
+        (g, kh, kw, c within the group): G stacked column matrices of the channel groups.
     """
     c, n = xp.shape[:2]
     (oh, ow), (kh, kw) = out_hw, kernel
     cols = row_buffer((kh * kw * c, n, oh, ow), xp.dtype, reuse=reuse)
-    np.copyto(cols.reshape(kh, kw, c, n, oh, ow), window_view(xp, kernel, stride, dilation, out_hw))
+    windows = window_view(xp, kernel, stride, dilation, out_hw).reshape(kh, kw, groups, c // groups, n, oh, ow)
+    np.copyto(cols.reshape(groups, kh, kw, c // groups, n, oh, ow), windows.transpose(2, 0, 1, 3, 4, 5, 6))
     return as_matrix(cols)
 
 
@@ -290,7 +314,7 @@ def _valid_outputs(size: int, pad_before: int, out_len: int, tap: int, s: int, d
 
 
 def im2col_nchw(x: np.ndarray, pads: Pads, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair,
-                reuse: str | None = None) -> np.ndarray:
+                reuse: str | None = None, groups: int = 1) -> np.ndarray:
     """:func:`im2col` of the zero-padded CNHW input, read straight from unpadded NCHW ``x``.
 
     Skips the padded copy (a pass over the input and its memory): each tap copies the
@@ -312,25 +336,25 @@ def im2col_nchw(x: np.ndarray, pads: Pads, kernel: Pair, stride: Pair, dilation:
     n, c, h, w = x.shape
     (oh, ow), (kh, kw) = out_hw, kernel
     cols = row_buffer((kh * kw * c, n, oh, ow), x.dtype, reuse=reuse)
-    taps = cols.reshape(kh, kw, c, n, oh, ow)
-    src = x.transpose(1, 0, 2, 3)
+    taps = cols.reshape(groups, kh, kw, c // groups, n, oh, ow)
+    src = x.transpose(1, 0, 2, 3).reshape(groups, c // groups, n, h, w)
     for i in range(kh):
         r0, r1, hs = _valid_outputs(h, pads[0][0], oh, i, stride[0], dilation[0])
         for j in range(kw):
             c0, c1, ws = _valid_outputs(w, pads[1][0], ow, j, stride[1], dilation[1])
-            dst = taps[i, j]
-            dst[:, :, :r0] = 0
-            dst[:, :, r1:] = 0
-            dst[:, :, r0:r1, :c0] = 0
-            dst[:, :, r0:r1, c1:] = 0
+            dst = taps[:, i, j]
+            dst[..., :r0, :] = 0
+            dst[..., r1:, :] = 0
+            dst[..., r0:r1, :c0] = 0
+            dst[..., r0:r1, c1:] = 0
             if r1 > r0 and c1 > c0:
-                dst[:, :, r0:r1, c0:c1] = src[:, :, hs:hs + (r1 - r0 - 1) * stride[0] + 1:stride[0],
-                                              ws:ws + (c1 - c0 - 1) * stride[1] + 1:stride[1]]
+                dst[..., r0:r1, c0:c1] = src[..., hs:hs + (r1 - r0 - 1) * stride[0] + 1:stride[0],
+                                             ws:ws + (c1 - c0 - 1) * stride[1] + 1:stride[1]]
     return as_matrix(cols)
 
 
 def col2im(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel: Pair, stride: Pair,
-           dilation: Pair, out_hw: Pair, reuse: str | None = None) -> np.ndarray:
+           dilation: Pair, out_hw: Pair, reuse: str | None = None, groups: int = 1) -> np.ndarray:
     """Adjoint of :func:`im2col`: add every column back onto the window it came from.
 
     Overlapping windows accumulate (``+=``), so this is the exact transpose of im2col.
@@ -341,6 +365,7 @@ def col2im(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel: Pa
     padded_shape : (C, N, Hp, Wp) of the padded array to rebuild
     reuse : str, optional
         Scratch name for the result's memory (see :func:`row_buffer`); default fresh.
+    groups : rows ordered as :func:`im2col`'s with the same ``groups``
 
     Returns
     -------
@@ -348,11 +373,12 @@ def col2im(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel: Pa
     """
     c, n = padded_shape[:2]
     (oh, ow), (kh, kw) = out_hw, kernel
-    blocks = cols.reshape(kh, kw, c, n, oh, ow)
+    blocks = cols.reshape(groups, kh, kw, c // groups, n, oh, ow)
     out = row_buffer(padded_shape, cols.dtype, fill=0.0, reuse=reuse)
+    by_group = out.reshape((groups, c // groups) + tuple(padded_shape[1:]))
     for i in range(kh):
         for j in range(kw):
-            strided_window(out, i * dilation[0], j * dilation[1], stride, out_hw)[...] += blocks[i, j]
+            strided_window(by_group, i * dilation[0], j * dilation[1], stride, out_hw)[...] += blocks[:, i, j]
     return out
 
 
@@ -430,13 +456,16 @@ def kernel_matrix(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(f, kh * kw * c)
 
 
-def flipped_kernel_matrix(weight: np.ndarray) -> np.ndarray:
+def flipped_kernel_matrix(weight: np.ndarray, groups: int = 1) -> np.ndarray:
     """The 180-degree-flipped, channel-swapped filters of the input gradient, as a kernel matrix.
 
     ``W'[c, f, u, v] = W[f, c, KH-1-u, KW-1-v]``; returns ``kernel_matrix(W')``, shape
-    ``(C, KH*KW*F)``.
+    ``(C, KH*KW*F)``. With ``groups`` G (``weight`` of shape (F, C/G, KH, KW)), the swap
+    stays inside each group: ``W'`` is (C, F/G, KH, KW) and the result (C, KH*KW*F/G).
     """
-    return kernel_matrix(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    f, cg, kh, kw = weight.shape
+    flipped = weight[:, :, ::-1, ::-1].reshape(groups, f // groups, cg, kh, kw).transpose(0, 2, 1, 3, 4)
+    return kernel_matrix(flipped.reshape(groups * cg, f // groups, kh, kw))
 
 
 def tap_offsets(kernel: Pair, dilation: Pair, row_len: int) -> list[int]:

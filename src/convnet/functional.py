@@ -20,7 +20,7 @@ from ._args import IntOrPair, Padding
 from ._conv import ConvCache
 
 __all__ = [
-    "ConvCache", "conv2d", "conv2d_with_cache", "conv2d_backward",
+    "ConvCache", "conv2d", "conv2d_with_cache", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
     "max_pool2d", "max_pool2d_with_argmax", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
     "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward",
     "tanh", "tanh_backward", "identity", "identity_backward", "softmax", "log_softmax",
@@ -36,20 +36,24 @@ Algo = Literal["auto", "im2col", "taps"]
 # Each op checks its arguments, asks the conv engine (convnet._conv) for the layer's plan
 # and runs it; the tuning policy (algorithms, routes, thresholds, chunks) lives there.
 
-def _conv_geometry(x, weight, bias, stride, padding, dilation) -> _conv.Geometry:
-    s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation)
-    return _conv.Geometry.of(x, weight, s, pads, d, out_hw)
+def _conv_geometry(x, weight, bias, stride, padding, dilation, groups=1) -> _conv.Geometry:
+    s, pads, d, out_hw = _args.conv_args(x, weight, bias, stride, padding, dilation, groups)
+    return _conv.Geometry.of(x.shape, weight, s, pads, d, out_hw, int(groups))
 
 
-def _check_algo(algo: object, g: _conv.Geometry) -> None:
+def _check_algo(algo: object, g: _conv.Geometry, forward: bool = True) -> None:
     _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
-    reason = _conv.unsupported(algo, g)
+    reason = _conv.unsupported(algo, g, forward)
     if reason:
         raise ValueError(reason)
 
 
+def _check_method(method: object, g: _conv.Geometry) -> None:
+    _args.choice(method, "method", ("auto",) + _conv.METHODS)
+
+
 def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-                      stride: IntOrPair = 1, padding: Padding = 0, dilation: IntOrPair = 1,
+                      stride: IntOrPair = 1, padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1,
                       *, algo: Algo = "auto") -> tuple[np.ndarray, ConvCache | None]:
     """2-D cross-correlation (a CNN "convolution"), keeping what backward needs.
 
@@ -59,11 +63,14 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     Parameters
     ----------
     x : ndarray, shape (N, C, H, W)
-    weight : ndarray, shape (F, C, KH, KW)
+    weight : ndarray, shape (F, C // groups, KH, KW)
     bias : ndarray, shape (F,), optional
     stride, dilation : int or (h, w), >= 1
     padding : int, (h, w), ``"valid"`` or ``"same"`` (stride 1)
-    algo : ``"auto"``, ``"im2col"`` or ``"taps"`` (stride 1); see :mod:`convnet.core`.
+    groups : int, dividing C and F: filters ``[g*F/G, (g+1)*F/G)`` see only the input
+        channels ``[g*C/G, (g+1)*C/G)``. Depthwise convolution is ``groups=C``. The
+        groups are batched in each GEMM (one matmul over a group axis).
+    algo : ``"auto"``, ``"im2col"`` or ``"taps"`` (stride 1, groups 1); see :mod:`convnet.core`.
         Both give the same result up to rounding. ``"auto"`` picks by the forward +
         backward time measured per layer shape (the plan of :mod:`convnet._conv`).
 
@@ -80,27 +87,27 @@ def conv2d_with_cache(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
         (a ``MemoryError``) when one image's workspace alone exceeds the limit; nothing
         is allocated then.
     """
-    g = _conv_geometry(x, weight, bias, stride, padding, dilation)
+    g = _conv_geometry(x, weight, bias, stride, padding, dilation, groups)
     _check_algo(algo, g)
     return _conv.forward(x, weight, bias, g, _conv.plan(g, backward=True, algo=algo), keep=True)
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: IntOrPair = 1,
-           padding: Padding = 0, dilation: IntOrPair = 1, *, algo: Algo = "auto") -> np.ndarray:
+           padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1, *, algo: Algo = "auto") -> np.ndarray:
     """2-D cross-correlation; see :func:`conv2d_with_cache` (``algo="auto"`` may use taps here).
 
     Returns
     -------
     y : ndarray, shape (N, F, OH, OW)
     """
-    g = _conv_geometry(x, weight, bias, stride, padding, dilation)
+    g = _conv_geometry(x, weight, bias, stride, padding, dilation, groups)
     _check_algo(algo, g)
     return _conv.forward(x, weight, bias, g, _conv.plan(g, backward=False, algo=algo), keep=False)[0]
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
                     padding: Padding = 0, dilation: IntOrPair = 1, cache: ConvCache | None = None,
-                    method: BackwardMethod = "auto", *, algo: Algo = "auto",
+                    method: BackwardMethod = "auto", *, groups: int = 1, algo: Algo = "auto",
                     input_grad: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of :func:`conv2d` with respect to its input, weight and bias.
 
@@ -120,8 +127,8 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     ----------
     dy : ndarray, shape (N, F, OH, OW)
     x : ndarray, shape (N, C, H, W), the forward input
-    weight : ndarray, shape (F, C, KH, KW)
-    stride, padding, dilation : as in the forward call
+    weight : ndarray, shape (F, C // groups, KH, KW)
+    stride, padding, dilation, groups : as in the forward call
     cache : ConvCache, optional, from :func:`conv2d_with_cache` on the same ``x``. A cache
         of another input, or of ``x`` before an in-place change, is a ``ValueError``
         (checked by a fingerprint of ``x``'s contents: one cheap pass over it).
@@ -139,18 +146,92 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: I
     dweight : ndarray, shape (F, C, KH, KW)
     dbias : ndarray, shape (F,)
     """
-    g = _conv_geometry(x, weight, None, stride, padding, dilation)
+    g = _conv_geometry(x, weight, None, stride, padding, dilation, groups)
     _args.check_array(dy, "dy", 4, "(N, F, OH, OW)")
     _args.check_shape(dy, "dy", (g.n, g.f) + g.out_hw)
     _args.check_same_dtype(dy=dy, x=x, weight=weight)
-    _args.choice(method, "method", ("auto",) + _conv.METHODS)
-    _args.choice(algo, "algo", ("auto",) + _conv.ALGOS)
+    _check_method(method, g)
+    _check_algo(algo, g, forward=False)
     if cache is not None and not _conv.cache_matches(cache, x, g):
         raise ValueError("cache does not belong to this input and geometry (another x, x changed in place "
                          "since the forward, or other shapes); pass the cache returned by conv2d_with_cache "
                          "for the same x, weight shape, stride, padding and dilation")
     p = _conv.plan(g, backward=True, method=method, dx_algo=algo)
     return _conv.backward(dy, x, weight, g, p, cache, input_grad)
+
+
+def _transpose_geometry(x, weight, bias, stride, padding, output_padding, groups, dilation) -> _conv.Geometry:
+    """The geometry of the convolution whose input gradient is this transposed convolution."""
+    s, pads, d, out_hw = _args.conv_transpose_args(x, weight, bias, stride, padding, output_padding, groups,
+                                                   dilation)
+    n, _, h, w = x.shape
+    return _conv.Geometry.of((n, weight.shape[1] * groups) + out_hw, weight, s, pads, d, (h, w), int(groups))
+
+
+def conv_transpose2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: IntOrPair = 1,
+                     padding: IntOrPair = 0, output_padding: IntOrPair = 0, groups: int = 1,
+                     dilation: IntOrPair = 1) -> np.ndarray:
+    """Transposed convolution ("deconvolution"), as PyTorch's ``conv_transpose2d``.
+
+    The input gradient of :func:`conv2d` made an op of its own, computed by the same code:
+    the tutorial's sensitivity map (insert ``S-1`` zeros between the entries of ``x``, pad
+    by ``D*(K-1) - P``, correlate with the 180-degree-flipped, channel-swapped filters) or
+    its col2im form, as the plan picks. So ``<conv2d(z, w), x> == <z, conv_transpose2d(x, w)>``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C_in, H, W)
+    weight : ndarray, shape (C_in, C_out // groups, KH, KW), PyTorch's layout (the weight
+        of the ``conv2d`` from C_out to C_in channels that this op transposes)
+    bias : ndarray, shape (C_out,), optional
+    stride, dilation : int or (h, w), >= 1
+    padding : int or (h, w), >= 0: rows and columns cropped from each side of the full result
+    output_padding : int or (h, w), smaller than the stride or the dilation: extra rows
+        and columns at the bottom and right (which conv2d's floor rule maps to the same size)
+    groups : int dividing C_in
+
+    Returns
+    -------
+    y : ndarray, shape (N, C_out, OH, OW), ``OH = (H-1)*S - 2P + D*(KH-1) + output_padding + 1``
+    """
+    g = _transpose_geometry(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    y = _conv.input_grad(x, weight, g, _conv.plan(g, backward=True))
+    if bias is not None:
+        y += bias.reshape(1, -1, 1, 1)
+    return y
+
+
+def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
+                              padding: IntOrPair = 0, output_padding: IntOrPair = 0, groups: int = 1,
+                              dilation: IntOrPair = 1, input_grad: bool = True
+                              ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Gradients of :func:`conv_transpose2d` with respect to its input, weight and bias.
+
+    The input gradient is the forward :func:`conv2d` of ``dy`` (cut to the input's size);
+    the weight gradient is conv2d's filter gradient with the roles of input and output
+    swapped, sharing that forward's column matrix.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (N, C_out, OH, OW)
+    x, weight, stride, padding, output_padding, groups, dilation : as in the forward call
+    input_grad : False skips ``dx`` (None)
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C_in, H, W), or None
+    dweight : ndarray, shape (C_in, C_out // groups, KH, KW)
+    dbias : ndarray, shape (C_out,)
+    """
+    g = _transpose_geometry(x, weight, None, stride, padding, output_padding, groups, dilation)
+    _args.check_array(dy, "dy", 4, "(N, C_out, OH, OW)")
+    _args.check_shape(dy, "dy", (g.n, g.c, g.h, g.w))
+    _args.check_same_dtype(dy=dy, x=x, weight=weight)
+    p = _conv.plan(g, backward=True)
+    # conv2d's roles: dy is that convolution's input, x its output's gradient.
+    dx, cache = _conv.forward(dy, weight, None, g, p, keep=True) if input_grad else (None, None)
+    _, dweight, _ = _conv.backward(x, dy, weight, g, p, cache, input_grad=False)
+    return dx, dweight, dy.sum(axis=(0, 2, 3))
 
 
 # --------------------------------------------------------------------------- pooling

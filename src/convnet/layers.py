@@ -23,6 +23,7 @@ __all__ = [
     "Parameter",
     "Layer",
     "Conv2d",
+    "ConvTranspose2d",
     "MaxPool2d",
     "AvgPool2d",
     "ReLU",
@@ -228,16 +229,17 @@ class Conv2d(Layer):
         C and F.
     kernel_size, stride, dilation : int or (int, int)
     padding : int, (int, int), "valid" or "same"
+    groups : int dividing C and F (``groups=C``: depthwise)
     bias : bool
         Whether to add a learned bias per output channel.
     rng : numpy.random.Generator, int or None
         Source of the initial weights (PyTorch default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        with fan_in = C * KH * KW, for weight and bias).
+        with fan_in = C/groups * KH * KW, for weight and bias).
     dtype : float32 (default) or float64
 
     Attributes
     ----------
-    weight : ndarray (F, C, KH, KW);  bias : ndarray (F,) or None
+    weight : ndarray (F, C/groups, KH, KW);  bias : ndarray (F,) or None
     weight_grad, bias_grad : gradients of the same shapes.
 
     Shapes: x (N, C, H, W) -> y (N, F, OH, OW), OH = (H + 2P - D*(KH-1) - 1) // S + 1.
@@ -245,11 +247,12 @@ class Conv2d(Layer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, bias: bool = True, *, rng: RngLike = None,
-                 dtype: Any = np.float32) -> None:
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True, *,
+                 rng: RngLike = None, dtype: Any = np.float32) -> None:
         super().__init__()
         self.in_channels = _args.positive_int(in_channels, "in_channels")
         self.out_channels = _args.positive_int(out_channels, "out_channels")
+        self.groups = _group_count(groups, self.in_channels, self.out_channels)
         k = _args.pair(kernel_size, "kernel_size", 1)
         s = _args.pair(stride, "stride", 1)
         d = _args.pair(dilation, "dilation", 1)
@@ -261,8 +264,9 @@ class Conv2d(Layer):
         self.has_bias = bool(bias)
         dt = _as_float_dtype(dtype)
         gen = _as_rng(rng)
-        fan_in = self.in_channels * k[0] * k[1]
-        self._add_param("weight", _pytorch_uniform(gen, (self.out_channels, self.in_channels, *k), fan_in, dt))
+        fan_in = self.in_channels // self.groups * k[0] * k[1]
+        self._add_param("weight", _pytorch_uniform(gen, (self.out_channels, self.in_channels // self.groups, *k),
+                                                   fan_in, dt))
         if self.has_bias:
             self._add_param("bias", _pytorch_uniform(gen, (self.out_channels,), fan_in, dt))
         self._x = None
@@ -289,7 +293,8 @@ class Conv2d(Layer):
             raise ValueError(f"expected input with {self.in_channels} channels (N, {self.in_channels}, H, W), "
                              f"got shape {x.shape}")
         self._check_param_dtype(x)
-        y, self._cache = F.conv2d_with_cache(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        y, self._cache = F.conv2d_with_cache(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                             self.groups)
         self._x = x
         return y
 
@@ -297,7 +302,7 @@ class Conv2d(Layer):
         """Accumulate the parameter gradients; return ``dx`` (None with ``input_grad=False``)."""
         x = self._cached("_x")
         dx, dw, db = F.conv2d_backward(dy, x, self.weight, self.stride, self.padding, self.dilation,
-                                       cache=self._cache, input_grad=input_grad)
+                                       cache=self._cache, groups=self.groups, input_grad=input_grad)
         self.grads["weight"] += dw
         if self.has_bias:
             self.grads["bias"] += db
@@ -310,8 +315,114 @@ class Conv2d(Layer):
         return {
             "in_channels": self.in_channels, "out_channels": self.out_channels,
             "kernel_size": _jsonable(self.kernel_size), "stride": _jsonable(self.stride),
-            "padding": _jsonable(self.padding), "dilation": _jsonable(self.dilation),
+            "padding": _jsonable(self.padding), "dilation": _jsonable(self.dilation), "groups": self.groups,
             "bias": self.has_bias, "dtype": self.dtype.name,
+        }
+
+
+def _group_count(groups: object, in_channels: int, out_channels: int) -> int:
+    groups = _args.positive_int(groups, "groups")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups={groups} must divide both in_channels={in_channels} and "
+                         f"out_channels={out_channels}")
+    return groups
+
+
+class ConvTranspose2d(Layer):
+    """2-D transposed convolution, NCHW, as PyTorch's ``ConvTranspose2d``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, dilation : int or (int, int)
+    padding : int or (int, int)
+    output_padding : int or (int, int), smaller than the stride or the dilation
+    groups : int dividing in_channels and out_channels
+    bias : bool
+    rng : numpy.random.Generator, int or None
+        PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+        fan_in = out_channels/groups * KH * KW (PyTorch's count for this weight layout).
+    dtype : float32 (default) or float64
+
+    Attributes
+    ----------
+    weight : ndarray (in_channels, out_channels/groups, KH, KW);  bias : ndarray (out_channels,) or None
+
+    Shapes: x (N, C_in, H, W) -> y (N, C_out, OH, OW),
+    OH = (H-1)*S - 2P + D*(KH-1) + output_padding + 1.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 output_padding: int | tuple[int, int] = 0, groups: int = 1, bias: bool = True,
+                 dilation: int | tuple[int, int] = 1, *, rng: RngLike = None, dtype: Any = np.float32) -> None:
+        super().__init__()
+        self.in_channels = _args.positive_int(in_channels, "in_channels")
+        self.out_channels = _args.positive_int(out_channels, "out_channels")
+        self.groups = _group_count(groups, self.in_channels, self.out_channels)
+        k = _args.pair(kernel_size, "kernel_size", 1)
+        s = _args.pair(stride, "stride", 1)
+        d = _args.pair(dilation, "dilation", 1)
+        if isinstance(padding, str):
+            raise TypeError(f"padding of a transposed convolution must be an int or a pair, got {padding!r}")
+        _args.pair(padding, "padding", 0)
+        op = _args.pair(output_padding, "output_padding", 0)
+        if any(o >= max(si, di) for o, si, di in zip(op, s, d)):
+            raise ValueError(f"output_padding must be smaller than stride or dilation, got output_padding="
+                             f"{output_padding!r} with stride={stride!r}, dilation={dilation!r}")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.kernel_size, self.stride, self.padding = _tuplify(kernel_size), _tuplify(stride), _tuplify(padding)
+        self.output_padding, self.dilation = _tuplify(output_padding), _tuplify(dilation)
+        self.has_bias = bool(bias)
+        dt = _as_float_dtype(dtype)
+        gen = _as_rng(rng)
+        fan_in = self.out_channels // self.groups * k[0] * k[1]
+        self._add_param("weight", _pytorch_uniform(gen, (self.in_channels, self.out_channels // self.groups, *k),
+                                                   fan_in, dt))
+        if self.has_bias:
+            self._add_param("bias", _pytorch_uniform(gen, (self.out_channels,), fan_in, dt))
+        self._x = None
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.params.get("bias")
+
+    def _geometry(self) -> tuple:
+        return self.stride, self.padding, self.output_padding, self.groups, self.dilation
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input with {self.in_channels} channels (N, {self.in_channels}, H, W), "
+                             f"got shape {x.shape}")
+        self._check_param_dtype(x)
+        y = F.conv_transpose2d(x, self.weight, self.bias, *self._geometry())
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Accumulate the parameter gradients; return ``dx`` (None with ``input_grad=False``)."""
+        x = self._cached("_x")
+        dx, dw, db = F.conv_transpose2d_backward(dy, x, self.weight, *self._geometry(), input_grad=input_grad)
+        self.grads["weight"] += dw
+        if self.has_bias:
+            self.grads["bias"] += db
+        return dx
+
+    def clear_cache(self) -> None:
+        self._x = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": _jsonable(self.kernel_size), "stride": _jsonable(self.stride),
+            "padding": _jsonable(self.padding), "output_padding": _jsonable(self.output_padding),
+            "groups": self.groups, "bias": self.has_bias, "dilation": _jsonable(self.dilation),
+            "dtype": self.dtype.name,
         }
 
 
@@ -576,5 +687,5 @@ class Dropout(Layer):
 #: Layer classes by name, used to rebuild a saved model.
 LAYER_TYPES: dict[str, type[Layer]] = {
     cls.__name__: cls
-    for cls in (Conv2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid, Tanh, Flatten, Linear, Dropout)
+    for cls in (Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid, Tanh, Flatten, Linear, Dropout)
 }

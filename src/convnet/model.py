@@ -24,8 +24,9 @@ import json
 import os
 import sys
 import zipfile
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,7 +48,7 @@ from .layers import (
     _as_rng,
 )
 
-__all__ = ["Sequential", "load", "ModelFileError", "lenet", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["Sequential", "load", "ModelFileError", "StateDictKeys", "lenet", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "convnet.Sequential"
 FORMAT_VERSION = 1
@@ -58,6 +59,13 @@ TRAINING_STATE_PREFIX = "__training__"
 
 class ModelFileError(ValueError):
     """A model file is missing pieces, truncated, corrupted or does not match its architecture."""
+
+
+class StateDictKeys(NamedTuple):
+    """What ``load_state_dict(..., strict=False)`` did not match (PyTorch's ``_IncompatibleKeys``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 def _layer_label(index: int, layer: Layer) -> str:
@@ -204,6 +212,89 @@ class Sequential:
 
     def num_parameters(self) -> int:
         return sum(layer.num_parameters() for layer in self.layers)
+
+    # -- PyTorch-style state dict ------------------------------------------------------------
+    def _named_tensors(self) -> list[tuple[str, np.ndarray]]:
+        """The model's own arrays (parameters, then each layer's buffers) under PyTorch's names."""
+        out: list[tuple[str, np.ndarray]] = []
+        for i, layer in enumerate(self.layers):
+            out.extend((p.name, p.data) for p in layer.parameters(prefix=f"{i}."))
+            buffers = getattr(layer, "buffers", None)
+            if callable(buffers):
+                out.extend((p.name, p.data) for p in buffers(prefix=f"{i}."))
+        return out
+
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
+        """Copies of the weights (and buffers) under the names PyTorch gives the same ``nn.Sequential``.
+
+        ``"0.weight"``, ``"0.bias"`` for layer 0, and so on, in PyTorch's order, so that
+        ``torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`` works
+        for the same architecture (see also :mod:`convnet.weights` for ``.safetensors``).
+
+        Returns
+        -------
+        OrderedDict[str, ndarray]
+            Copies: changing them does not change the model.
+        """
+        return OrderedDict((name, array.copy()) for name, array in self._named_tensors())
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> StateDictKeys:
+        """Copy weights from ``state`` (name -> array, e.g. a PyTorch ``state_dict``) into the model.
+
+        Every name, shape and dtype is checked before anything is copied, so a mismatch
+        leaves the model as it was.
+
+        Parameters
+        ----------
+        state : mapping of str to array-like
+            numpy arrays, or anything ``numpy.asarray`` converts (CPU torch tensors).
+        strict : bool
+            If True (default), the names must be exactly the model's; if False, missing
+            and unexpected names are allowed and returned. Shapes and dtypes must match
+            either way.
+
+        Returns
+        -------
+        StateDictKeys
+            ``(missing_keys, unexpected_keys)``, both empty with ``strict=True``.
+
+        Raises
+        ------
+        TypeError
+            If ``state`` is not a mapping with string keys, or a dtype differs.
+        ValueError
+            For missing or unexpected names (strict) or a shape mismatch; the message names them.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
+        bad_keys = [k for k in state if not isinstance(k, str)]
+        if bad_keys:
+            raise TypeError(f"state keys must be strings, got {bad_keys[0]!r}")
+        own = self._named_tensors()
+        names = [name for name, _ in own]
+        missing = [name for name in names if name not in state]
+        unexpected = [name for name in state if name not in set(names)]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {', '.join(unexpected)}")
+            raise ValueError(f"state dict does not match the model: {'; '.join(parts)}")
+        checked: list[tuple[np.ndarray, np.ndarray]] = []
+        for name, target in own:
+            if name not in state:
+                continue
+            value = np.asarray(state[name])
+            if value.shape != target.shape:
+                raise ValueError(f"state dict entry {name!r} has shape {value.shape}, the model's is {target.shape}")
+            if value.dtype != target.dtype:
+                raise TypeError(f"state dict entry {name!r} has dtype {value.dtype}, the model's is {target.dtype} "
+                                f"(convert one of them, e.g. model.astype(np.{value.dtype}))")
+            checked.append((target, value))
+        for target, value in checked:
+            target[...] = value
+        return StateDictKeys(missing, unexpected)
 
     def zero_grad(self) -> None:
         for layer in self.layers:

@@ -11,6 +11,7 @@ pass; its state (momentum buffers, Adam moments) is kept per parameter name.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 
 import numpy as np
@@ -19,6 +20,10 @@ from . import _args
 from .layers import Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "cosine_schedule"]
+
+# Adam's flat moment buffers, per optimizer: kept out of its attributes, which describe its
+# configuration (checkpoints compare them), and rebuilt from ``state`` whenever that changes.
+_FLAT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _number(value, name: str, low: float, high: float | None = None, low_open: bool = False) -> float:
@@ -129,11 +134,13 @@ class Adam(Optimizer):
         """
         if len(params) < 2:
             return False
-        flat = self._flat
+        flat = _FLAT.get(self)
         if flat is None or not self._flat_matches(flat, params):
-            flat = self._flat = self._build_flat(params)
+            flat = self._build_flat(params)
             if flat is None:
+                _FLAT.pop(self, None)
                 return False
+            _FLAT[self] = flat
         slices, m, v, g = flat["slices"], flat["m"], flat["v"], flat["g"]
         np.concatenate([p.grad.reshape(-1) for p in params], out=g)
         if self.weight_decay:
@@ -158,8 +165,6 @@ class Adam(Optimizer):
         for p, sl in zip(params, slices):
             p.data -= update[sl].reshape(p.data.shape)
         return True
-
-    _flat: dict | None = None
 
     def _flat_matches(self, flat: dict, params: list[Parameter]) -> bool:
         if len(params) != len(flat["names"]):

@@ -22,7 +22,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from convnet._args import check_array, check_same_dtype, check_shape, conv_args, pool_args, real
+from convnet._args import (
+    check_array,
+    check_same_dtype,
+    check_shape,
+    conv_args,
+    conv_transpose_args,
+    pool_args,
+    real,
+)
 
 IntOrPair = int | tuple[int, int]
 Padding = int | tuple[int, int] | str
@@ -30,6 +38,8 @@ Padding = int | tuple[int, int] | str
 __all__ = [
     "conv2d",
     "conv2d_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
     "max_pool2d",
     "max_pool2d_backward",
     "avg_pool2d",
@@ -107,7 +117,8 @@ def _check_elementwise_backward(dy: object, x: object) -> None:
 # ---------------------------------------------------------------------------
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-           stride: IntOrPair = 1, padding: Padding = 0, dilation: IntOrPair = 1) -> np.ndarray:
+           stride: IntOrPair = 1, padding: Padding = 0, dilation: IntOrPair = 1,
+           groups: int = 1) -> np.ndarray:
     """Convolution layer output, one filter and one output position at a time.
 
     The tutorial's formula for an input of depth D > 1 ("深度大于1的卷积计算公式"),
@@ -117,24 +128,27 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
 
     i.e. a cross-correlation of the zero-padded input with each filter, with
     the output size ``W2 = (W1 - F + 2P) / S + 1`` (floor rule). Dilation
-    ``D`` samples the input every ``D`` pixels inside a window.
+    ``D`` samples the input every ``D`` pixels inside a window. With ``groups`` G, filter
+    ``f`` sees only the channels of its group, ``[g*C/G, (g+1)*C/G)`` with ``g = f // (F/G)``.
 
     Parameters
     ----------
     x : ndarray, shape (N, C, H, W)
-    weight : ndarray, shape (F, C, KH, KW)
+    weight : ndarray, shape (F, C/groups, KH, KW)
     bias : ndarray, shape (F,), optional
     stride, dilation : int or (int, int)
     padding : int, (int, int), "valid" or "same" ("same" needs stride 1)
+    groups : int dividing C and F
 
     Returns
     -------
     y : ndarray, shape (N, F, OH, OW), dtype of ``x``
         ``OH = (H + P_top + P_bottom - D*(KH-1) - 1) // S + 1``, likewise ``OW``.
     """
-    (sh, sw), pads, (dh, dw), _ = conv_args(x, weight, bias, stride, padding, dilation)
+    (sh, sw), pads, (dh, dw), _ = conv_args(x, weight, bias, stride, padding, dilation, groups)
     n_images, _, h, w = x.shape
-    n_filters, _, kh, kw = weight.shape
+    n_filters, group_channels, kh, kw = weight.shape
+    group_filters = n_filters // groups
     (pt, pb), (pl, pr) = pads
     oh = _out_len(h, pt, pb, kh, sh, dh)
     ow = _out_len(w, pl, pr, kw, sw, dw)
@@ -144,10 +158,11 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     y = np.zeros((n_images, n_filters, oh, ow), dtype=x.dtype)
     for n in range(n_images):
         for f in range(n_filters):
+            first = f // group_filters * group_channels  # the filter's group of channels
             for i in range(oh):
                 for j in range(ow):
-                    # One patch (all channels) times one filter, then sum.
-                    patch = xp[n, :, i * sh:i * sh + span_h:dh, j * sw:j * sw + span_w:dw]
+                    # One patch (the group's channels) times one filter, then sum.
+                    patch = xp[n, first:first + group_channels, i * sh:i * sh + span_h:dh, j * sw:j * sw + span_w:dw]
                     y[n, f, i, j] = np.sum(patch * weight[f])
             if bias is not None:
                 y[n, f] += bias[f]
@@ -156,7 +171,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
                     stride: IntOrPair = 1, padding: Padding = 0,
-                    dilation: IntOrPair = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    dilation: IntOrPair = 1, *, groups: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of ``conv2d`` the tutorial's way: expand, pad, convolve with rot180(W).
 
     1. **Stride S**: expand the sensitivity map ``dy`` by inserting ``S-1``
@@ -194,11 +209,12 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     dbias : ndarray, shape (F,)
         All in the dtype of ``x``.
     """
-    (sh, sw), pads, (dh, dw), _ = conv_args(x, weight, None, stride, padding, dilation)
+    (sh, sw), pads, (dh, dw), _ = conv_args(x, weight, None, stride, padding, dilation, groups)
     check_array(dy, "dy", 4, "(N, F, OH, OW)")
     check_same_dtype(dy=dy, x=x, weight=weight)
     n_images, n_channels, h, w = x.shape
-    n_filters, _, kh, kw = weight.shape
+    n_filters, group_channels, kh, kw = weight.shape
+    group_filters = n_filters // groups
     (pt, pb), (pl, pr) = pads
     oh = _out_len(h, pt, pb, kh, sh, dh)
     ow = _out_len(w, pl, pr, kw, sw, dw)
@@ -216,31 +232,121 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     # 2. Error term: pad by D*(K-1) - P (crop if negative), correlate with rot180(W).
     delta_padded = _pad_or_crop(delta, ((span_h - 1 - pt, span_h - 1 - pb),
                                         (span_w - 1 - pl, span_w - 1 - pr)))
-    flipped = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, F, KH, KW)
+    flipped = weight[:, :, ::-1, ::-1]  # rot180 of each filter's channel maps
     dx = np.zeros_like(x)
     for n in range(n_images):
         for f in range(n_filters):
-            for c in range(n_channels):
+            first = f // group_filters * group_channels  # filter f reads only its group's channels
+            for c in range(first, first + group_channels):
                 # Filter f's partial sensitivity map of channel c, added to the others.
                 for i in range(h):
                     for j in range(w):
                         patch = delta_padded[n, f, i:i + span_h:dh, j:j + span_w:dw]  # (KH, KW)
-                        dx[n, c, i, j] += np.sum(patch * flipped[c, f])
+                        dx[n, c, i, j] += np.sum(patch * flipped[f, c - first])
 
     # 3. Weight gradient: correlate the padded input with the expanded map.
     xp = _zero_pad(x, pads)
     dweight = np.zeros_like(weight)
     for n in range(n_images):
         for f in range(n_filters):
+            first = f // group_filters * group_channels
             for a in range(kh):
                 for b in range(kw):
-                    patch = xp[n, :, a * dh:a * dh + full_h, b * dw:b * dw + full_w]  # (C, ., .)
+                    patch = xp[n, first:first + group_channels, a * dh:a * dh + full_h, b * dw:b * dw + full_w]
                     dweight[f, :, a, b] += np.sum(patch * delta[n, f], axis=(1, 2))
 
     # 4. Bias gradient: each filter's bias touches every output of that filter.
     dbias = np.zeros(n_filters, dtype=x.dtype)
     for f in range(n_filters):
         dbias[f] = np.sum(dy[:, f])
+    return dx, dweight, dbias
+
+
+def conv_transpose2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+                     stride: IntOrPair = 1, padding: IntOrPair = 0, output_padding: IntOrPair = 0,
+                     groups: int = 1, dilation: IntOrPair = 1) -> np.ndarray:
+    """Transposed convolution, one input pixel at a time: each pixel stamps the kernel.
+
+    Input pixel ``x[n, ci, i, j]`` adds ``x[n, ci, i, j] * w[ci, co]`` onto the output
+    window at rows ``i*S + u*D`` and columns ``j*S + v*D`` of the *uncropped* output, for
+    every output channel ``co`` of its group; then ``padding`` rows and columns are cut
+    from each side, and ``output_padding`` extra rows and columns (zeros plus bias, or
+    what the stamps reached) are kept at the bottom and right.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C_in, H, W)
+    weight : ndarray, shape (C_in, C_out/groups, KH, KW)
+    bias : ndarray, shape (C_out,), optional
+    stride, padding, output_padding, groups, dilation : as PyTorch's ``conv_transpose2d``
+
+    Returns
+    -------
+    y : ndarray, shape (N, C_out, OH, OW), ``OH = (H-1)*S - 2P + D*(KH-1) + output_padding + 1``
+    """
+    (sh, sw), pads, (dh, dw), (oh, ow) = conv_transpose_args(x, weight, bias, stride, padding,
+                                                               output_padding, groups, dilation)
+    n_images, c_in, h, w = x.shape
+    _, group_out, kh, kw = weight.shape
+    group_in = c_in // groups
+    (pt, _), (pl, _) = pads
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    # The uncropped output, large enough for every stamp and for the requested size.
+    full = np.zeros((n_images, group_out * groups, max((h - 1) * sh + span_h, pt + oh),
+                     max((w - 1) * sw + span_w, pl + ow)), dtype=x.dtype)
+    for n in range(n_images):
+        for ci in range(c_in):
+            first = ci // group_in * group_out  # the group's output channels
+            for i in range(h):
+                for j in range(w):
+                    window = full[n, first:first + group_out, i * sh:i * sh + span_h:dh, j * sw:j * sw + span_w:dw]
+                    window += x[n, ci, i, j] * weight[ci]
+    y = full[:, :, pt:pt + oh, pl:pl + ow].copy()
+    if bias is not None:
+        for co in range(y.shape[1]):
+            y[:, co] += bias[co]
+    return y
+
+
+def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, stride: IntOrPair = 1,
+                              padding: IntOrPair = 0, output_padding: IntOrPair = 0, groups: int = 1,
+                              dilation: IntOrPair = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`conv_transpose2d`, read off its stamps one input pixel at a time.
+
+    Each stamp ``y[window] += x[n, ci, i, j] * w[ci]`` gives ``dx[n, ci, i, j] = sum(dy[window]
+    * w[ci])`` and ``dw[ci] += x[n, ci, i, j] * dy[window]``, with ``dy`` zero-padded back to
+    the uncropped output; the bias gradient sums ``dy`` over N, H, W.
+
+    Returns
+    -------
+    dx : (N, C_in, H, W), dweight : (C_in, C_out/groups, KH, KW), dbias : (C_out,)
+    """
+    (sh, sw), pads, (dh, dw), (oh, ow) = conv_transpose_args(x, weight, None, stride, padding,
+                                                               output_padding, groups, dilation)
+    check_array(dy, "dy", 4, "(N, C_out, OH, OW)")
+    check_same_dtype(dy=dy, x=x, weight=weight)
+    n_images, c_in, h, w = x.shape
+    _, group_out, kh, kw = weight.shape
+    check_shape(dy, "dy", (n_images, group_out * groups, oh, ow))
+    group_in = c_in // groups
+    (pt, _), (pl, _) = pads
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    full = np.zeros((n_images, group_out * groups, max((h - 1) * sh + span_h, pt + oh),
+                     max((w - 1) * sw + span_w, pl + ow)), dtype=dy.dtype)
+    full[:, :, pt:pt + oh, pl:pl + ow] = dy
+    dx = np.zeros_like(x)
+    dweight = np.zeros_like(weight)
+    for n in range(n_images):
+        for ci in range(c_in):
+            first = ci // group_in * group_out
+            for i in range(h):
+                for j in range(w):
+                    window = full[n, first:first + group_out, i * sh:i * sh + span_h:dh, j * sw:j * sw + span_w:dw]
+                    dx[n, ci, i, j] = np.sum(window * weight[ci])
+                    dweight[ci] += x[n, ci, i, j] * window
+    dbias = np.zeros(group_out * groups, dtype=x.dtype)
+    for co in range(len(dbias)):
+        dbias[co] = np.sum(dy[:, co])
     return dx, dweight, dbias
 
 
