@@ -86,7 +86,7 @@ def test_bad_arguments_are_refused_before_any_work(model):
         cd.predict(model, da.zeros((4, 1, 20, 20), chunks=2))
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         cd.predict(model, x, batch_size=0)
-    with pytest.raises(ValueError, match="output must be one of"):
+    with pytest.raises(ValueError, match="output must be 'probabilities', 'labels' or 'logits'"):
         cd.predict(model, x, output="probs")
     with pytest.raises(TypeError, match="model must be a convnet Sequential"):
         cd.predict("model.npz", x)

@@ -13,9 +13,6 @@ Modules: ``functional`` (pure forward/backward ops), ``layers``, ``losses``, ``o
 ``datasets``; the command line is ``convnet`` (``python -m convnet``).
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from . import datasets, functional, layers, losses, optim
 from .layers import (
     AvgPool2d,
@@ -34,11 +31,6 @@ from .model import ModelFileError, Sequential, lenet, load
 from .optim import SGD, Adam
 from .training import TrainingDivergedError, confusion_matrix, evaluate, fit
 
-try:  # the version is written once, in pyproject.toml
-    __version__ = _version("convnet")
-except PackageNotFoundError:  # a source tree on sys.path that was never installed
-    __version__ = "0+unknown"
-
 __all__ = [
     "functional", "layers", "losses", "optim", "datasets",
     "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Flatten", "Linear", "Dropout",
@@ -49,6 +41,16 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        # Written once, in pyproject.toml; read on first use (importlib.metadata is slow to import).
+        from importlib.metadata import PackageNotFoundError, version
+
+        global __version__
+        try:
+            __version__ = version("convnet")
+        except PackageNotFoundError:  # a source tree on sys.path that was never installed
+            __version__ = "0+unknown"
+        return __version__
     # `convnet.optimizers` was the README's name for `convnet.optim`: still works, with a warning.
     if name == "optimizers":
         import warnings

@@ -20,11 +20,13 @@ weights, bit for bit, as one that was never interrupted.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import numpy as np
 
+from . import _args
 from ._npz import NpzArchive
 from .model import TRAINING_STATE_PREFIX, ModelFileError, Sequential, _atomic_savez, _digest, load
 from .optim import Optimizer
@@ -174,7 +176,7 @@ def _check_state(path: str, state: Any, arrays: dict[str, np.ndarray]) -> None:
         raise ResumeError(f"{path}: unsupported training state version {state.get('version')!r} "
                           f"(this convnet reads version {FORMAT_VERSION})")
     epoch = state.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+    if not (_args.is_int(epoch) and epoch >= 1):
         raise bad(f"epoch {epoch!r}")
     for key, kind in (("settings", dict), ("optimizer", dict), ("rng", dict), ("history", list)):
         if not isinstance(state.get(key), kind):
@@ -222,11 +224,11 @@ def restore(ckpt: Checkpoint, model: Sequential, optimizer: Optimizer, settings:
         if pname not in new_state and pname not in {p.name for p in model.parameters()}:
             raise ResumeError(f"{path}: training state is corrupted (optimizer state for unknown {pname!r})")
         for k, v in values.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not (_args.is_int(v) and v >= 0):
                 raise ResumeError(f"{path}: training state is corrupted (optimizer {pname}.{k} = {v!r})")
             new_state.setdefault(pname, {})[k] = v
     lr = opt.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    if not (_args.is_real(lr) and 0 < lr < math.inf):
         raise ResumeError(f"{path}: training state is corrupted (lr {lr!r})")
     # Set the generators on copies first: an invalid state raises before anything changes.
     trial = {}

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _blas
+from . import _args, _blas
 
 Pair = tuple[int, int]
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -55,9 +55,7 @@ def get_workspace_limit() -> int:
 
 
 def _limit_bytes(nbytes: object) -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 1:
-        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
-    return int(nbytes)
+    return _args.positive_int(nbytes, "nbytes")
 
 
 def set_workspace_limit(nbytes: int) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
 from .model import Sequential
 from .model import load as load_model
 
@@ -161,10 +162,8 @@ def predict(model: Sequential | ShippedModel, images: Any, batch_size: int = 256
                         f"(wrap numpy arrays with dask.array.from_array)")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {images.shape}")
-    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    batch_size = _args.positive_int(batch_size, "batch_size")
+    _args.choice(output, "output", OUTPUTS)
     local = shipped.model if shipped is not None else model
     sample = tuple(int(s) for s in images.shape[1:])
     if any(np.isnan(s) for s in images.shape[1:]):

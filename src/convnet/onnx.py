@@ -220,8 +220,7 @@ def to_onnx(model: Sequential, input_shape: Sequence[int] | None = None, opset: 
     if len(model) == 0:
         raise ValueError("cannot export an empty Sequential")
     newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, (bool, np.bool_)) or not isinstance(opset, (int, np.integer)) \
-            or not MIN_OPSET <= opset <= newest:
+    if not (_args.is_int(opset) and MIN_OPSET <= opset <= newest):
         raise ValueError(f"opset must be an int from {MIN_OPSET} to {newest}, got {opset!r}")
     dtype = np.dtype(model.dtype or np.float32)
     elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
