@@ -51,11 +51,23 @@ def mlp(dtype):
                       input_shape=(6,))
 
 
+def grouped_transposed(dtype):
+    rng = np.random.default_rng(4)
+    return Sequential(
+        L.Conv2d(4, 8, 3, padding=1, groups=2, rng=rng, dtype=dtype), L.ReLU(),
+        L.Conv2d(8, 8, 3, stride=2, groups=8, bias=False, rng=rng, dtype=dtype),  # depthwise
+        L.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1, groups=2, rng=rng, dtype=dtype),
+        L.Tanh(), L.ConvTranspose2d(4, 3, (2, 3), dilation=(2, 1), bias=False, rng=rng, dtype=dtype),
+        L.Flatten(), L.Linear(3 * 10 * 10, 4, rng=rng, dtype=dtype),
+        input_shape=(4, 9, 9))
+
+
 ARCHITECTURES = {
     "lenet": lambda dtype: convnet.lenet(dtype=dtype),
     "strided_dilated_rectangular": strided_dilated,
     "padded_pools_every_activation": padded_pools,
     "mlp": mlp,
+    "grouped_depthwise_transposed": grouped_transposed,
 }
 
 
@@ -75,7 +87,9 @@ def test_onnx_runtime_matches_convnet_float32_any_batch(arch):
         np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ours).max()))
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+# onnx's reference evaluator fails on grouped ConvTranspose (a broadcasting error in its loop), so
+# that architecture is checked in float64 by export -> load only, and in float32 by ONNX Runtime.
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "grouped_depthwise_transposed"])
 def test_float64_export_matches_the_onnx_reference_evaluator(arch):
     # ONNX Runtime's CPU provider has no float64 Conv/AveragePool kernels; onnx's own evaluator does.
     model = ARCHITECTURES[arch](np.float64)
@@ -272,10 +286,17 @@ def test_gemm_without_transposed_weight_and_same_padding_import(tmp_path):
     ([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)],
      {"g": np.ones((4, 70), np.float32)}, ["node 1 (Gemm)", "unsupported shape", "72"]),
     ([helper.make_node("Conv", ["x", "w"], ["y"], foo=3)], {"w": W}, ["unsupported attribute 'foo'"]),
+    ([helper.make_node("ConvTranspose", ["x", "w"], ["y"], output_shape=[8, 8])], {"w": W.transpose(1, 0, 2, 3)},
+     ["node 0 (ConvTranspose)", "unsupported attribute 'output_shape'"]),
+    ([helper.make_node("ConvTranspose", ["x", "w"], ["y"], pads=[1, 0, 0, 0])], {"w": W.transpose(1, 0, 2, 3)},
+     ["unsupported asymmetric pads [1, 0, 0, 0]"]),
     ([helper.make_node("Conv", ["x", "w64"], ["y"])], {"w64": W.astype(np.float64)},
      ["weight has dtype float64, but the graph input is float32"]),
     ([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]),
-      helper.make_node("Sum", ["a", "b"], ["y"])], {}, ["node 0 (Relu)", "not a chain", "'x' is read by 2 nodes"]),
+      helper.make_node("Tanh", ["x"], ["c"]), helper.make_node("Sum", ["a", "b", "c"], ["y"])], {},
+     ["value 'x' is read by 3 nodes", "node 0 (Relu)"]),
+    ([helper.make_node("Tanh", ["k"], ["c"]), helper.make_node("Relu", ["x"], ["y"])],
+     {"k": np.ones(2, np.float32)}, ["node 0 (Tanh): not on the chain from the graph input"]),
     ([helper.make_node("Conv", ["x", "x"], ["y"])], {}, ["input 'x' is not a constant initializer"]),
 ])
 def test_unsupported_graphs_are_refused_naming_the_node(tmp_path, nodes, inits, fragments):

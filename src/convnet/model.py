@@ -215,13 +215,18 @@ class Sequential:
 
     # -- PyTorch-style state dict ------------------------------------------------------------
     def _named_tensors(self) -> list[tuple[str, np.ndarray]]:
-        """The model's own arrays (parameters, then each layer's buffers) under PyTorch's names."""
+        """The model's own arrays under PyTorch's names, in PyTorch's ``state_dict`` order: each
+        layer's parameters, then its buffers, then its children's (``"3.body.0.weight"``)."""
         out: list[tuple[str, np.ndarray]] = []
+
+        def walk(layer: Layer, prefix: str) -> None:
+            out.extend((prefix + n, a) for n, a in layer.params.items())
+            out.extend((prefix + n, a) for n, a in getattr(layer, "buffers", {}).items())
+            for name, child in (layer.children() if hasattr(layer, "children") else []):
+                walk(child, f"{prefix}{name}.")
+
         for i, layer in enumerate(self.layers):
-            out.extend((p.name, p.data) for p in layer.parameters(prefix=f"{i}."))
-            buffers = getattr(layer, "buffers", None)
-            if callable(buffers):
-                out.extend((p.name, p.data) for p in buffers(prefix=f"{i}."))
+            walk(layer, f"{i}.")
         return out
 
     def state_dict(self) -> OrderedDict[str, np.ndarray]:

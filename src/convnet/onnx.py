@@ -9,6 +9,12 @@ Layer -> ONNX op (default opset 17, any from 13 up):
 =============================  =============================================================
 ``Conv2d``                     ``Conv`` (strides, pads, dilations, group); ``padding="same"``
                                is written as explicit pads
+``ConvTranspose2d``            ``ConvTranspose`` (output_padding, group, dilations)
+``BatchNorm2d`` / ``1d``       ``BatchNormalization`` (inference form: running statistics)
+``AdaptiveAvgPool2d``          ``GlobalAveragePool`` for size 1, else ``AveragePool`` when the
+                               input size is known and divisible
+``Residual``                   the body's and shortcut's nodes, then ``Add``; nested
+                               ``Sequential`` stacks are written inline
 ``MaxPool2d``                  ``MaxPool`` (padding never wins: ONNX pads are ignored too)
 ``AvgPool2d``                  ``AveragePool`` with ``count_include_pad=1``: padded zeros
                                count in the mean, as in convnet (and PyTorch's default)
@@ -121,7 +127,7 @@ def _tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-def _export_conv(b: _GraphBuilder, layer: Conv2d, x: str, name: str) -> str:
+def _export_conv(b: _GraphBuilder, layer: Conv2d, x: str, name: str, sample) -> str:
     inputs = [x, b.const(f"{name}.weight", layer.weight)]
     if layer.bias is not None:
         inputs.append(b.const(f"{name}.bias", layer.bias))
@@ -131,6 +137,17 @@ def _export_conv(b: _GraphBuilder, layer: Conv2d, x: str, name: str) -> str:
                   group=int(getattr(layer, "groups", 1)))
 
 
+def _export_conv_transpose(b: _GraphBuilder, layer: Layer, x: str, name: str, sample) -> str:
+    inputs = [x, b.const(f"{name}.weight", layer.weight)]
+    if layer.bias is not None:
+        inputs.append(b.const(f"{name}.bias", layer.bias))
+    p = _args.pair(_tuple(layer.padding), "padding", 0)
+    return b.node("ConvTranspose", inputs, name, kernel_shape=list(layer.weight.shape[2:]),
+                  strides=list(_args.pair(_tuple(layer.stride), "stride", 1)), pads=[p[0], p[1], p[0], p[1]],
+                  output_padding=list(_args.pair(_tuple(layer.output_padding), "output_padding", 0)),
+                  dilations=list(_args.pair(_tuple(layer.dilation), "dilation", 1)), group=int(layer.groups))
+
+
 def _pool_attrs(layer: MaxPool2d | AvgPool2d) -> dict[str, Any]:
     k = _args.pair(_tuple(layer.kernel_size), "kernel_size", 1)
     s = k if layer.stride is None else _args.pair(_tuple(layer.stride), "stride", 1)
@@ -138,65 +155,119 @@ def _pool_attrs(layer: MaxPool2d | AvgPool2d) -> dict[str, Any]:
     return {"kernel_shape": list(k), "strides": list(s), "pads": [p[0], p[1], p[0], p[1]]}
 
 
-def _export_maxpool(b: _GraphBuilder, layer: MaxPool2d, x: str, name: str) -> str:
+def _export_maxpool(b: _GraphBuilder, layer: MaxPool2d, x: str, name: str, sample) -> str:
     return b.node("MaxPool", [x], name, **_pool_attrs(layer))
 
 
-def _export_avgpool(b: _GraphBuilder, layer: AvgPool2d, x: str, name: str) -> str:
+def _export_avgpool(b: _GraphBuilder, layer: AvgPool2d, x: str, name: str, sample) -> str:
     # convnet's mean counts padded zeros: count_include_pad=1 (ONNX's default is 0).
     return b.node("AveragePool", [x], name, count_include_pad=1, **_pool_attrs(layer))
 
 
-def _export_linear(b: _GraphBuilder, layer: Linear, x: str, name: str) -> str:
+def _export_adaptive_avgpool(b: _GraphBuilder, layer: Layer, x: str, name: str, sample) -> str:
+    oh, ow = _args.pair(_tuple(layer.output_size), "output_size", 1)
+    if (oh, ow) == (1, 1):
+        return b.node("GlobalAveragePool", [x], name)
+    if sample is None:
+        raise TypeError(f"cannot export layer {name} ({layer!r}) without the input size: pass input_shape")
+    h, w = sample.shape[2:]
+    if h % oh or w % ow:
+        raise TypeError(f"cannot export layer {name} ({layer!r}) on a {h}x{w} input: ONNX has no adaptive "
+                        f"pooling, and {oh}x{ow} windows do not divide {h}x{w} evenly")
+    k = [h // oh, w // ow]
+    return b.node("AveragePool", [x], name, kernel_shape=k, strides=k, pads=[0, 0, 0, 0])
+
+
+def _export_batchnorm(b: _GraphBuilder, layer: Layer, x: str, name: str, sample) -> str:
+    if layer.running_mean is None:
+        raise TypeError(f"cannot export layer {name} ({layer!r}): without running statistics "
+                        f"(track_running_stats=False) it has no inference form")
+    c = layer.num_features
+    weight = layer.weight if layer.weight is not None else np.ones(c, b.dtype)
+    bias = layer.bias if layer.bias is not None else np.zeros(c, b.dtype)
+    inputs = [x, b.const(f"{name}.weight", weight), b.const(f"{name}.bias", bias),
+              b.const(f"{name}.running_mean", layer.running_mean), b.const(f"{name}.running_var", layer.running_var)]
+    # ONNX's momentum weighs the old estimate (PyTorch's the new one); it matters only for training.
+    return b.node("BatchNormalization", inputs, name, epsilon=layer.eps, momentum=1.0 - layer.momentum)
+
+
+def _export_linear(b: _GraphBuilder, layer: Linear, x: str, name: str, sample) -> str:
     inputs = [x, b.const(f"{name}.weight", layer.weight)]
     if layer.bias is not None:
         inputs.append(b.const(f"{name}.bias", layer.bias))
     return b.node("Gemm", inputs, name, transB=1)
 
 
-def _export_dropout(b: _GraphBuilder, layer: Dropout, x: str, name: str) -> str:
+def _export_dropout(b: _GraphBuilder, layer: Dropout, x: str, name: str, sample) -> str:
     # Without training_mode, ONNX Dropout is the identity; the ratio keeps the layer's p.
     return b.node("Dropout", [x, b.const(f"{name}.ratio", np.array(layer.p, dtype=b.dtype))], name)
 
 
-def _export_leaky(b: _GraphBuilder, layer: LeakyReLU, x: str, name: str) -> str:
+def _export_leaky(b: _GraphBuilder, layer: LeakyReLU, x: str, name: str, sample) -> str:
     if b.dtype == np.float32:
         return b.node("LeakyRelu", [x], name, alpha=layer.negative_slope)
     # LeakyRelu's alpha is a float32 attribute; PRelu takes the slope as a float64 tensor.
     return b.node("PRelu", [x, b.const(f"{name}.slope", np.array([layer.negative_slope], b.dtype))], name)
 
 
+def _export_sequential(b: _GraphBuilder, layer: Sequential, x: str, name: str, sample) -> str:
+    return _export_layers(b, layer.layers, x, f"{name}.", sample)[0]
+
+
+def _export_residual(b: _GraphBuilder, layer: Layer, x: str, name: str, sample) -> str:
+    """``body(x) + shortcut(x)``: each branch's nodes (``<name>.body...``, ``<name>.shortcut...``), then an Add."""
+    y = _export_layer(b, layer.body, x, f"{name}.body", sample)[0]
+    s = x if layer.shortcut is None else _export_layer(b, layer.shortcut, x, f"{name}.shortcut", sample)[0]
+    return b.node("Add", [y, s], name)
+
+
 def _simple(op: str) -> Callable:
-    def export_op(b: _GraphBuilder, layer: Layer, x: str, name: str) -> str:
+    def export_op(b: _GraphBuilder, layer: Layer, x: str, name: str, sample) -> str:
         return b.node(op, [x], name)
     return export_op
 
 
-#: Layer class name -> exporter(builder, layer, input value name, layer name) -> output value name.
+#: Layer class name -> exporter(builder, layer, input value, layer name, input sample or None) -> output value.
 EXPORTERS: dict[str, Callable] = {
     "Conv2d": _export_conv,
+    "ConvTranspose2d": _export_conv_transpose,
     "MaxPool2d": _export_maxpool,
     "AvgPool2d": _export_avgpool,
+    "AdaptiveAvgPool2d": _export_adaptive_avgpool,
+    "BatchNorm2d": _export_batchnorm,
+    "BatchNorm1d": _export_batchnorm,
     "ReLU": _simple("Relu"),
     "LeakyReLU": _export_leaky,
     "Sigmoid": _simple("Sigmoid"),
     "Tanh": _simple("Tanh"),
-    "Flatten": lambda b, layer, x, name: b.node("Flatten", [x], name, axis=1),
+    "Flatten": lambda b, layer, x, name, sample: b.node("Flatten", [x], name, axis=1),
     "Linear": _export_linear,
     "Dropout": _export_dropout,
+    "Sequential": _export_sequential,
+    "Residual": _export_residual,
 }
 
 
-def _export_layers(b: _GraphBuilder, layers: Sequence[Layer], x: str, prefix: str) -> str:
-    """Append the nodes of ``layers`` (named ``prefix + index``) reading value ``x``; return the last value."""
+def _export_layer(b: _GraphBuilder, layer: Layer, x: str, name: str, sample):
+    """Append ``layer``'s nodes reading value ``x``; return (its output value, its output sample or None).
+
+    ``sample`` is a one-image zero input when the input size is known: shape-dependent
+    exports (adaptive pooling) read it.
+    """
+    kind = type(layer).__name__
+    exporter = EXPORTERS.get(kind)
+    if exporter is None:
+        raise TypeError(f"cannot export layer {name} ({layer!r}) to ONNX: no ONNX form for {kind}; "
+                        f"supported: {', '.join(EXPORTERS)}")
+    out = exporter(b, layer, x, name, sample)
+    return out, (None if sample is None else layer.forward(sample))
+
+
+def _export_layers(b: _GraphBuilder, layers: Sequence[Layer], x: str, prefix: str, sample):
+    """Append the nodes of ``layers`` (named ``prefix + index``); return (last value, last sample)."""
     for i, layer in enumerate(layers):
-        kind = type(layer).__name__
-        exporter = EXPORTERS.get(kind)
-        if exporter is None:
-            raise TypeError(f"cannot export layer {prefix}{i} ({layer!r}) to ONNX: no ONNX form for {kind}; "
-                            f"supported: {', '.join(EXPORTERS)}")
-        x = exporter(b, layer, x, f"{prefix}{i}")
-    return x
+        x, sample = _export_layer(b, layer, x, f"{prefix}{i}", sample)
+    return x, sample
 
 
 def _input_dims(model: Sequential, input_shape: Sequence[int] | None) -> list[int | str]:
@@ -226,11 +297,24 @@ def to_onnx(model: Sequential, input_shape: Sequence[int] | None = None, opset: 
     elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     dims = _input_dims(model, input_shape)
     b = _GraphBuilder(onnx, dtype)
-    last = _export_layers(b, model.layers, INPUT_NAME, "")
+    known = all(isinstance(d, int) for d in dims[1:])
+    was_training = model.training
+    modes = [(layer, layer.training) for layer in _all_layers(model) if not _children(layer)]
+    model.eval()
+    try:
+        sample = np.zeros((1, *dims[1:]), dtype=dtype) if known else None
+        last, out = _export_layers(b, model.layers, INPUT_NAME, "", sample)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, TypeError) and str(exc).startswith("cannot export"):
+            raise
+        raise ValueError(f"input shape {tuple(dims[1:])} does not fit the model: {exc}") from None
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+        for layer, mode in modes:
+            layer.training = mode
     b.nodes.append(onnx.helper.make_node("Identity", [last], [OUTPUT_NAME], name="output"))
-    out_dims: list[int | str] | None = None
-    if all(isinstance(d, int) for d in dims[1:]):
-        out_dims = ["N", *_output_shape(model, tuple(dims[1:]), dtype)]
+    out_dims = ["N", *out.shape[1:]] if out is not None else None
     graph = onnx.helper.make_graph(
         b.nodes, "convnet", [onnx.helper.make_tensor_value_info(INPUT_NAME, elem, dims)],
         [onnx.helper.make_tensor_value_info(OUTPUT_NAME, elem, out_dims)], initializer=b.initializers)
@@ -246,14 +330,18 @@ def to_onnx(model: Sequential, input_shape: Sequence[int] | None = None, opset: 
     return proto
 
 
-def _output_shape(model: Sequential, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
-    was_training = model.training
-    model.eval()
-    try:
-        return model.forward(np.zeros((1, *shape), dtype=dtype)).shape[1:]
-    finally:
-        model.clear_cache()
-        model.train(was_training)
+def _children(layer) -> list:
+    if hasattr(layer, "children"):
+        return list(layer.children())
+    return [(str(i), child) for i, child in enumerate(getattr(layer, "layers", []))]
+
+
+def _all_layers(layer) -> list:
+    """``layer`` and everything nested in it (for saving and restoring train/eval modes)."""
+    out = [layer]
+    for _, child in _children(layer):
+        out.extend(_all_layers(child))
+    return out
 
 
 def export(model: Sequential, path: str | os.PathLike, input_shape: Sequence[int] | None = None,
@@ -360,6 +448,8 @@ def _import_conv(node: _Node, dtype: np.dtype) -> list[Layer]:
     dilation = tuple(node.ints("dilations", [1, 1], 2))
     group = node.attr("group", 1)
     kwargs: dict[str, Any] = {}
+    if not isinstance(group, int) or group < 1:
+        raise node.error(f"unsupported group {group!r}")
     if group != 1:
         if "groups" not in inspect.signature(Conv2d).parameters:
             raise node.error(f"unsupported group {group} (this convnet has no grouped convolution)")
@@ -371,6 +461,40 @@ def _import_conv(node: _Node, dtype: np.dtype) -> list[Layer]:
         padding = _compact(padding)
     layer = Conv2d(w.shape[1] * int(group), w.shape[0], _compact(k), stride=_compact(stride), padding=padding,
                    dilation=_compact(dilation), bias=b is not None, dtype=dtype, rng=0, **kwargs)
+    _set(node, layer, "weight", w)
+    if b is not None:
+        _set(node, layer, "bias", b)
+    return [layer]
+
+
+def _import_conv_transpose(node: _Node, dtype: np.dtype) -> list[Layer]:
+    node.allow("kernel_shape", "strides", "pads", "dilations", "group", "output_padding", "auto_pad")
+    cls = getattr(_layers_module(), "ConvTranspose2d", None)
+    if cls is None:
+        raise node.error("unsupported op (this convnet has no transposed convolution)")
+    w = node.const(0, "weight")
+    b = node.const(1, "bias", required=False)
+    if w.ndim != 4:
+        raise node.error(f"unsupported weight shape {w.shape}: convnet has 2-D transposed convolution only "
+                         f"(weight (C_in, C_out/groups, KH, KW))")
+    k = tuple(w.shape[2:])
+    if list(node.attr("kernel_shape", list(k))) != list(k):
+        raise node.error(f"kernel_shape {node.attrs['kernel_shape']} does not match the weight shape {w.shape}")
+    mode = _auto_pad(node)
+    if mode not in ("NOTSET", "VALID"):
+        raise node.error(f"unsupported auto_pad {mode} for a transposed convolution")
+    pads = [0, 0, 0, 0] if mode == "VALID" else node.ints("pads", [0, 0, 0, 0], 4)
+    p = _symmetric(node, pads)
+    if p is None:
+        raise node.error(f"unsupported asymmetric pads {pads} (convnet pads top=bottom and left=right)")
+    group = int(node.attr("group", 1))
+    if group < 1:
+        raise node.error(f"unsupported group {group}")
+    if b is not None and b.shape != (w.shape[1] * group,):
+        raise node.error(f"unsupported bias shape {b.shape}, expected ({w.shape[1] * group},)")
+    layer = cls(w.shape[0], w.shape[1] * group, _compact(k), stride=_compact(node.ints("strides", [1, 1], 2)),
+                padding=_compact(p), output_padding=_compact(node.ints("output_padding", [0, 0], 2)), groups=group,
+                bias=b is not None, dilation=_compact(node.ints("dilations", [1, 1], 2)), dtype=dtype, rng=0)
     _set(node, layer, "weight", w)
     if b is not None:
         _set(node, layer, "bias", b)
@@ -497,6 +621,47 @@ def _import_flatten(node: _Node, dtype: np.dtype) -> list[Layer]:
     return [Flatten()]
 
 
+def _import_batchnorm(node: _Node, dtype: np.dtype) -> list[Layer]:
+    node.allow("epsilon", "momentum", "training_mode")
+    if node.attr("training_mode", 0) != 0:
+        raise node.error("unsupported training_mode=1 (convnet imports inference graphs)")
+    for extra in node.proto.output[1:]:
+        if extra:
+            raise node.error("unsupported running-statistics outputs (a training graph)")
+    names = ("weight", "bias", "running_mean", "running_var")
+    values = [node.const(i, name) for i, name in enumerate(names)]
+    c = values[0].shape[0] if values[0].ndim == 1 else None
+    if c is None or any(v.shape != (c,) for v in values):
+        raise node.error(f"unsupported parameter shapes {[v.shape for v in values]} (one value per channel)")
+    cls = getattr(_layers_module(), "BatchNorm2d" if node.rank == 4 else "BatchNorm1d", None)
+    if cls is None:
+        raise node.error("unsupported op (this convnet has no batch normalization)")
+    if node.rank not in (2, 3, 4):
+        raise node.error(f"unsupported input rank {node.rank}")
+    eps = float(str(np.float32(node.attr("epsilon", 1e-5))))  # a float32 attribute: its shortest decimal
+    # ONNX's momentum weighs the old estimate, PyTorch's (and convnet's) the new one.
+    momentum = min(max(round(1.0 - float(str(np.float32(node.attr("momentum", 0.9)))), 12), 0.0), 1.0)
+    layer = cls(c, eps=eps, momentum=momentum, dtype=dtype)
+    for name, value in zip(names, values):
+        if name in layer.params:
+            _set(node, layer, name, value)
+        else:
+            if value.dtype != layer.buffers[name].dtype:
+                raise node.error(f"{name} has dtype {value.dtype}, but the graph input is {layer.buffers[name].dtype}")
+            layer.buffers[name][...] = value
+    return [layer]
+
+
+def _import_global_avgpool(node: _Node, dtype: np.dtype) -> list[Layer]:
+    node.allow()
+    cls = getattr(_layers_module(), "AdaptiveAvgPool2d", None)
+    if cls is None:
+        raise node.error("unsupported op (this convnet has no global average pooling)")
+    if node.rank != 4:
+        raise node.error(f"unsupported input rank {node.rank} (convnet pools (N, C, H, W))")
+    return [cls(1)]
+
+
 def _no_attrs(cls: type[Layer] | None) -> Callable:
     def import_op(node: _Node, dtype: np.dtype) -> list[Layer]:
         node.allow()
@@ -507,8 +672,11 @@ def _no_attrs(cls: type[Layer] | None) -> Callable:
 #: ONNX op type -> importer(node, dtype) -> layers (none for the identity).
 IMPORTERS: dict[str, Callable[[_Node, np.dtype], list[Layer]]] = {
     "Conv": _import_conv,
+    "ConvTranspose": _import_conv_transpose,
     "MaxPool": _import_maxpool,
     "AveragePool": _import_avgpool,
+    "GlobalAveragePool": _import_global_avgpool,
+    "BatchNormalization": _import_batchnorm,
     "Relu": _no_attrs(ReLU),
     "LeakyRelu": _import_leaky,
     "PRelu": _import_prelu,
@@ -646,57 +814,157 @@ def from_onnx(proto, *, _size_limit: int | None = None) -> Sequential:
     if len(inputs) != 1:
         raise OnnxError(f"the graph has {len(inputs)} inputs ({', '.join(v.name for v in inputs)}); "
                         f"convnet models take one")
-    dtype, input_shape = _input_spec(inputs[0])
-
-    layers: list[tuple[Layer, str]] = []
-    current = inputs[0].name
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in set(node.input):
-            consumers[name] = consumers.get(name, 0) + 1
-    for index, node_proto in enumerate(graph.node):
-        label = f"node {index} ({node_proto.op_type}" + (f" {node_proto.name!r})" if node_proto.name else ")")
-        if node_proto.op_type == "Constant":
-            consts[node_proto.output[0]] = _constant(node_proto, label, limit)
-            continue
-        importer = IMPORTERS.get(node_proto.op_type)
-        if importer is None:
-            raise OnnxError(f"{label}: unsupported op {node_proto.op_type!r}; convnet reads "
-                            f"{', '.join(IMPORTERS)}")
-        if not node_proto.input or node_proto.input[0] != current:
-            got = node_proto.input[0] if node_proto.input else "nothing"
-            raise OnnxError(f"{label}: the graph is not a chain (the node reads {got!r}, "
-                            f"expected the previous output {current!r})")
-        if consumers.get(current, 0) > 1:
-            raise OnnxError(f"{label}: the graph is not a chain (value {current!r} is read by "
-                            f"{consumers[current]} nodes)")
-        rest: list[np.ndarray | None] = []
-        for name in node_proto.input[1:]:
-            if name and name not in consts:
-                raise OnnxError(f"{label}: input {name!r} is not a constant initializer (unsupported)")
-            rest.append(consts[name] if name else None)
-        for extra in node_proto.output[1:]:
-            if extra and (consumers.get(extra) or any(o.name == extra for o in graph.output)):
-                raise OnnxError(f"{label}: unsupported use of its output {extra!r}")
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node_proto.attribute}
-        node = _Node(index, node_proto, {k: _plain(v) for k, v in attrs.items()}, rest)
-        try:
-            new = importer(node, dtype)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, OnnxError):
-                raise
-            raise OnnxError(f"{label}: unsupported configuration ({exc})") from None
-        layers.extend((layer, label) for layer in new)
-        current = node_proto.output[0]
+    dtype, input_shape, rank = _input_spec(inputs[0])
+    reader = _GraphReader(onnx, graph, consts, dtype, limit)
+    layers, last, _, join = reader.chain(inputs[0].name, rank)
+    if join is not None:
+        raise OnnxError(f"{join.label}: unsupported Add (convnet reads Add only where the two branches of a "
+                        f"residual block meet)")
+    unread = [label for label in reader.labels if label not in reader.read]
+    if unread:
+        raise OnnxError(f"{unread[0]}: not on the chain from the graph input (unsupported graph shape)")
     outputs = [v.name for v in graph.output]
-    if outputs != [current]:
-        raise OnnxError(f"the graph's outputs {outputs} are not the chain's last value {current!r}")
+    if outputs != [last]:
+        raise OnnxError(f"the graph's outputs {outputs} are not the chain's last value {last!r}")
     if not layers:
         raise OnnxError("the graph computes nothing convnet can hold (only Identity nodes)")
     model = Sequential(*(layer for layer, _ in layers), input_shape=input_shape)
     if input_shape is not None:
         _check_shapes(layers, input_shape, dtype)
     return model
+
+
+class _Join:
+    """An Add node where two branches meet."""
+
+    def __init__(self, index: int, proto, label: str) -> None:
+        self.index, self.proto, self.label = index, proto, label
+
+
+class _GraphReader:
+    """Turns an ONNX graph into layers: a chain of supported ops, where a value read by two nodes
+    opens a residual block whose two branches meet again in one Add."""
+
+    def __init__(self, onnx_mod, graph, consts: dict[str, np.ndarray], dtype: np.dtype, limit: int) -> None:
+        self.onnx, self.graph, self.consts, self.dtype = onnx_mod, graph, consts, dtype
+        self.labels: dict[int, str] = {}
+        self.read: set[str] = set()
+        self.users: dict[str, list[tuple[int, Any]]] = {}
+        self.graph_outputs = {v.name for v in graph.output}
+        for index, node in enumerate(graph.node):
+            label = f"node {index} ({node.op_type}" + (f" {node.name!r})" if node.name else ")")
+            if node.op_type == "Constant":
+                consts[node.output[0]] = _constant(node, label, limit)
+                continue
+            self.labels[index] = label
+        for index, node in enumerate(graph.node):
+            if index not in self.labels:
+                continue
+            for name in dict.fromkeys(node.input):
+                if name and name not in consts:
+                    self.users.setdefault(name, []).append((index, node))
+        self.labels_by_index = self.labels
+        self.labels = list(self.labels.values())
+
+    def chain(self, value: str, rank: int):
+        """Layers from ``value`` on, until the graph's end or an Add: (layers, last value, rank, join or None)."""
+        layers: list[tuple[Layer, str]] = []
+        while True:
+            users = self.users.get(value, [])
+            if not users:
+                return layers, value, rank, None
+            if len(users) == 1:
+                index, node = users[0]
+                label = self.labels_by_index[index]
+                if node.op_type == "Add":
+                    return layers, value, rank, _Join(index, node, label)
+                new, rank = self._import(index, node, value, rank)
+                layers.extend(new)
+                value = node.output[0]
+                continue
+            if len(users) == 2:
+                block, value = self._residual(value, users, rank)
+                layers.append(block)
+                continue
+            labels = ", ".join(self.labels_by_index[i] for i, _ in users)
+            raise OnnxError(f"value {value!r} is read by {len(users)} nodes ({labels}); convnet reads chains "
+                            f"and two-branch residual blocks")
+
+    def _branch(self, value: str, index: int, node, rank: int):
+        """A residual block's branch starting with ``node``: (layers, end value, join)."""
+        label = self.labels_by_index[index]
+        if node.op_type == "Add":  # the identity shortcut
+            return [], value, _Join(index, node, label), label
+        new, rank = self._import(index, node, value, rank)
+        layers, end, _, join = self.chain(node.output[0], rank)
+        if join is None:
+            raise OnnxError(f"{label}: the branch from value {value!r} does not end in an Add "
+                            f"(unsupported graph shape)")
+        return new + layers, end, join, label
+
+    def _residual(self, value: str, users, rank: int):
+        residual_cls, sequential = getattr(_layers_module(), "Residual", None), Sequential
+        first = self.labels_by_index[users[0][0]]
+        if residual_cls is None:
+            raise OnnxError(f"{first}: value {value!r} is read by 2 nodes; this convnet has no residual "
+                            f"blocks (unsupported graph shape)")
+        branches = [self._branch(value, index, node, rank) for index, node in users]
+        (a_layers, a_end, a_join, a_label), (b_layers, b_end, b_join, b_label) = branches
+        if a_join.index != b_join.index:
+            raise OnnxError(f"{a_join.label}: the branches from value {value!r} end in different Add nodes "
+                            f"({a_join.label}, {b_join.label}); unsupported graph shape")
+        add = a_join.proto
+        if len(add.input) != 2 or set(add.input) != {a_end, b_end} or len(add.attribute):
+            raise OnnxError(f"{a_join.label}: unsupported Add (it must add the two branches' results)")
+        self.read.add(a_join.label)
+        if not a_layers and not b_layers:
+            raise OnnxError(f"{a_join.label}: unsupported Add of a value to itself")
+        # Body: the non-identity branch; with two, the one convnet named ".body", else the longer one.
+        if not b_layers or (a_layers and ".shortcut" not in a_label and
+                            (".body" in a_label or ".shortcut" in b_label or len(a_layers) >= len(b_layers))):
+            body, shortcut = a_layers, b_layers
+        else:
+            body, shortcut = b_layers, a_layers
+        block = residual_cls(sequential(*(layer for layer, _ in body)),
+                             sequential(*(layer for layer, _ in shortcut)) if shortcut else None)
+        return (block, a_join.label), add.output[0]
+
+    def _import(self, index: int, node_proto, value: str, rank: int):
+        label = self.labels_by_index[index]
+        self.read.add(label)
+        importer = IMPORTERS.get(node_proto.op_type)
+        if importer is None:
+            raise OnnxError(f"{label}: unsupported op {node_proto.op_type!r}; convnet reads "
+                            f"{', '.join(IMPORTERS)}, and Add in residual blocks")
+        if not node_proto.input or node_proto.input[0] != value:
+            raise OnnxError(f"{label}: the graph is not a chain (the node reads {value!r} as an input other "
+                            f"than its first)")
+        rest: list[np.ndarray | None] = []
+        for name in node_proto.input[1:]:
+            if name and name not in self.consts:
+                raise OnnxError(f"{label}: input {name!r} is not a constant initializer (unsupported)")
+            rest.append(self.consts[name] if name else None)
+        for extra in node_proto.output[1:]:
+            if extra and (extra in self.users or extra in self.graph_outputs):
+                raise OnnxError(f"{label}: unsupported use of its output {extra!r}")
+        attrs = {a.name: self.onnx.helper.get_attribute_value(a) for a in node_proto.attribute}
+        node = _Node(index, node_proto, {k: _plain(v) for k, v in attrs.items()}, rest)
+        node.rank = rank
+        try:
+            new = importer(node, self.dtype)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, OnnxError):
+                raise
+            raise OnnxError(f"{label}: unsupported configuration ({exc})") from None
+        if node_proto.op_type in ("Flatten", "Gemm"):
+            rank = 2
+        return [(layer, label) for layer in new], rank
+
+
+def _layers_module():
+    from . import layers
+
+    return layers
 
 
 def _plain(value: Any) -> Any:
@@ -722,7 +990,7 @@ def _check_opsets(proto, graph) -> None:
             raise OnnxError(f"node {i} ({node.op_type} {node.name!r}): unsupported operator domain {node.domain!r}")
 
 
-def _input_spec(value_info) -> tuple[np.dtype, tuple[int, ...] | None]:
+def _input_spec(value_info) -> tuple[np.dtype, tuple[int, ...] | None, int]:
     onnx = _onnx()
     ttype = value_info.type.tensor_type
     if not value_info.type.HasField("tensor_type") or ttype.elem_type not in (1, 11):
@@ -731,15 +999,15 @@ def _input_spec(value_info) -> tuple[np.dtype, tuple[int, ...] | None]:
         raise OnnxError(f"graph input {value_info.name!r}: unsupported type {name} (FLOAT or DOUBLE tensors only)")
     dtype = _TENSOR_DTYPES[ttype.elem_type]
     if not ttype.HasField("shape"):
-        return dtype, None
+        raise OnnxError(f"graph input {value_info.name!r}: no shape (convnet needs at least its rank)")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
     if len(dims) not in (2, 4):
         raise OnnxError(f"graph input {value_info.name!r}: unsupported rank {len(dims)} "
                         f"(convnet takes (N, C, H, W) images or (N, features))")
     sample = dims[1:]
     if all(d is not None and d > 0 for d in sample):
-        return dtype, tuple(int(d) for d in sample)
-    return dtype, None
+        return dtype, tuple(int(d) for d in sample), len(dims)
+    return dtype, None, len(dims)
 
 
 def _constant(node_proto, label: str, limit: int) -> np.ndarray:
