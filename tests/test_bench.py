@@ -120,9 +120,12 @@ def test_targets_geometric_mean_and_limits():
     cases = [_fake_case("a", "conv", 0.5, ref_ratio=2000.0, mem=1.2),
              _fake_case("b", "conv", 1.6, ref_ratio=900.0, mem=1.6),
              _fake_case("p", "pool", 1.4)]
-    rows = {t["target"]: t for t in bench.evaluate_targets(cases)}
+    depthwise = dict(_fake_case("d", "conv", 1.9), params={"groups": 8})
+    rows = {t["target"]: t for t in bench.evaluate_targets(cases + [depthwise])}
     gm = rows["conv fwd+bwd time vs torch, geometric mean"]
-    assert math.isclose(gm["value"], math.sqrt(0.5 * 1.6)) and gm["pass"] is True
+    assert math.isclose(gm["value"], math.sqrt(0.5 * 1.6)) and gm["pass"] is True  # dense layers only
+    assert rows["d fwd+bwd time vs torch"]["limit"] == bench.TARGET_GROUPED_TORCH
+    assert rows["d fwd+bwd time vs torch"]["pass"] is True
     assert rows["b fwd+bwd time vs torch"]["pass"] is False
     assert rows["a fwd+bwd time vs torch"]["pass"] is True
     assert rows["a fwd+bwd: vectorized speedup over loop reference"]["pass"] is True

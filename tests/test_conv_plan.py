@@ -49,6 +49,16 @@ def test_plan_of_the_benchmark_layers(name):
     assert fwd.fwd_images == bwd.fwd_images == bwd.bwd_images == g.n
 
 
+def test_plan_routes_grouped_layers_to_the_column_matrix():
+    """The benchmark's depthwise layer (groups=C): taps do not take groups."""
+    n, c, h, w, f, k, s, p = 32, 64, 32, 32, 64, 3, 1, 1
+    g = geometry(n, c, h, w, f, k, s, p)._replace(groups=64)
+    for backward in (False, True):
+        assert _conv.plan(g, backward=backward, limit=256 * MIB)[:3] == ("im2col", "col2im", "im2col")
+    assert _conv.plan(g, backward=True, method="zero_insert", limit=256 * MIB).dx_algo == "im2col"
+    assert "groups" in _conv.unsupported("taps", g)
+
+
 def test_plan_keeps_explicit_choices():
     g = geometry(*BENCH["cifar"])
     p = _conv.plan(g, backward=True, algo="im2col", method="col2im", dx_algo="im2col", limit=256 * MIB)

@@ -216,6 +216,13 @@ def stacked_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0)
     """
     if a.shape[0] == 1:
         _blas.gemm(a[0], b[0], c[0], beta=beta)
+    elif a.shape[2] == 1:
+        # Outer products (a depthwise layer's W.T @ dy): one broadcast multiply measured 6x
+        # faster than matmul's per-group calls.
+        if beta == 0.0:
+            np.multiply(a, b, out=c)
+        else:
+            c += a * b
     elif beta == 0.0:
         np.matmul(a, b, out=c)
     else:
