@@ -1,6 +1,8 @@
 """ONNX export checked by ONNX Runtime (float32) and onnx's reference evaluator (float64);
 export -> load exact; hostile and unsupported graphs refused in one line naming the node."""
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -336,6 +338,9 @@ def test_load_checks_the_path_and_size(tmp_path):
         cx.load(tmp_path / "nope.onnx")
     with pytest.raises(cx.OnnxError, match="not a regular file"):
         cx.load(tmp_path)
+    os.mkfifo(tmp_path / "pipe.onnx")
+    with pytest.raises(cx.OnnxError, match="not a regular file"):
+        cx.load(tmp_path / "pipe.onnx")  # refused without blocking
     path = tmp_path / "m.onnx"
     cx.export(convnet.lenet(), path)
     with pytest.raises(cx.OnnxError, match="more than the limit of 1000"):

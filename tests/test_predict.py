@@ -122,7 +122,8 @@ def test_bad_files_get_one_line_each_and_the_others_are_still_predicted(setup, t
         else:
             (tmp_path / name).write_bytes(content)
     (tmp_path / "dir.png").mkdir()
-    names = [*bad, "dir.png"]
+    os.mkfifo(tmp_path / "pipe.npy")  # must not block waiting for a writer
+    names = [*bad, "dir.png", "pipe.npy"]
     proc = run_cli("predict", d / "m.npz", *(tmp_path / n for n in names), tmp_path / "good.npy")
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [line for line in proc.stdout.splitlines() if "good.npy" in line] != []
@@ -133,7 +134,7 @@ def test_bad_files_get_one_line_each_and_the_others_are_still_predicted(setup, t
     joined = "\n".join(errors)
     for fragment in ("corrupted or truncated PNG", "not a picture, .npy or IDX", "declares shape (100000, 1, 28, 28)",
                      "dtype object", "truncated", "do not fit the model, which takes (1, 28, 28)", "NaN",
-                     "dtype int32", "not a regular file"):
+                     "dtype int32", "not a regular file (a directory)", "pipe.npy: not a regular file"):
         assert fragment in joined, fragment
 
 

@@ -73,6 +73,33 @@ def open_regular_file(path: str) -> IO[bytes]:
         raise
 
 
+def read_regular_file(path: str, max_bytes: int, error: type[Exception], what: str = "file") -> bytes:
+    """All the bytes of ``path``, a regular file of at most ``max_bytes`` (checked before reading).
+
+    A missing file is ``FileNotFoundError`` naming ``what``, an unreadable one
+    ``PermissionError``; a directory, FIFO, socket or device, or a file over the limit, is
+    ``error`` with one line naming ``path``.
+    """
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        fh = open_regular_file(path)
+    except IsADirectoryError:
+        raise error(f"{path}: not a regular file (a directory)") from None
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as exc:
+        raise error(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise error(f"{path}: file is {size} bytes, more than the limit of {max_bytes}")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"{path}: file is larger than the limit of {max_bytes} bytes")
+    return data
+
+
 class NpzArchive:
     """A read-only view of an ``.npz`` archive that checks before it allocates.
 

@@ -17,11 +17,12 @@ bad file raises :class:`InputFileError` with one line naming it.
 from __future__ import annotations
 
 import os
-import stat
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
+
+from ._npz import open_regular_file
 
 __all__ = ["InputFileError", "read_images", "sample_shape", "top_k"]
 
@@ -52,13 +53,18 @@ def sample_shape(model) -> tuple[int | None, ...]:
     return (channels, None, None)
 
 
-def _check_file(path: str) -> int:
-    if not os.path.exists(path):
-        raise InputFileError(f"{path}: no such file")
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise InputFileError(f"{path}: not a regular file")
-    return info.st_size
+def _open_head(path: str) -> tuple[int, bytes]:
+    """(size, first 8 bytes) of a regular file; anything else is an InputFileError."""
+    try:
+        with open_regular_file(path) as fh:
+            return os.fstat(fh.fileno()).st_size, fh.read(8)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: not a regular file (a directory)") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InputFileError(reason if reason.startswith(path) else f"{path}: {reason}") from None
 
 
 def read_images(path: str | os.PathLike, shape: Sequence[int | None], dtype=np.float32,
@@ -81,12 +87,7 @@ def read_images(path: str | os.PathLike, shape: Sequence[int | None], dtype=np.f
     """
     path = os.fspath(path)
     dtype = np.dtype(dtype).type
-    size = _check_file(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError as exc:
-        raise InputFileError(f"{path}: {exc.strerror or exc}") from None
+    size, head = _open_head(path)
     if head.startswith(_NPY):
         x = _read_npy(path, size)
     elif head.startswith(_GZIP) or (len(head) >= 4 and head[:2] == b"\0\0" and head[2] in (8, 9, 11, 12, 13, 14)):

@@ -42,7 +42,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import stat
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +49,7 @@ import numpy as np
 
 from . import _args
 from ._io import atomic_open
+from ._npz import read_regular_file
 from .layers import (
     AvgPool2d,
     Conv2d,
@@ -731,17 +731,7 @@ def _read_model(path: str, max_bytes: int):
     onnx = _onnx()
     from google.protobuf.message import DecodeError
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"ONNX file {path!r} does not exist")
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise OnnxError(f"{path}: not a regular file")
-    if info.st_size > max_bytes:
-        raise OnnxError(f"{path}: file is {info.st_size} bytes, more than the limit of {max_bytes}")
-    with open(path, "rb") as fh:
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise OnnxError(f"{path}: file is larger than the limit of {max_bytes} bytes")
+    data = read_regular_file(path, max_bytes, OnnxError, "ONNX file")
     try:
         return onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as exc:
@@ -781,7 +771,7 @@ def load(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> Sequent
     path = os.fspath(path)
     proto = _read_model(path, max_bytes)
     try:
-        return from_onnx(proto, _size_limit=os.path.getsize(path))
+        return from_onnx(proto, _size_limit=proto.ByteSize())
     except OnnxError as exc:
         raise OnnxError(f"{path}: {exc}") from None
 

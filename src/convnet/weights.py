@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
 from ._io import atomic_open
+from ._npz import read_regular_file
 from .model import Sequential, StateDictKeys
 
 __all__ = ["save_safetensors", "read_safetensors", "load_safetensors", "WeightsFileError"]
@@ -89,15 +89,7 @@ def read_safetensors(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES
     """
     st = _safetensors_numpy()
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise WeightsFileError(f"{path}: not a regular file")
-    if info.st_size > max_bytes:
-        raise WeightsFileError(f"{path}: file is {info.st_size} bytes, more than the limit of {max_bytes}")
-    with open(path, "rb") as fh:
-        data = fh.read(max_bytes + 1)
+    data = read_regular_file(path, max_bytes, WeightsFileError, "weights file")
     if len(data) < 8:
         raise WeightsFileError(f"{path}: not a safetensors file (only {len(data)} bytes)")
     header_len = int.from_bytes(data[:8], "little")
