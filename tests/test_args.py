@@ -161,3 +161,17 @@ def test_fit_refuses_bool_sizes_before_training():
         with pytest.raises((TypeError, ValueError), match=match):
             fit(model, x, y, progress=False, **kwargs)
         np.testing.assert_array_equal(model[1].params["weight"], before)
+
+
+def test_flags_are_bools_only():
+    assert _args.flag(np.bool_(False), "bias") is False and _args.flag(True, "bias") is True
+    for bad in (1, 0, "yes", None, np.array([True])):
+        with pytest.raises(TypeError, match=r"^bias must be True or False, got "):
+            _args.flag(bad, "bias")
+    for make in (lambda: L.Conv2d(1, 2, 3, bias=1), lambda: L.Linear(2, 2, bias="no"),
+                 lambda: L.ConvTranspose2d(1, 2, 3, bias=None)):
+        with pytest.raises(TypeError, match="bias must be True or False"):
+            make()
+    with pytest.raises(TypeError, match="nesterov must be True or False, got 1"):
+        SGD(0.1, momentum=0.9, nesterov=1)
+    assert SGD(0.1, momentum=0.9, nesterov=np.bool_(True)).nesterov is True

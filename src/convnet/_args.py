@@ -104,6 +104,13 @@ def probability(value: object, name: str) -> float:
     return real(value, name, 0.0, 1.0, high_open=True, what="a probability in [0, 1)")
 
 
+def flag(value: object, name: str) -> bool:
+    """Return ``value`` (True/False or a numpy bool) as a Python bool; anything else is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``; else raise ``name must be 'a', 'b' or 'c', got ...``."""
     if not isinstance(value, str) or value not in choices:

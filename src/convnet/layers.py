@@ -257,11 +257,9 @@ class Conv2d(Layer):
         s = _args.pair(stride, "stride", 1)
         d = _args.pair(dilation, "dilation", 1)
         _args.padding_pads(padding, k, s, d)  # validates padding (and 'same' with stride 1)
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.has_bias = _args.flag(bias, "bias")
         self.kernel_size, self.stride = _tuplify(kernel_size), _tuplify(stride)
         self.padding, self.dilation = _tuplify(padding), _tuplify(dilation)
-        self.has_bias = bool(bias)
         dt = _as_float_dtype(dtype)
         gen = _as_rng(rng)
         fan_in = self.in_channels // self.groups * k[0] * k[1]
@@ -370,11 +368,9 @@ class ConvTranspose2d(Layer):
         if any(o >= max(si, di) for o, si, di in zip(op, s, d)):
             raise ValueError(f"output_padding must be smaller than stride or dilation, got output_padding="
                              f"{output_padding!r} with stride={stride!r}, dilation={dilation!r}")
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.has_bias = _args.flag(bias, "bias")
         self.kernel_size, self.stride, self.padding = _tuplify(kernel_size), _tuplify(stride), _tuplify(padding)
         self.output_padding, self.dilation = _tuplify(output_padding), _tuplify(dilation)
-        self.has_bias = bool(bias)
         dt = _as_float_dtype(dtype)
         gen = _as_rng(rng)
         fan_in = self.out_channels // self.groups * k[0] * k[1]
@@ -445,9 +441,7 @@ class Linear(Layer):
         super().__init__()
         self.in_features = _args.positive_int(in_features, "in_features")
         self.out_features = _args.positive_int(out_features, "out_features")
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
-        self.has_bias = bool(bias)
+        self.has_bias = _args.flag(bias, "bias")
         dt = _as_float_dtype(dtype)
         gen = _as_rng(rng)
         self._add_param("weight", _pytorch_uniform(gen, (self.out_features, self.in_features),

@@ -86,11 +86,9 @@ class SGD(Optimizer):
                  nesterov: bool = False) -> None:
         super().__init__(lr, weight_decay)
         self.momentum = _number(momentum, "momentum", 0.0, 1.0)
-        if not isinstance(nesterov, (bool, np.bool_)):
-            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
-        if nesterov and self.momentum == 0:
+        self.nesterov = _args.flag(nesterov, "nesterov")
+        if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True requires momentum > 0")
-        self.nesterov = bool(nesterov)
 
     def _update(self, p: Parameter, state: dict) -> None:
         g = self._grad(p)
