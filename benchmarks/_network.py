@@ -22,32 +22,48 @@ EPOCHS = 3  # timed epochs; the median is reported (an epoch is short, so one is
 
 
 def _defaults() -> tuple[int, float]:
-    """Batch size and Adam learning rate of ``convnet train``."""
-    try:
-        from convnet import cli
-        return int(cli.DEFAULT_BATCH_SIZE), float(cli.DEFAULT_LR["adam"])
-    except (ImportError, AttributeError, KeyError):
-        return 32, 1e-3
+    """Batch size and Adam learning rate of ``convnet train`` (the default network's recipe)."""
+    from convnet.models import LENET_RECIPE
+    return LENET_RECIPE.batch_size, float(LENET_RECIPE.lr["adam"])
 
 
 def torch_twin(model: Any, torch: Any) -> Any:
-    """A ``torch.nn.Sequential`` with the same layers and (copied) weights as ``model``."""
+    """A torch module with the same layers, (copied) weights and buffers as ``model``.
+
+    Containers nest as in convnet (``Sequential``, ``Residual`` with ``body`` and
+    ``shortcut``), so parameter names match: ``"3.body.0.weight"`` on both sides.
+    """
     nn = torch.nn
-    modules = []
-    for layer in model:
-        kind = type(layer).__name__
-        cfg = {k: v for k, v in layer.get_config().items() if k != "dtype"}
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        if kind in ("Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "LeakyReLU", "Dropout"):
-            mod = getattr(nn, kind)(**cfg)
-        elif kind in ("ReLU", "Sigmoid", "Tanh", "Flatten"):
-            mod = getattr(nn, kind)()
-        else:
-            raise TypeError(f"no torch equivalent for layer {kind}")
-        for name, value in layer.params.items():
-            getattr(mod, name).data = torch.from_numpy(np.array(value, copy=True))
-        modules.append(mod)
-    return nn.Sequential(*modules)
+    kind = type(model).__name__
+    if kind == "Sequential":
+        return nn.Sequential(*[torch_twin(layer, torch) for layer in model])
+    if kind == "Residual":
+        return _residual_module(torch)(torch_twin(model.body, torch),
+                                       None if model.shortcut is None else torch_twin(model.shortcut, torch))
+    cfg = {k: v for k, v in model.get_config().items() if k != "dtype"}
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    if kind in ("Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "LeakyReLU", "Dropout", "BatchNorm2d",
+                "BatchNorm1d", "AdaptiveAvgPool2d"):
+        mod = getattr(nn, kind)(**cfg)
+    elif kind in ("ReLU", "Sigmoid", "Tanh", "Flatten"):
+        mod = getattr(nn, kind)()
+    else:
+        raise TypeError(f"no torch equivalent for layer {kind}")
+    for name, value in (*model.params.items(), *model.buffers.items()):
+        getattr(mod, name).data = torch.from_numpy(np.array(value, copy=True))
+    return mod
+
+
+def _residual_module(torch: Any) -> Any:
+    class Residual(torch.nn.Module):
+        def __init__(self, body: Any, shortcut: Any) -> None:
+            super().__init__()
+            self.body, self.shortcut = body, shortcut
+
+        def forward(self, x: Any) -> Any:
+            return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    return Residual
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:

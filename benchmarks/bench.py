@@ -23,6 +23,7 @@ Usage::
     python benchmarks/bench.py --quick           # fewer repeats, no whole-network run
     python benchmarks/bench.py --shape lenet-c1  # one shape (repeatable)
     python benchmarks/bench.py --conv tiny=2,3,8,8,4,3,1,1 --no-torch
+    python benchmarks/bench.py --resnet --threads 1  # only the ResNet and batch-norm rows
 
 The JSON report goes to ``benchmarks/results/latest.json`` (or ``--json PATH``).
 """
@@ -151,6 +152,7 @@ class Options:
     reference: bool = True
     torch: bool = True
     network: bool = True
+    resnet: bool = True          # ResNet training steps and batch norm vs torch
     ref_images: int = 2          # images the loop reference runs on (scaled per image)
     ref_limit_s: float = 20.0    # skip a reference phase where one image takes longer
     ref_budget_s: float = 3.0    # time spent repeating a reference measurement
@@ -167,7 +169,8 @@ class Options:
 
     @classmethod
     def quick(cls, **overrides: Any) -> Options:
-        base = dict(network=False, loaded=False, ref_images=1, ref_budget_s=0.3, budget_s=0.2, min_repeats=2,
+        base = dict(network=False, resnet=False, loaded=False, ref_images=1, ref_budget_s=0.3, budget_s=0.2,
+                    min_repeats=2,
                     gemm_n=1024)
         base.update(overrides)
         return cls(**base)
@@ -488,6 +491,15 @@ def network_throughput(opts: Options, torch: Any) -> dict[str, Any]:
     return run_network(opts, torch)
 
 
+def resnet_throughput(opts: Options, torch: Any) -> dict[str, Any]:
+    """ResNet-8/20 training steps and batch norm forward + backward, convnet vs torch."""
+    try:
+        from _resnet import run_resnets  # type: ignore[import-not-found]
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"ResNet benchmark unavailable ({exc})"}
+    return run_resnets(opts, torch)
+
+
 def loaded_figures(opts: Options, torch: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """The default network's step and the cifar conv layer, idle and with busy processes."""
     import _loaded  # type: ignore[import-not-found]
@@ -621,8 +633,9 @@ def render(report: dict[str, Any]) -> str:
     out.append(f"float32 GEMM rate: {g['gflops']:.1f} GFLOP/s (numpy matmul {g['n']}x{g['n']}, "
                f"median {fmt_time(g['median_s'])})")
     parts = [("GEMM probe", report["gemm"])] + [(c["name"], c) for c in report["cases"]]
-    if report.get("network"):
-        parts.append(("network", report["network"]))
+    for part in ("network", "resnet"):
+        if report.get(part):
+            parts.append((part, report[part]))
     busy = [(n, d["other_load"]) for n, d in parts if (d.get("other_load") or 0) > BUSY_WARN]
     if busy:
         out.append("WARNING: other processes used the CPUs during "
@@ -718,6 +731,16 @@ def render(report: dict[str, Any]) -> str:
             out.append(f"  {net['status']}: {net.get('reason', '')}")
         else:
             for line in net.get("lines", []):
+                out.append("  " + line)
+
+    res = report.get("resnet")
+    if res is not None:
+        out.append("")
+        out.append("ResNets (CIFAR-10 shapes) and batch norm, convnet vs torch")
+        if res.get("status") and res["status"] not in ("ok", "FAILED"):
+            out.append(f"  {res['status']}: {res.get('reason', '')}")
+        else:
+            for line in res.get("lines", []):
                 out.append("  " + line)
 
     loaded = report.get("loaded")
@@ -833,6 +856,16 @@ def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str]
                                  "traceback": traceback.format_exc()}
             log(report["network"]["traceback"])
         report["network"]["other_load"] = load.fraction
+    if opts.resnet:
+        log("ResNets: training steps and batch norm ...")
+        try:
+            with _timing.OtherLoad() as load:
+                report["resnet"] = resnet_throughput(opts, torch)
+        except Exception as exc:
+            report["resnet"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
+                                "traceback": traceback.format_exc()}
+            log(report["resnet"]["traceback"])
+        report["resnet"]["other_load"] = load.fraction
     if opts.loaded:
         log("idle and loaded: BLAS threads with competing busy processes ...")
         try:
@@ -843,8 +876,8 @@ def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str]
             log(report["loaded"]["traceback"])
     report["targets"] = evaluate_targets(cases, report.get("loaded"))
 
-    network_ok = report.get("network", {}).get("status") not in ("ERROR", "FAILED") \
-        and report.get("loaded", {}).get("status") != "ERROR"
+    network_ok = all(report.get(part, {}).get("status") not in ("ERROR", "FAILED")
+                     for part in ("network", "resnet")) and report.get("loaded", {}).get("status") != "ERROR"
     report["ok"] = all(c.get("status") == "ok" for c in cases) and network_ok
     return report
 
@@ -887,6 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true", help="do not run the loop reference")
     p.add_argument("--no-torch", action="store_true", help="do not use torch even if importable")
     p.add_argument("--no-network", action="store_true", help="skip the whole-network training figure")
+    p.add_argument("--resnet", action="store_true",
+                   help="run only the ResNet training-step and batch-norm rows (part of the full suite)")
     p.add_argument("--loaded", action=argparse.BooleanOptionalAction, default=None,
                    help="idle vs loaded figures: the default network's training step and the cifar conv "
                         "layer with 1 and 2 BLAS threads and 'auto', vs torch, while the harness runs 0, 1 "
@@ -946,8 +981,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--gemm-n must be >= 1, got {args.gemm_n}")
         opts.gemm_n = args.gemm_n
     shapes: list[ConvShape | PoolShape] = [SUITE[n] for n in (args.shape or [])] + args.conv + args.pool
-    if shapes:
-        opts.network = False  # the network figure belongs to the whole suite
+    if args.resnet:
+        opts.resnet, opts.network = True, False  # only the ResNet rows
+        opts.loaded = bool(args.loaded)
+    elif shapes:
+        opts.network = opts.resnet = False  # the network figures belong to the whole suite
         opts.loaded = bool(args.loaded)  # and so do the loaded figures, unless asked for
     else:
         shapes = CONV_SUITE + POOL_SUITE

@@ -50,7 +50,7 @@ def test_train_short_run(trained):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("training on 500 images from bundled MNIST digits (28x28, 10 classes); 1 epoch,")
+    assert lines[0].startswith("training lenet on 500 images from bundled MNIST digits (28x28, 10 classes); 1 epoch,")
     assert "adam lr 0.002 with cosine decay, seed 0, random 1-pixel shifts" in lines[0]
     assert lines[1].startswith("epoch 1/1: loss ")
     assert lines[-2].startswith("test accuracy: ") and "/1000)" in lines[-2]

@@ -8,6 +8,7 @@ import pytest
 import convnet.functional as F
 from convnet import layers as L
 from convnet.gradcheck import check_backward
+from convnet.model import Sequential
 
 
 def _check_layer(layer, x, seed=0, rtol=1e-6, atol=1e-8, reseed=None):
@@ -211,6 +212,11 @@ def _one_of_each():
         (L.ReLU(), x4), (L.LeakyReLU(0.1), x4), (L.Sigmoid(), x4), (L.Tanh(), x4), (L.Flatten(), x4),
         (L.Linear(6, 4, rng=0, dtype=np.float64), _randn(3, 6)), (L.Dropout(0.5, rng=0), x4),
         (L.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2, rng=0, dtype=np.float64), x4),
+        (L.BatchNorm2d(2, dtype=np.float64), x4), (L.BatchNorm1d(6, dtype=np.float64), _randn(3, 6)),
+        (L.AdaptiveAvgPool2d((2, 3)), x4),
+        (L.Residual(Sequential(L.Conv2d(2, 2, 3, padding=1, rng=0, dtype=np.float64),
+                               L.BatchNorm2d(2, dtype=np.float64)),
+                    Sequential(L.Conv2d(2, 2, 1, rng=1, dtype=np.float64))), x4),
     ]
 
 

@@ -13,9 +13,12 @@ Modules: ``functional`` (pure forward/backward ops), ``layers``, ``losses``, ``o
 ``datasets``; the command line is ``convnet`` (``python -m convnet``).
 """
 
-from . import datasets, functional, layers, losses, optim
+from . import datasets, functional, layers, losses, models, optim
 from .layers import (
+    AdaptiveAvgPool2d,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
     Conv2d,
     Dropout,
     Flatten,
@@ -23,18 +26,21 @@ from .layers import (
     Linear,
     MaxPool2d,
     ReLU,
+    Residual,
     Sigmoid,
     Tanh,
 )
 from .losses import CrossEntropyLoss, MSELoss
-from .model import ModelFileError, Sequential, lenet, load
+from .model import ModelFileError, Sequential, load
+from .models import lenet, resnet
 from .optim import SGD, Adam
 from .training import TrainingDivergedError, confusion_matrix, evaluate, fit
 
 __all__ = [
     "functional", "layers", "losses", "optim", "datasets",
     "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Flatten", "Linear", "Dropout",
-    "Sequential", "load", "lenet", "ModelFileError",
+    "BatchNorm2d", "BatchNorm1d", "AdaptiveAvgPool2d", "Residual",
+    "Sequential", "load", "lenet", "resnet", "models", "ModelFileError",
     "CrossEntropyLoss", "MSELoss", "SGD", "Adam",
     "fit", "evaluate", "confusion_matrix", "TrainingDivergedError",
 ]

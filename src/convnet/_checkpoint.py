@@ -243,6 +243,8 @@ def restore(ckpt: Checkpoint, model: Sequential, optimizer: Optimizer, settings:
     # Everything checked: now change the run.
     for p, q in zip(model.parameters(), ckpt.model.parameters()):
         p.data[...] = q.data
+    for (_, b), (_, saved_b) in zip(model.named_buffers(), ckpt.model.named_buffers()):
+        b[...] = saved_b  # batch norm's running estimates
     if model.input_shape is None:
         model.input_shape = ckpt.model.input_shape
     optimizer.state = new_state

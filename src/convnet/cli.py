@@ -4,7 +4,8 @@ Subcommands, one ``cmd_<name>(args) -> int`` function each, registered in
 ``build_parser()``:
 
 * ``convnet train``: train the LeNet-style network on the bundled digits (or on MNIST /
-  Fashion-MNIST IDX files with ``--data DIR``), print test accuracy, save the model.
+  Fashion-MNIST IDX files with ``--data DIR``, or a ResNet on CIFAR-10 with
+  ``--dataset cifar10 --data DIR``), print test accuracy, save the model.
 * ``convnet evaluate MODEL``: accuracy and confusion matrix on the test split.
 * ``convnet summary MODEL``: the architecture, output shapes and parameter counts.
 * ``convnet plot MODEL --out DIR``: PNG pictures of a saved model (needs matplotlib).
@@ -27,12 +28,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .models import LENET_RECIPE, MODELS
+
 DEFAULT_OUT = os.path.join("out", "convnet_mnist.npz")
-# Default recipe for `convnet train` (see benchmarks/train_mnist.py for its measured time and accuracy).
-DEFAULT_EPOCHS = 15
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
-DEFAULT_SEED = 0
+DEFAULT_OUTS = {"mnist": DEFAULT_OUT, "cifar10": os.path.join("out", "convnet_cifar10.npz")}
+DEFAULT_MODELS = {"mnist": "lenet", "cifar10": "resnet20"}
+# The default network's recipe lives with the network (convnet.models); these names stay for callers.
+DEFAULT_EPOCHS = LENET_RECIPE.epochs
+DEFAULT_BATCH_SIZE = LENET_RECIPE.batch_size
+DEFAULT_LR = LENET_RECIPE.lr
+DEFAULT_SEED = LENET_RECIPE.seed
 
 
 class CliError(Exception):
@@ -70,14 +75,17 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive finite number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a non-negative finite number")
 
 
 # -- data ---------------------------------------------------------------------------------------
 
-def _load_data(data_dir: str | None):
-    """(split, description) for the bundled digits or an IDX directory."""
+def _load_data(data_dir: str | None, dataset: str = "mnist"):
+    """(split, description) for the bundled digits, an IDX directory or CIFAR-10's binary files."""
     from . import datasets
 
+    if dataset == "cifar10":
+        return datasets.load_cifar10(data_dir), f"CIFAR-10 binary files in {data_dir}"
     if data_dir is None:
         return datasets.load_mnist_5k(), "bundled MNIST digits"
     return datasets.load_mnist_idx(data_dir), f"IDX files in {data_dir}"
@@ -97,32 +105,43 @@ def _load_test_data(data_dir: str | None):
 
 def _add_train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "train", help="train a LeNet-style CNN and save it",
-        description="Train a LeNet-style CNN (conv-relu-pool x2, dropout, two linear layers) on the bundled "
-                    "5,000 MNIST digits (4,000 train / 1,000 test) or, with --data, on full MNIST / "
-                    "Fashion-MNIST IDX files; print test accuracy and save the model.")
-    p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
-                   help=f"passes over the training data (default {DEFAULT_EPOCHS})")
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                   help=f"mini-batch size (default {DEFAULT_BATCH_SIZE})")
+        "train", help="train a CNN (LeNet on digits by default, ResNets on CIFAR-10) and save it",
+        description="Train a network on the bundled 5,000 MNIST digits (4,000 train / 1,000 test), on full "
+                    "MNIST / Fashion-MNIST IDX files (--data), or on CIFAR-10 (--dataset cifar10 --data DIR "
+                    "with the binary version); print test accuracy and save the model. Each --model has its "
+                    "own default recipe (epochs, batch size, optimizer, learning rate, weight decay); the "
+                    "options below override it.")
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist",
+                   help="mnist (default: the bundled digits, or IDX files in --data) or cifar10 (binary "
+                        "files data_batch_1.bin .. data_batch_5.bin, test_batch.bin in --data)")
+    p.add_argument("--model", choices=tuple(MODELS), default=None,
+                   help="network (default lenet for mnist, resnet20 for cifar10)")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help=f"passes over the training data (default: the model's recipe, {DEFAULT_EPOCHS} for lenet)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"mini-batch size (default: the model's recipe, {DEFAULT_BATCH_SIZE} for lenet)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="initial learning rate, decayed towards 0 over the epochs on a cosine curve "
-                        "(default 0.001 for adam, 0.05 for sgd)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                   help="adam (default) or sgd (with momentum 0.9)")
+                        "(default: the recipe's for the optimizer, 0.001 for adam and 0.05 for sgd with lenet)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                   help="adam or sgd with momentum 0.9 (default: the recipe's, adam for lenet, sgd for resnets)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                   help="L2 weight decay on the parameters (default: the recipe's, 0 for lenet, 1e-4 for resnets)")
     p.add_argument("--seed", type=_non_negative_int, default=DEFAULT_SEED,
                    help=f"seed for initial weights and shuffling (default {DEFAULT_SEED})")
     p.add_argument("--val-split", type=_fraction, default=0.0,
                    help="fraction of the training data held out for validation (default 0)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="PATH",
-                   help=f"where to save the model (default {DEFAULT_OUT}); also written after "
-                        f"every epoch as a checkpoint")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help=f"where to save the model (default {DEFAULT_OUT}, or {DEFAULT_OUTS['cifar10']} for "
+                        f"cifar10); also written after every epoch as a checkpoint")
     p.add_argument("--data", metavar="DIR", default=None,
-                   help="directory with MNIST-format IDX files (train-images-idx3-ubyte, "
+                   help="for mnist: directory with MNIST-format IDX files (train-images-idx3-ubyte, "
                         "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; "
-                        "raw or .gz) instead of the bundled digits")
+                        "raw or .gz) instead of the bundled digits; for cifar10 (required): the directory "
+                        "of the CIFAR-10 binary version")
     p.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="do not shift training images by up to 1 pixel at random (on by default)")
+                   help="no data augmentation (on by default: random 1-pixel shifts of digits; random crops "
+                        "of the 4-pixel-padded image and horizontal flips for cifar10)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="train on only the first N training images (quick runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -137,35 +156,68 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``convnet train``: build, train, evaluate and save the default network."""
+    """``convnet train``: build, train, evaluate and save a network (LeNet on digits by default)."""
     import numpy as np
 
-    from . import model as model_mod
-    from .datasets import random_shift
+    from . import datasets
+    from . import models as model_mod
     from .optim import SGD, Adam, cosine_schedule
     from .training import evaluate, fit, format_epoch
 
+    # The model's recipe fills in whatever the command line leaves out.
+    model_name = args.model or DEFAULT_MODELS[args.dataset]
+    recipe = model_mod.RECIPES[model_name]
+    epochs = args.epochs if args.epochs is not None else recipe.epochs
+    batch_size = args.batch_size if args.batch_size is not None else recipe.batch_size
+    opt_name = args.optimizer or recipe.optimizer
+    weight_decay = args.weight_decay if args.weight_decay is not None else recipe.weight_decay
+    if args.out is None:
+        args.out = DEFAULT_OUTS[args.dataset]
+    if args.dataset == "cifar10" and args.data is None:
+        raise CliError("--dataset cifar10 needs --data DIR, the directory of the CIFAR-10 binary files "
+                       "(data_batch_1.bin .. data_batch_5.bin, test_batch.bin)", 2)
+    if args.dataset == "cifar10" and args.plots is not None:
+        raise CliError("--plots draws digit models only; leave it out with --dataset cifar10", 2)
     _check_out(args.out)
     resume = args.resume and os.path.exists(args.out)
     plots = _training_plots(args.plots)
-    split, source = _load_data(args.data)
+    split, source = _load_data(args.data, args.dataset)
     x_train, y_train, x_test, y_test = split
     if args.limit is not None:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    augment = None
+    if args.dataset == "cifar10":
+        # Per-channel normalization with the training images' statistics; the saved model
+        # expects inputs normalized the same way.
+        mean, std = datasets.channel_stats(x_train)
+        x_train = datasets.normalize_channels(x_train, mean, std)
+        x_test = datasets.normalize_channels(x_test, mean, std)
+        if args.augment:
+            augment = datasets.random_crop_flip
+    elif args.augment:
+        augment = datasets.random_shift
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    model = model_mod.lenet(num_classes=num_classes, input_shape=x_train.shape[1:], rng=args.seed)
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    optimizer = Adam(lr=lr) if args.optimizer == "adam" else SGD(lr=lr, momentum=0.9)
-    schedule = cosine_schedule(lr, args.epochs)
-    done = _resume_point(args.out, schedule, args.epochs) if resume else None
+    try:
+        model = model_mod.build(model_name, num_classes=num_classes, input_shape=x_train.shape[1:], rng=args.seed)
+    except ValueError as exc:
+        raise CliError(f"--model {model_name}: {exc}", 2) from None
+    lr = args.lr if args.lr is not None else recipe.lr[opt_name]
+    optimizer = (Adam(lr=lr, weight_decay=weight_decay) if opt_name == "adam"
+                 else SGD(lr=lr, momentum=recipe.momentum, weight_decay=weight_decay))
+    schedule = cosine_schedule(lr, epochs)
+    done = _resume_point(args.out, schedule, epochs) if resume else None
 
     say = (lambda *a, **k: None) if args.quiet else print
-    say(f"training on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
-        f"{num_classes} classes); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, "
-        f"batch size {args.batch_size}, {args.optimizer} lr {lr:g} "
-        f"with cosine decay, seed {args.seed}" + (", random 1-pixel shifts" if args.augment else ""), flush=True)
+    aug_note = {None: "", datasets.random_shift: ", random 1-pixel shifts",
+                datasets.random_crop_flip: ", random crops (4-pixel padding) and flips"}[augment]
+    norm_note = (f", channels normalized (mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()})"
+                 if args.dataset == "cifar10" else "")
+    say(f"training {model_name} on {len(x_train)} images from {source} ({x_train.shape[2]}x{x_train.shape[3]}, "
+        f"{num_classes} classes); {epochs} epoch{'s' if epochs > 1 else ''}, batch size {batch_size}, "
+        f"{opt_name} lr {lr:g}" + (f" weight decay {weight_decay:g}" if weight_decay else "")
+        + f" with cosine decay, seed {args.seed}" + aug_note + norm_note, flush=True)
     if args.resume:
-        say(f"resuming from {args.out} after epoch {len(done)} of {args.epochs}" if done is not None
+        say(f"resuming from {args.out} after epoch {len(done)} of {epochs}" if done is not None
             else f"no checkpoint at {args.out} to resume from: starting from scratch", flush=True)
     elif _is_checkpoint(args.out):
         say(f"note: {args.out} holds an interrupted run; training anew replaces it (--resume continues it)",
@@ -179,13 +231,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def report(rec: dict) -> None:
         if not progress:
-            say(format_epoch(rec, args.epochs), flush=True)
+            say(format_epoch(rec, epochs), flush=True)
 
     t0 = time.perf_counter()
-    fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+    fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
         validation_split=args.val_split, seed=args.seed, progress=progress,
         checkpoint=args.out, lr_schedule=schedule, resume_from=args.out if done is not None else None,
-        augment=random_shift if args.augment else None,
+        augment=augment,
         on_epoch_end=report if plots is None else lambda rec: (report(rec), plots.on_epoch_end(rec)))
     train_time = time.perf_counter() - t0
     result = evaluate(model, x_test, y_test)
@@ -606,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    from .datasets import IdxFormatError
+    from .datasets import CifarFormatError, IdxFormatError
     from .model import ModelFileError
     from .onnx import OnnxError
     from .training import ResumeError, TrainingDivergedError
@@ -639,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # open() errors read "[Errno 2] ..."; say "<file>: <reason>" instead.
         message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         code = 1
-    except (ModelFileError, IdxFormatError, TrainingDivergedError, ResumeError, OnnxError, WeightsFileError) as exc:
+    except (ModelFileError, IdxFormatError, CifarFormatError, TrainingDivergedError, ResumeError, OnnxError,
+            WeightsFileError) as exc:
         if debug:
             raise
         message, code = str(exc), 1

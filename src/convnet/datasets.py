@@ -8,7 +8,7 @@ accuracy in well under a minute.
 
 ``load_idx`` reads the IDX format used by the full MNIST and Fashion-MNIST downloads,
 raw or gzip-compressed, and ``load_mnist_idx`` reads the four standard files from a
-directory.
+directory. ``load_cifar10`` reads the binary version of CIFAR-10 (never the pickled one).
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ __all__ = [
     "load_mnist_idx",
     "load_mnist_idx_part",
     "random_shift",
+    "random_flip",
+    "random_crop_flip",
+    "CifarFormatError",
+    "load_cifar10",
+    "channel_stats",
+    "normalize_channels",
     "MNIST_5K_SPLIT_SEED",
     "MNIST_5K_TEST_PER_CLASS",
 ]
@@ -352,3 +358,128 @@ def random_shift(x: np.ndarray, rng: np.random.Generator, max_shift: int = 1) ->
     rows = (dy[:, None] + np.arange(h))[:, None, :, None]   # (N, 1, H, 1)
     cols = (dx[:, None] + np.arange(w))[:, None, None, :]   # (N, 1, 1, W)
     return padded[np.arange(n)[:, None, None, None], np.arange(x.shape[1])[None, :, None, None], rows, cols]
+
+
+def random_flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror each image left-right with probability 1/2; returns a new array (N, C, H, W)."""
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        raise ValueError(f"x must be an (N, C, H, W) array, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    flip = rng.random(len(x)) < 0.5
+    return np.where(flip[:, None, None, None], x[..., ::-1], x)
+
+
+def random_crop_flip(x: np.ndarray, rng: np.random.Generator, padding: int = 4) -> np.ndarray:
+    """The standard CIFAR augmentation: a random crop of the image zero-padded by ``padding``
+    pixels on each side (a random shift of up to ``padding`` pixels), then a random
+    horizontal flip. Use as ``fit(augment=random_crop_flip)``; ``x`` is not modified."""
+    return random_flip(random_shift(x, rng, padding), rng)
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of images (N, C, H, W), float64 (C,) each."""
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.size == 0:
+        raise ValueError(f"x must be a non-empty (N, C, H, W) array, got {getattr(x, 'shape', type(x).__name__)}")
+    mean = x.mean(axis=(0, 2, 3), dtype=np.float64)
+    std = np.sqrt([np.var(x[:, c], dtype=np.float64) for c in range(x.shape[1])])
+    return mean, std
+
+
+def normalize_channels(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(x - mean[c]) / std[c]`` per channel, in the dtype of ``x`` (a new array)."""
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    if mean.shape != (x.shape[1],) or std.shape != (x.shape[1],) or not (std > 0).all():
+        raise ValueError(f"mean and std must have one value per channel ({x.shape[1]}), std > 0; "
+                         f"got mean {mean.tolist()}, std {std.tolist()}")
+    scale = (1.0 / std).astype(x.dtype)[:, None, None]
+    return (x - mean.astype(x.dtype)[:, None, None]) * scale
+
+
+class CifarFormatError(ValueError):
+    """A CIFAR-10 binary file of the wrong size or with a label out of range."""
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# One record: the label byte, then 1024 red, 1024 green and 1024 blue pixel bytes (32x32, row-major).
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+# The official files hold 10,000 records each; a larger file is not a CIFAR-10 batch.
+_CIFAR_MAX_RECORDS = 10_000
+_CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_CIFAR_TEST = "test_batch.bin"
+
+
+def _cifar_records(path: str) -> int:
+    """Number of records in a CIFAR-10 binary batch, from its size alone (nothing is read)."""
+    size = os.path.getsize(path)
+    records, rest = divmod(size, _CIFAR_RECORD)
+    if rest or records == 0:
+        raise CifarFormatError(f"{path}: {size} bytes is not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 "
+                               f"records (1 label byte + 3072 pixel bytes); the file is truncated or not "
+                               f"a CIFAR-10 binary batch")
+    if records > _CIFAR_MAX_RECORDS:
+        raise CifarFormatError(f"{path}: {records} records ({size} bytes); a CIFAR-10 batch holds at most "
+                               f"{_CIFAR_MAX_RECORDS}")
+    return records
+
+
+def _read_cifar_batch(path: str, records: int) -> tuple[np.ndarray, np.ndarray]:
+    size = records * _CIFAR_RECORD
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size != size:
+        raise CifarFormatError(f"{path}: read {raw.size} bytes, expected {size} (file changed while reading?)")
+    rec = raw.reshape(records, _CIFAR_RECORD)
+    labels = rec[:, 0]
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise CifarFormatError(f"{path}: record {int(bad[0])} has label {int(labels[bad[0]])}; CIFAR-10 labels "
+                               f"are 0-9 ({bad.size} bad record{'s' if bad.size > 1 else ''})")
+    return rec[:, 1:].reshape(records, 3, 32, 32), labels.astype(np.int64)
+
+
+def load_cifar10(path: str | os.PathLike) -> Split:
+    """Load CIFAR-10 from its official *binary* files (never the pickled Python version).
+
+    ``path`` is the directory holding ``data_batch_1.bin`` ... ``data_batch_5.bin`` and
+    ``test_batch.bin`` (``cifar-10-batches-bin`` from ``cifar-10-binary.tar.gz``, or the
+    directory that contains it). Each file is a sequence of 3073-byte records: one label
+    byte (0-9, see :data:`CIFAR10_CLASSES`) and the 32x32 red, green and blue planes.
+
+    Returns
+    -------
+    Split
+        ``x_train`` float32 (50000, 3, 32, 32) and ``x_test`` (10000, 3, 32, 32) in [0, 1],
+        ``y_train`` / ``y_test`` int64 labels.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory or one of the six files is missing.
+    CifarFormatError
+        (a ``ValueError``) if a file is not a whole number of records, holds more than
+        10,000, the batches differ in length (one was cut at a record boundary), or a label
+        is above 9. Sizes are checked before anything is read.
+    """
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"CIFAR-10 directory {directory!r} does not exist")
+    nested = os.path.join(directory, "cifar-10-batches-bin")
+    if not os.path.isfile(os.path.join(directory, _CIFAR_TEST)) and os.path.isdir(nested):
+        directory = nested
+    paths = [os.path.join(directory, name) for name in (*_CIFAR_TRAIN, _CIFAR_TEST)]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{directory}: no {os.path.basename(p)} (expected the CIFAR-10 binary version: "
+                                    f"{', '.join(_CIFAR_TRAIN)}, {_CIFAR_TEST})")
+    counts = {p: _cifar_records(p) for p in paths}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{os.path.basename(p)} {n * _CIFAR_RECORD} bytes" for p, n in counts.items())
+        raise CifarFormatError(f"{directory}: the CIFAR-10 batches differ in size ({listing}); "
+                               f"a file is truncated or does not belong")
+    batches = [_read_cifar_batch(p, n) for p, n in counts.items()]
+    x_train = np.concatenate([b[0] for b in batches[:5]])
+    y_train = np.concatenate([b[1] for b in batches[:5]])
+    x_test, y_test = batches[5]
+    scale = np.float32(255.0)
+    return Split(x_train.astype(np.float32) / scale, y_train, x_test.astype(np.float32) / scale, y_test)

@@ -11,7 +11,7 @@ columns that no window reaches get zero gradient.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,8 @@ __all__ = [
     "tanh", "tanh_backward", "identity", "identity_backward", "softmax", "log_softmax",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "linear", "linear_backward",
     "mse_loss", "mse_loss_backward", "dropout", "dropout_backward",
+    "BatchNormStats", "batch_norm", "batch_norm_with_stats", "batch_norm_backward",
+    "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward",
 ]
 
 BackwardMethod = Literal["auto", "zero_insert", "col2im"]
@@ -643,3 +645,321 @@ def dropout_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``dy * mask`` with the mask returned by :func:`dropout`."""
     _act_args(mask, dy)
     return dy * mask
+
+
+# --------------------------------------------------------------------------- normalization and global pooling
+#
+# Batch norm works on the (N, C, L) view of its input (L = H*W, or 1 for (N, C)) and
+# walks it a block of images at a time, so the centred temporary it needs lives in the
+# cache instead of being written to memory. Passes over the activation (memory traffic;
+# the block temporaries stay in cache): forward in training reads x twice (statistics,
+# then normalize) and writes y once; backward reads x and dy twice each (the sums, then
+# dx) and writes dx once. In eval mode forward is one read and one write.
+# Per-channel sums are taken per (image, channel) row in x's dtype (at most H*W terms)
+# and added over the images in float64.
+
+class BatchNormStats(NamedTuple):
+    """What a batch-norm forward normalized with, for its backward.
+
+    ``mean`` and ``inv_std`` (float64, shape (C,)) are the subtracted mean and the factor
+    ``1 / sqrt(var + eps)``. ``batch`` is True when they are the batch's own statistics
+    (they then depend on ``x``, and backward differentiates through them) and False when
+    they came from the running estimates (constants).
+    """
+
+    mean: np.ndarray
+    inv_std: np.ndarray
+    batch: bool
+
+
+# Images per block: about this many bytes of activation, so the block's temporary stays in
+# cache (measured on (128, 16, 32, 32) float32: 1 MiB blocks 2.7 ms vs 6.0 ms unblocked for
+# centring + squares).
+BATCH_NORM_BLOCK_BYTES = 1 << 20
+
+
+def _bn_blocks(x3: np.ndarray) -> list[slice]:
+    per_image = max(1, x3[0].nbytes)
+    step = max(1, BATCH_NORM_BLOCK_BYTES // per_image)
+    return [slice(i, min(i + step, x3.shape[0])) for i in range(0, x3.shape[0], step)]
+
+
+def _channel_vector(a: object, name: str, c: int, x: np.ndarray) -> None:
+    if a is None:
+        return
+    _args.check_array(a, name, 1, "(C,)")
+    _args.check_shape(a, name, (c,))
+    _args.check_same_dtype(x=x, **{name: a})
+
+
+def _bn_args(x, weight, bias, running_mean, running_var, training, momentum, eps) -> tuple[float, float]:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy ndarray, got {type(x).__name__}")
+    if x.ndim not in (2, 4):
+        raise ValueError(f"x must be 2-D (N, C) or 4-D (N, C, H, W), got shape {x.shape}")
+    _args.check_array(x, "x", x.ndim, "(N, C) or (N, C, H, W)")
+    if min(x.shape) < 1:
+        raise ValueError(f"empty arrays are not supported: x {x.shape}")
+    c = x.shape[1]
+    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _channel_vector(a, name, c, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None), got "
+                         f"running_mean={'None' if running_mean is None else 'an array'}, "
+                         f"running_var={'None' if running_var is None else 'an array'}")
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be True or False, got {training!r}")
+    momentum = _args.real(momentum, "momentum", 0.0, 1.0)
+    eps = _args.real(eps, "eps", 0.0, low_open=True, finite=True)
+    if training and running_mean is not None:
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            if not a.flags.writeable:
+                raise ValueError(f"{name} must be writeable: training updates it in place")
+    if training or running_mean is None:
+        m = x.size // c
+        if m < 2:
+            raise ValueError(f"batch norm with batch statistics needs more than 1 value per channel, "
+                             f"got x of shape {x.shape}")
+    return momentum, eps
+
+
+def _channels_view(x: np.ndarray) -> np.ndarray:
+    """(N, C, L) view (or copy, for inputs that are not C-contiguous per image)."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _bn_batch_stats(x3: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, biased variance and ``1/sqrt(var + eps)`` per channel, float64.
+
+    One read of ``x`` from memory: each block's mean and centred sum of squares are taken
+    while the block is in cache (two passes over the block), and the blocks are combined
+    with Chan et al.'s pairwise update, so a mean far from zero costs no accuracy.
+    """
+    c = x3.shape[1]
+    count, mean, m2 = 0, np.zeros(c), np.zeros(c)
+    blocks = _bn_blocks(x3)
+    tmp = np.empty((blocks[0].stop,) + x3.shape[1:], dtype=x3.dtype)
+    for sl in blocks:
+        xb = x3[sl]
+        n_b = xb.shape[0] * xb.shape[2]
+        mean_b = np.add.reduce(xb, axis=2).sum(axis=0, dtype=np.float64) / n_b
+        xc = np.subtract(xb, mean_b.astype(x3.dtype)[:, None], out=tmp[:sl.stop - sl.start])
+        m2_b = np.einsum("ncl,ncl->nc", xc, xc).sum(axis=0, dtype=np.float64)
+        # xc was centred on the float32-rounded mean; correct for the rounding offset.
+        offset = np.add.reduce(xc, axis=2).sum(axis=0, dtype=np.float64) / n_b
+        m2_b -= n_b * offset * offset
+        delta = mean_b - mean
+        total = count + n_b
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    var = np.maximum(m2 / count, 0.0)
+    return mean, var, 1.0 / np.sqrt(var + eps)
+
+
+def batch_norm_with_stats(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+                          running_mean: np.ndarray | None, running_var: np.ndarray | None,
+                          training: bool, momentum: float = 0.1,
+                          eps: float = 1e-5) -> tuple[np.ndarray, BatchNormStats]:
+    """Batch normalization, returning also the statistics its backward needs.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel (axis 1), with
+    PyTorch's semantics (``torch.nn.functional.batch_norm``):
+
+    - ``training=True`` (or no running estimates): ``mean`` and ``var`` are the batch's,
+      over N (and H, W), with the *biased* variance (divided by the count ``M``);
+    - in training the running estimates are updated **in place**:
+      ``running = (1 - momentum) * running + momentum * batch_stat``, with the *unbiased*
+      variance (``var * M / (M - 1)``) going into ``running_var``;
+    - ``training=False``: normalize with ``running_mean`` and ``running_var``, which are
+      left untouched.
+
+    ``x``, ``weight`` and ``bias`` are never modified.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W) or (N, C)
+    weight, bias : ndarray, shape (C,), or None (no scale, no shift)
+    running_mean, running_var : ndarray, shape (C,), dtype of ``x``, or both None
+        (always batch statistics, no update)
+    training : bool
+    momentum : float in [0, 1]
+    eps : float > 0
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of ``x``
+    stats : BatchNormStats, for :func:`batch_norm_backward`
+    """
+    momentum, eps = _bn_args(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    x3 = _channels_view(x)
+    c = x3.shape[1]
+    if training or running_mean is None:
+        mean, var, inv_std = _bn_batch_stats(x3, eps)
+        if training and running_mean is not None:
+            m = x3.shape[0] * x3.shape[2]
+            running_mean *= 1.0 - momentum
+            running_mean += (momentum * mean).astype(running_mean.dtype)
+            running_var *= 1.0 - momentum
+            running_var += (momentum * var * (m / (m - 1))).astype(running_var.dtype)
+        stats = BatchNormStats(mean, inv_std, True)
+    else:
+        mean = running_mean.astype(np.float64)
+        stats = BatchNormStats(mean, 1.0 / np.sqrt(running_var.astype(np.float64) + eps), False)
+    scale = stats.inv_std * (1.0 if weight is None else weight.astype(np.float64))
+    shift = (0.0 if bias is None else bias.astype(np.float64)) - mean * scale
+    scale_x = scale.astype(x.dtype).reshape(c, 1)
+    shift_x = np.broadcast_to(shift, (c,)).astype(x.dtype).reshape(c, 1)
+    y = np.empty(x3.shape, dtype=x.dtype)
+    for sl in _bn_blocks(x3):
+        yb = np.multiply(x3[sl], scale_x, out=y[sl])
+        yb += shift_x
+    return y.reshape(x.shape), stats
+
+
+def batch_norm(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+               running_mean: np.ndarray | None, running_var: np.ndarray | None, training: bool,
+               momentum: float = 0.1, eps: float = 1e-5) -> np.ndarray:
+    """Batch normalization; see :func:`batch_norm_with_stats` (same semantics, running
+    estimates updated in place in training).
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of ``x``
+    """
+    return batch_norm_with_stats(x, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+
+
+def batch_norm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray | None, stats: BatchNormStats,
+                        *, input_grad: bool = True
+                        ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Gradients of :func:`batch_norm` with respect to ``x``, ``weight`` and ``bias``.
+
+    With batch statistics, the fused formula (``x_hat = (x - mean) * inv_std``, ``M``
+    values per channel, sums over N, H, W)::
+
+        dx = weight * inv_std * (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M)
+
+    With running statistics (eval mode) they are constants: ``dx = weight * inv_std * dy``.
+    Always ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)``.
+
+    Parameters
+    ----------
+    dy : ndarray, shape of ``x``
+    x : ndarray, (N, C, H, W) or (N, C), the forward input
+    weight : ndarray (C,) or None, as in the forward call
+    stats : BatchNormStats from :func:`batch_norm_with_stats` on the same ``x``
+    input_grad : False skips ``dx`` (None)
+
+    Returns
+    -------
+    dx : ndarray, shape of ``x`` (or None with ``input_grad=False``)
+    dweight, dbias : ndarray, shape (C,), dtype of ``x`` (what the affine parameters
+        would receive; ignore them when there are none)
+    """
+    if not isinstance(x, np.ndarray) or x.ndim not in (2, 4):
+        raise ValueError(f"x must be 2-D (N, C) or 4-D (N, C, H, W), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    _args.check_array(x, "x", x.ndim, "(N, C) or (N, C, H, W)")
+    _args.check_array(dy, "dy", x.ndim, "(shape of x)")
+    _args.check_shape(dy, "dy", x.shape)
+    _args.check_same_dtype(dy=dy, x=x)
+    c = x.shape[1]
+    _channel_vector(weight, "weight", c, x)
+    if not isinstance(stats, BatchNormStats) or np.shape(stats.mean) != (c,) or np.shape(stats.inv_std) != (c,):
+        raise ValueError(f"stats must be the BatchNormStats returned by batch_norm_with_stats for this x "
+                         f"({c} channels), got {type(stats).__name__}")
+    x3, dy3 = _channels_view(x), _channels_view(dy)
+    m = x3.shape[0] * x3.shape[2]
+    mean_x = stats.mean.astype(x.dtype)[:, None]
+    blocks = _bn_blocks(x3)
+    tmp = np.empty((blocks[0].stop,) + x3.shape[1:], dtype=x.dtype)
+    sum_dy = np.zeros(c, dtype=np.float64)
+    sum_dy_xc = np.zeros(c, dtype=np.float64)
+    for sl in blocks:  # pass 1: sum(dy) and sum(dy * (x - mean))
+        xc = np.subtract(x3[sl], mean_x, out=tmp[:sl.stop - sl.start])
+        sum_dy += np.add.reduce(dy3[sl], axis=2).sum(axis=0, dtype=np.float64)
+        sum_dy_xc += np.einsum("ncl,ncl->nc", dy3[sl], xc).sum(axis=0, dtype=np.float64)
+    dweight = (sum_dy_xc * stats.inv_std).astype(x.dtype)
+    dbias = sum_dy.astype(x.dtype)
+    if not input_grad:
+        return None, dweight, dbias
+    scale = stats.inv_std * (1.0 if weight is None else weight.astype(np.float64))
+    scale_x = np.broadcast_to(scale, (c,)).astype(x.dtype).reshape(c, 1)
+    dx = np.empty(x3.shape, dtype=x.dtype)
+    if not stats.batch:
+        for sl in blocks:
+            np.multiply(dy3[sl], scale_x, out=dx[sl])
+        return dx.reshape(x.shape), dweight, dbias
+    # dx = scale * (dy - sum_dy/M - (x - mean) * inv_std^2 * sum_dy_xc / M)
+    k_x = (stats.inv_std ** 2 * sum_dy_xc / m).astype(x.dtype).reshape(c, 1)
+    mean_dy_x = (sum_dy / m).astype(x.dtype).reshape(c, 1)
+    for sl in blocks:  # pass 2: dx
+        db = np.subtract(x3[sl], mean_x, out=dx[sl])
+        db *= k_x
+        np.subtract(dy3[sl], db, out=db)
+        db -= mean_dy_x
+        db *= scale_x
+    return dx.reshape(x.shape), dweight, dbias
+
+
+def _adaptive_size(output_size: IntOrPair) -> tuple[int, int]:
+    return _args.pair(output_size, "output_size", 1)
+
+
+def _adaptive_matrix(size: int, out: int, dtype: np.dtype) -> np.ndarray:
+    """(out, size) averaging matrix: row i averages ``[floor(i*size/out), ceil((i+1)*size/out))``,
+    PyTorch's adaptive windows (equal, disjoint windows when ``out`` divides ``size``)."""
+    mat = np.zeros((out, size), dtype=dtype)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        mat[i, start:end] = 1.0 / (end - start)
+    return mat
+
+
+def _adaptive_args(x: np.ndarray, output_size: IntOrPair) -> tuple[int, int]:
+    _args.check_array(x, "x", 4, "(N, C, H, W)")
+    if min(x.shape) < 1:
+        raise ValueError(f"empty arrays are not supported: x {x.shape}")
+    return _adaptive_size(output_size)
+
+
+def adaptive_avg_pool2d(x: np.ndarray, output_size: IntOrPair) -> np.ndarray:
+    """Average pooling to a fixed output size, as ``torch.nn.functional.adaptive_avg_pool2d``.
+
+    Output row ``i`` averages input rows ``floor(i*H/OH)`` to ``ceil((i+1)*H/OH) - 1`` (likewise
+    columns), so any output size works; when it divides the input this is plain mean pooling
+    with kernel and stride ``H/OH``, and ``output_size=1`` is global average pooling.
+    Computed as ``A_h @ x @ A_w.T`` with the (OH, H) and (OW, W) averaging matrices.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    output_size : int or (OH, OW), >= 1
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW), dtype of ``x``
+    """
+    oh, ow = _adaptive_args(x, output_size)
+    h, w = x.shape[2:]
+    if (oh, ow) == (1, 1):  # global pooling: one mean per plane
+        return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(x.dtype)
+    return _adaptive_matrix(h, oh, x.dtype) @ x @ _adaptive_matrix(w, ow, x.dtype).T
+
+
+def adaptive_avg_pool2d_backward(dy: np.ndarray, x: np.ndarray, output_size: IntOrPair) -> np.ndarray:
+    """Gradient of :func:`adaptive_avg_pool2d`: each error shared evenly by its window
+    (``A_h.T @ dy @ A_w``); overlapping windows (sizes that do not divide) accumulate.
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W), dtype of ``x``
+    """
+    oh, ow = _adaptive_args(x, output_size)
+    _pool_dy(dy, x, (oh, ow))
+    h, w = x.shape[2:]
+    if (oh, ow) == (1, 1):
+        return np.broadcast_to(dy * x.dtype.type(1.0 / (h * w)), x.shape).copy()
+    return _adaptive_matrix(h, oh, x.dtype).T @ dy @ _adaptive_matrix(w, ow, x.dtype)

@@ -33,6 +33,10 @@ __all__ = [
     "Flatten",
     "Linear",
     "Dropout",
+    "BatchNorm2d",
+    "BatchNorm1d",
+    "AdaptiveAvgPool2d",
+    "Residual",
     "LAYER_TYPES",
 ]
 
@@ -111,20 +115,44 @@ class Layer:
         self.training = True
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
+        # State that is saved and loaded but not trained (batch norm's running estimates):
+        # optimizers never see it.
+        self.buffers: dict[str, np.ndarray] = {}
 
     # -- parameters -------------------------------------------------------------------
     def _add_param(self, name: str, value: np.ndarray) -> None:
         self.params[name] = value
         self.grads[name] = np.zeros_like(value)
 
+    def children(self) -> list[tuple[str, Layer]]:
+        """Named sub-layers of a container (none for a plain layer).
+
+        Parameters and buffers of a child ``name`` are named ``"<name>.<its name>"``, so a
+        layer nested in a container nested in a model gets PyTorch's ``state_dict`` names,
+        e.g. ``"3.body.0.weight"``. Modes, gradients and dtype reach every child.
+        """
+        return []
+
     def parameters(self, prefix: str = "") -> list[Parameter]:
-        """The layer's parameters with their gradients, named ``prefix + name``."""
-        return [Parameter(prefix + n, self.params[n], self.grads[n]) for n in self.params]
+        """The layer's parameters (and its children's) with their gradients, named ``prefix + name``."""
+        out = [Parameter(prefix + n, self.params[n], self.grads[n]) for n in self.params]
+        for name, child in self.children():
+            out.extend(child.parameters(f"{prefix}{name}."))
+        return out
+
+    def named_buffers(self, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+        """``(name, array)`` of the layer's buffers (and its children's), named like parameters."""
+        out = [(prefix + n, b) for n, b in self.buffers.items()]
+        for name, child in self.children():
+            out.extend(child.named_buffers(f"{prefix}{name}."))
+        return out
 
     def zero_grad(self) -> None:
         """Set all gradients to zero (in place)."""
         for g in self.grads.values():
             g.fill(0)
+        for _, child in self.children():
+            child.zero_grad()
 
     def set_param(self, name: str, value: np.ndarray) -> None:
         """Copy ``value`` into parameter ``name`` in place (shape and dtype must match)."""
@@ -138,26 +166,41 @@ class Layer:
 
     @property
     def dtype(self) -> np.dtype | None:
-        """Dtype of the parameters, or None for a layer without parameters."""
-        for p in self.params.values():
-            return p.dtype
+        """Dtype of the parameters (or float buffers, or children's), or None without any."""
+        for a in (*self.params.values(), *self.buffers.values()):
+            if a.dtype.kind == "f":
+                return a.dtype
+        for _, child in self.children():
+            if child.dtype is not None:
+                return child.dtype
         return None
 
     def astype(self, dtype: Any) -> Layer:
-        """Convert parameters (and zero their gradients) to ``dtype``; returns ``self``."""
+        """Convert parameters and float buffers (and zero the gradients) to ``dtype``; returns ``self``."""
         dt = _as_float_dtype(dtype)
         for n in list(self.params):
             self.params[n] = self.params[n].astype(dt)
             self.grads[n] = np.zeros_like(self.params[n])
+        for n, b in self.buffers.items():
+            if b.dtype.kind == "f":
+                self.buffers[n] = b.astype(dt)
+        if hasattr(self, "_dtype"):
+            self._dtype = dt
         self.clear_cache()
+        for _, child in self.children():
+            child.astype(dt)
         return self
 
     def num_parameters(self) -> int:
-        return int(sum(p.size for p in self.params.values()))
+        own = int(sum(p.size for p in self.params.values()))
+        return own + sum(child.num_parameters() for _, child in self.children())
 
     # -- modes ----------------------------------------------------------------------
     def train(self, mode: bool = True) -> Layer:
+        """Training mode (``mode=True``) or eval mode, for this layer and its children."""
         self.training = bool(mode)
+        for _, child in self.children():
+            child.train(mode)
         return self
 
     def eval(self) -> Layer:
@@ -183,8 +226,11 @@ class Layer:
     def clear_cache(self) -> None:
         """Drop what forward kept for backward (frees memory after inference).
 
-        The base layer keeps nothing; a layer that keeps arrays overrides this.
+        The base layer keeps nothing itself; a layer that keeps arrays overrides this (and a
+        container's children are cleared here).
         """
+        for _, child in self.children():
+            child.clear_cache()
 
     def _cached(self, attr: str):
         value = getattr(self, attr, None)
@@ -678,8 +724,210 @@ class Dropout(Layer):
         return f"Dropout(p={self.p:g})"
 
 
+class _BatchNorm(Layer):
+    """Batch normalization over axis 1 (see :func:`convnet.functional.batch_norm`)."""
+
+    _layout = "(N, C, H, W)"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, dtype: Any = np.float32) -> None:
+        super().__init__()
+        self.num_features = _args.positive_int(num_features, "num_features")
+        self.eps = _args.real(eps, "eps", 0.0, low_open=True, finite=True)
+        self.momentum = _args.real(momentum, "momentum", 0.0, 1.0)
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        self._dtype = _as_float_dtype(dtype)
+        c = self.num_features
+        if self.affine:
+            self._add_param("weight", np.ones(c, dtype=self._dtype))
+            self._add_param("bias", np.zeros(c, dtype=self._dtype))
+        if self.track_running_stats:
+            self.buffers["running_mean"] = np.zeros(c, dtype=self._dtype)
+            self.buffers["running_var"] = np.ones(c, dtype=self._dtype)
+            self.buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
+        self._x = None
+        self._stats = None
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        return self.params.get("weight")
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.params.get("bias")
+
+    @property
+    def running_mean(self) -> np.ndarray | None:
+        return self.buffers.get("running_mean")
+
+    @property
+    def running_var(self) -> np.ndarray | None:
+        return self.buffers.get("running_var")
+
+    def _as_supported(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(x, np.ndarray) and (x.ndim < 2 or x.shape[1] != self.num_features):
+            raise ValueError(f"expected input {self._layout} with C={self.num_features}, got shape {x.shape}")
+        self._check_param_dtype(x)
+        xs = self._as_supported(x)
+        y, self._stats = F.batch_norm_with_stats(xs, self.weight, self.bias, self.running_mean, self.running_var,
+                                                 self.training, self.momentum, self.eps)
+        if self.training and self.track_running_stats:
+            self.buffers["num_batches_tracked"] += 1
+        self._x = xs
+        return y.reshape(x.shape)
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Accumulate the weight and bias gradients; return ``dx`` (None with ``input_grad=False``)."""
+        x, stats = self._cached("_x"), self._cached("_stats")
+        shape = getattr(dy, "shape", None)
+        if isinstance(dy, np.ndarray) and dy.size == x.size:
+            dy = dy.reshape(x.shape)
+        dx, dw, db = F.batch_norm_backward(dy, x, self.weight, stats, input_grad=input_grad)
+        if self.affine:
+            self.grads["weight"] += dw
+            self.grads["bias"] += db
+        return None if dx is None else dx.reshape(shape)
+
+    def clear_cache(self) -> None:
+        self._x = None
+        self._stats = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "affine": self.affine, "track_running_stats": self.track_running_stats,
+                "dtype": self._dtype.name}
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization per channel of (N, C, H, W) inputs, as ``torch.nn.BatchNorm2d``.
+
+    Parameters ``weight`` (ones) and ``bias`` (zeros) when ``affine``; buffers
+    ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked`` when
+    ``track_running_stats``. In training mode it normalizes with the batch's statistics and
+    updates the running estimates (``momentum`` as PyTorch defines it, unbiased variance);
+    in eval mode it normalizes with the running estimates. Buffers are saved and loaded with
+    the model but are not parameters: no optimizer or weight decay touches them.
+    """
+
+    _layout = "(N, C, H, W)"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(x, np.ndarray) and x.ndim != 4:
+            raise ValueError(f"expected input (N, {self.num_features}, H, W), got shape {x.shape}")
+        return super().forward(x)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization per feature of (N, C) or (N, C, L) inputs, as ``torch.nn.BatchNorm1d``.
+
+    See :class:`BatchNorm2d` for parameters, buffers and modes.
+    """
+
+    _layout = "(N, C) or (N, C, L)"
+
+    def _as_supported(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 3:
+            return x.reshape(x.shape + (1,))
+        if x.ndim != 2:
+            raise ValueError(f"expected input (N, {self.num_features}) or (N, {self.num_features}, L), "
+                             f"got shape {x.shape}")
+        return x
+
+
+class AdaptiveAvgPool2d(Layer):
+    """Average pooling to a fixed output size (``1`` = global average pooling), as
+    ``torch.nn.AdaptiveAvgPool2d``. Shapes: (N, C, H, W) -> (N, C, OH, OW)."""
+
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        _args.pair(output_size, "output_size", 1)
+        self.output_size = _tuplify(output_size)
+        self._x = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = F.adaptive_avg_pool2d(x, self.output_size)
+        self._x = x
+        return y
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        x = self._cached("_x")
+        return F.adaptive_avg_pool2d_backward(dy, x, self.output_size) if input_grad else None
+
+    def clear_cache(self) -> None:
+        self._x = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {"output_size": _jsonable(self.output_size)}
+
+
+class Residual(Layer):
+    """A residual block: ``body(x) + shortcut(x)``, the shortcut being the identity when None.
+
+    ``body`` and ``shortcut`` are layers, typically :class:`convnet.Sequential` stacks (a
+    projection shortcut is e.g. ``Sequential(Conv2d(c, f, 1, stride=2), BatchNorm2d(f))``).
+    Their parameters are named ``"body.<name>"`` and ``"shortcut.<name>"``. The sum is one
+    pass over the activation (a new array: the body's output may be a view of something a
+    layer kept); backward adds the shortcut's gradient into the body's in place when that
+    array is the body's own.
+    """
+
+    def __init__(self, body: Layer, shortcut: Layer | None = None) -> None:
+        super().__init__()
+        for name, part in (("body", body), ("shortcut", shortcut)):
+            if part is not None and not isinstance(part, Layer):
+                raise TypeError(f"{name} must be a Layer (e.g. a Sequential), got {type(part).__name__}")
+        if body is None:
+            raise TypeError("body must be a Layer (e.g. a Sequential), got None")
+        self.body = body
+        self.shortcut = shortcut
+
+    def children(self) -> list[tuple[str, Layer]]:
+        return [("body", self.body)] + ([("shortcut", self.shortcut)] if self.shortcut is not None else [])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = self.body.forward(x)
+        s = x if self.shortcut is None else self.shortcut.forward(x)
+        if getattr(y, "shape", None) != getattr(s, "shape", None):
+            raise ValueError(f"body output {getattr(y, 'shape', None)} and shortcut output "
+                             f"{getattr(s, 'shape', None)} differ; give a shortcut that matches "
+                             f"(e.g. a strided 1x1 Conv2d)")
+        return np.add(y, s)
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Backpropagate through both branches; return ``dx`` (None with ``input_grad=False``)."""
+        if not input_grad:
+            self.body.backward(dy, input_grad=False)
+            if self.shortcut is not None:
+                self.shortcut.backward(dy, input_grad=False)
+            return None
+        dx = self.body.backward(dy)
+        ds = dy if self.shortcut is None else self.shortcut.backward(dy)
+        if dx.flags.writeable and not (np.may_share_memory(dx, dy) or np.may_share_memory(dx, ds)):
+            dx += ds
+            return dx
+        return dx + ds
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        short = "" if self.shortcut is None else f",\n  shortcut={_indent(repr(self.shortcut))}"
+        return f"Residual(\n  body={_indent(repr(self.body))}{short}\n)"
+
+
+def _indent(text: str) -> str:
+    return text.replace("\n", "\n  ")
+
+
 #: Layer classes by name, used to rebuild a saved model.
 LAYER_TYPES: dict[str, type[Layer]] = {
     cls.__name__: cls
-    for cls in (Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid, Tanh, Flatten, Linear, Dropout)
+    for cls in (Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid, Tanh, Flatten, Linear,
+                Dropout, BatchNorm2d, BatchNorm1d, AdaptiveAvgPool2d, Residual)
 }

@@ -1,20 +1,25 @@
-"""``Sequential`` models, saving and loading, and the default LeNet-style network.
+"""``Sequential`` models (nestable), saving and loading.
 
 File format (``model.save`` / ``convnet.load``): one ``.npz`` archive, readable with
 ``numpy.load(path, allow_pickle=False)``, holding
 
 * ``__architecture__``: a 0-d unicode array with JSON ``{"format": "convnet.Sequential",
-  "version": 1, "input_shape": [C, H, W] or null, "layers": [{"type": "Conv2d", "config":
-  {...}}, ...], "params": {"0.weight": {"shape": [...], "dtype": "float32"}, ...},
-  "sha256": "<digest of all parameter bytes in order>"}``
-* one array per parameter, named ``"<layer index>.<parameter name>"`` (e.g. ``"0.weight"``).
+  "version": 2, "input_shape": [C, H, W] or null, "layers": [spec, ...], "params":
+  {"0.weight": {"shape": [...], "dtype": "float32"}, ...}, "buffers": {...},
+  "sha256": "<digest of all stored arrays in name order>"}``, where a layer's ``spec`` is
+  ``{"type": "Conv2d", "config": {...}}``, or for containers
+  ``{"type": "Sequential", "layers": [spec, ...]}`` and
+  ``{"type": "Residual", "body": spec, "shortcut": spec or null}``;
+* one array per parameter and per buffer, named as in PyTorch's ``state_dict``: the path
+  of layer indices and child names, then the array's name (``"0.weight"``,
+  ``"4.running_mean"``, ``"3.body.0.weight"``).
 * only in checkpoints written by ``fit(checkpoint=...)``: the training state, in members
   whose names start with ``"__training__"`` (see :mod:`convnet._checkpoint`); ``load``
   ignores them.
 
-Writes go to a temporary file in the target directory, are flushed to disk and then
-renamed over the target (``os.replace``), so an interrupted save leaves either the old
-file or the new one, never a broken one.
+Version 1 files (no containers, no buffers) still load. Writes go to a temporary file in
+the target directory, are flushed to disk and then renamed over the target
+(``os.replace``), so an interrupted save leaves either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -36,22 +41,19 @@ from ._blas import resolve_threads
 from ._io import atomic_open
 from .layers import (
     LAYER_TYPES,
-    Conv2d,
-    Dropout,
-    Flatten,
     Layer,
-    Linear,
-    MaxPool2d,
-    Parameter,
-    ReLU,
-    RngLike,
-    _as_rng,
+    Residual,
+    _indent,
 )
 
-__all__ = ["Sequential", "load", "ModelFileError", "StateDictKeys", "lenet", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["Sequential", "load", "ModelFileError", "StateDictKeys", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "convnet.Sequential"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`load` reads.
+READABLE_VERSIONS = (1, 2)
+# A saved architecture nests containers at most this deep (a hostile file cannot recurse forever).
+MAX_NESTING = 32
 _ARCH_KEY = "__architecture__"
 #: Members of a training checkpoint that hold the training state (see ``convnet.fit``).
 TRAINING_STATE_PREFIX = "__training__"
@@ -72,13 +74,14 @@ def _layer_label(index: int, layer: Layer) -> str:
     return f"layer {index} ({layer!r})"
 
 
-class Sequential:
-    """A stack of layers applied in order.
+class Sequential(Layer):
+    """A stack of layers applied in order; itself a layer, so stacks nest (e.g. as the
+    body of a :class:`convnet.layers.Residual`).
 
     Parameters
     ----------
     *layers : Layer
-        The layers, first to last.
+        The layers, first to last. Their parameters are named ``"<index>.<name>"``.
     input_shape : tuple of int, optional
         Shape of one sample, e.g. (1, 28, 28); used by ``summary()`` and saved with the
         model. ``fit`` fills it in from the training data when it is not set.
@@ -93,6 +96,7 @@ class Sequential:
     """
 
     def __init__(self, *layers: Layer, input_shape: Sequence[int] | None = None) -> None:
+        super().__init__()
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         for i, layer in enumerate(layers):
@@ -113,6 +117,9 @@ class Sequential:
             raise ValueError(f"input_shape must be a sequence of positive ints, got {shape!r}")
         return out
 
+    def children(self) -> list[tuple[str, Layer]]:
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
     # -- container protocol -----------------------------------------------------------
     def __len__(self) -> int:
         return len(self.layers)
@@ -124,7 +131,7 @@ class Sequential:
         return self.layers[index]
 
     def __repr__(self) -> str:
-        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        inner = "".join(f"\n  ({i}) {_indent(repr(layer))}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
 
     # -- computation ------------------------------------------------------------------
@@ -185,7 +192,7 @@ class Sequential:
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
         blas_threads = resolve_threads(blas_threads)
-        was_training = self.training
+        modes = self._modes()
         self.eval()
         try:
             outs = []
@@ -195,38 +202,36 @@ class Sequential:
                     outs.append(self.forward(x[i:i + batch_size]))
         finally:
             self.clear_cache()
-            self.train(was_training)
+            self._restore_modes(modes)
         return np.concatenate(outs, axis=0)
 
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.clear_cache()
-
-    # -- parameters and modes -----------------------------------------------------------
-    def parameters(self) -> list[Parameter]:
-        """All parameters with their gradients, named ``"<layer index>.<name>"``."""
-        out: list[Parameter] = []
-        for i, layer in enumerate(self.layers):
-            out.extend(layer.parameters(prefix=f"{i}."))
+    def _modes(self) -> list[tuple[Layer, bool]]:
+        """Every layer's mode (nested ones included), to restore after an eval-mode pass."""
+        out, stack = [], [self]
+        while stack:
+            layer = stack.pop()
+            out.append((layer, layer.training))
+            stack.extend(child for _, child in layer.children())
         return out
 
-    def num_parameters(self) -> int:
-        return sum(layer.num_parameters() for layer in self.layers)
+    @staticmethod
+    def _restore_modes(modes: list[tuple[Layer, bool]]) -> None:
+        for layer, mode in modes:
+            layer.training = mode
 
     # -- PyTorch-style state dict ------------------------------------------------------------
     def _named_tensors(self) -> list[tuple[str, np.ndarray]]:
-        """The model's own arrays under PyTorch's names, in PyTorch's ``state_dict`` order: each
-        layer's parameters, then its buffers, then its children's (``"3.body.0.weight"``)."""
+        """The model's own arrays under PyTorch's names and in its order: each layer's
+        parameters, then its buffers, then its children's (``"3.body.1.running_mean"``)."""
         out: list[tuple[str, np.ndarray]] = []
 
         def walk(layer: Layer, prefix: str) -> None:
             out.extend((prefix + n, a) for n, a in layer.params.items())
-            out.extend((prefix + n, a) for n, a in getattr(layer, "buffers", {}).items())
-            for name, child in (layer.children() if hasattr(layer, "children") else []):
+            out.extend((prefix + n, b) for n, b in layer.buffers.items())
+            for name, child in layer.children():
                 walk(child, f"{prefix}{name}.")
 
-        for i, layer in enumerate(self.layers):
-            walk(layer, f"{i}.")
+        walk(self, "")
         return out
 
     def state_dict(self) -> OrderedDict[str, np.ndarray]:
@@ -301,39 +306,11 @@ class Sequential:
             target[...] = value
         return StateDictKeys(missing, unexpected)
 
-    def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.zero_grad()
-
-    @property
-    def training(self) -> bool:
-        return all(layer.training for layer in self.layers) if self.layers else True
-
-    def train(self, mode: bool = True) -> Sequential:
-        for layer in self.layers:
-            layer.train(mode)
-        return self
-
-    def eval(self) -> Sequential:
-        return self.train(False)
-
-    @property
-    def dtype(self) -> np.dtype | None:
-        for layer in self.layers:
-            if layer.dtype is not None:
-                return layer.dtype
-        return None
-
-    def astype(self, dtype: Any) -> Sequential:
-        """Convert all parameters to ``dtype`` (float32 or float64); returns ``self``."""
-        for layer in self.layers:
-            layer.astype(dtype)
-        return self
-
     # -- summary ------------------------------------------------------------------------
     def summary(self, input_shape: Sequence[int] | None = None, file=None) -> str:
         """Print (to ``file``, default stdout) and return a table of each layer's output
-        shape and parameter count, like Keras' ``model.summary()``.
+        shape and parameter count, like Keras' ``model.summary()``. Layers nested in
+        containers get rows of their own, named by their path (``3.body.0``).
 
         Parameters
         ----------
@@ -342,27 +319,20 @@ class Sequential:
             Without either, output shapes are shown as "?".
         """
         shape = self._check_input_shape(input_shape) if input_shape is not None else self.input_shape
-        shapes: list[str] = []
+        rows: list[list[str]] = []
         if shape is not None:
             x = np.zeros((1, *shape), dtype=self.dtype or np.float32)
-            was_training = self.training
+            modes = self._modes()
             self.eval()
             try:
-                for i, layer in enumerate(self.layers):
-                    try:
-                        x = layer.forward(x)
-                    except (ValueError, TypeError) as exc:
-                        raise type(exc)(f"{_layer_label(i, layer)} forward, input shape {x.shape}: {exc}") \
-                            from exc
-                    shapes.append(str(("N", *x.shape[1:])).replace("'", ""))
+                _summary_rows(self, "", x, rows)
             finally:
                 self.clear_cache()
-                self.train(was_training)
+                self._restore_modes(modes)
         else:
-            shapes = ["?"] * len(self.layers)
-        rows = [(f"{i}: {layer!r}", shapes[i], f"{layer.num_parameters():,}") for i, layer in enumerate(self.layers)]
+            _summary_rows(self, "", None, rows)
         head = ("Layer", "Output shape", "Params")
-        w = [max(len(r[c]) for r in rows + [head]) for c in range(3)]
+        w = [max(len(r[c]) for r in rows + [list(head)]) for c in range(3)]
         line = "-" * (w[0] + w[1] + w[2] + 4)
         out = [f"{head[0]:<{w[0]}}  {head[1]:<{w[1]}}  {head[2]:>{w[2]}}", line]
         out += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
@@ -381,7 +351,7 @@ class Sequential:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            "layers": [{"type": type(layer).__name__, "config": layer.get_config()} for layer in self.layers],
+            "layers": [_spec(layer) for layer in self.layers],
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -394,18 +364,61 @@ class Sequential:
         _atomic_savez(os.fspath(path), self._file_arrays())
 
     def _file_arrays(self) -> dict[str, np.ndarray]:
-        """The members of a saved file: architecture JSON and one array per parameter."""
-        for layer in self.layers:
-            if type(layer).__name__ not in LAYER_TYPES or LAYER_TYPES[type(layer).__name__] is not type(layer):
-                raise TypeError(f"cannot save custom layer type {type(layer).__name__}; "
-                                f"supported: {', '.join(LAYER_TYPES)}")
+        """The members of a saved file: architecture JSON and one array per parameter and buffer."""
+        arch = self.architecture()  # rejects layer types it cannot describe
         params = {p.name: np.ascontiguousarray(p.data) for p in self.parameters()}
-        arch = self.architecture()
+        buffers = {name: np.asarray(b, order="C") for name, b in self.named_buffers()}  # keeps 0-d
         arch["params"] = {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in params.items()}
-        arch["sha256"] = _digest(params)
+        arch["buffers"] = {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in buffers.items()}
+        arch["sha256"] = _digest({**params, **buffers})
         arrays = {_ARCH_KEY: np.array(json.dumps(arch))}
         arrays.update(params)
+        arrays.update(buffers)
         return arrays
+
+
+def _summary_rows(layer: Layer, name: str, x: np.ndarray | None, rows: list[list[str]]) -> np.ndarray | None:
+    """Append ``[label, output shape, params]`` rows for ``layer``'s children, recursively
+    (a container's row before its children's); return ``layer``'s output for ``x``
+    (None when ``x`` is None: no shapes)."""
+    chained = isinstance(layer, Sequential)  # a Sequential feeds each child the previous output
+    current = x
+    for child_name, child in layer.children():
+        path = f"{name}.{child_name}" if name else child_name
+        label = f"{path}: {type(child).__name__}" if child.children() else f"{path}: {child!r}"
+        row = [label, "?", f"{child.num_parameters():,}"]
+        rows.append(row)
+        inp = current if chained else x
+        try:
+            if child.children():
+                y = _summary_rows(child, path, inp, rows)
+            else:
+                y = None if inp is None else child.forward(inp)
+        except (ValueError, TypeError) as exc:
+            if path in str(exc):
+                raise
+            raise type(exc)(f"layer {path} ({child!r}) forward, input shape {getattr(inp, 'shape', None)}: "
+                            f"{exc}") from exc
+        if y is not None:
+            row[1] = str(("N", *y.shape[1:])).replace("'", "")
+        if chained:
+            current = y
+    if chained or x is None:
+        return current if chained else None
+    return layer.forward(x)  # e.g. a Residual's sum of its branches
+
+
+def _spec(layer: Layer) -> dict[str, Any]:
+    """The JSON description of one layer (containers with their children)."""
+    kind = type(layer).__name__
+    if isinstance(layer, Sequential) and type(layer) is Sequential:
+        return {"type": "Sequential", "layers": [_spec(child) for child in layer.layers]}
+    if LAYER_TYPES.get(kind) is not type(layer):
+        raise TypeError(f"cannot save custom layer type {kind}; supported: Sequential, {', '.join(LAYER_TYPES)}")
+    if isinstance(layer, Residual):
+        return {"type": kind, "body": _spec(layer.body),
+                "shortcut": None if layer.shortcut is None else _spec(layer.shortcut)}
+    return {"type": kind, "config": layer.get_config()}
 
 
 def _digest(params: dict[str, np.ndarray]) -> str:
@@ -478,86 +491,77 @@ def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Se
     if not isinstance(arch, dict) or arch.get("format") != FORMAT_NAME:
         found = arch.get("format") if isinstance(arch, dict) else None
         raise ModelFileError(f"{path}: not a convnet model file (format {found!r})")
-    if arch.get("version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: unsupported model file version {arch.get('version')!r} "
-                             f"(this convnet reads version {FORMAT_VERSION})")
+    version = arch.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"{path}: unsupported model file version {version!r} "
+                             f"(this convnet reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     specs = arch.get("layers")
     if not isinstance(specs, list):
         raise ModelFileError(f"{path}: architecture has no layer list")
-    layers = []
-    for i, spec in enumerate(specs):
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in LAYER_TYPES:
-            raise ModelFileError(f"{path}: layer {i} has unknown type {kind!r}; known: {', '.join(LAYER_TYPES)}")
-        config = spec.get("config", {})
-        try:
-            if kind in ("Conv2d", "Linear"):
-                layers.append(LAYER_TYPES[kind](**config, rng=0))  # weights are overwritten below
-            else:
-                layers.append(LAYER_TYPES[kind](**config))
-        except (TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: layer {i} ({kind}) has an invalid config {config}: {exc}") from None
+    layers = [_build_layer(path, spec, str(i), 1) for i, spec in enumerate(specs)]
     try:
         model = Sequential(*layers, input_shape=arch.get("input_shape"))
     except ValueError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
 
-    expected = {p.name: p for p in model.parameters()}
+    # Parameters and buffers (batch norm's running estimates) are stored alike, by name.
+    expected = {p.name: p.data for p in model.parameters()}
+    expected.update(model.named_buffers())
     missing = [name for name in expected if name not in arrays]
     extra = sorted(set(arrays) - set(expected))
     if missing:
         raise ModelFileError(f"{path}: weights missing for {', '.join(missing)} (architecture needs them)")
     if extra:
         raise ModelFileError(f"{path}: unexpected weights {', '.join(extra)} that the architecture does not use")
-    for name, p in expected.items():
+    for name, current in expected.items():
         value = arrays[name]
-        if value.shape != p.data.shape or value.dtype != p.data.dtype:
+        if value.shape != current.shape or value.dtype != current.dtype:
             idx = int(name.split(".")[0])
             raise ModelFileError(
                 f"{path}: weight {name} of layer {idx} ({model[idx]!r}) does not match the architecture: "
-                f"expected {p.data.dtype} {p.data.shape}, file has {value.dtype} {value.shape}"
+                f"expected {current.dtype} {current.shape}, file has {value.dtype} {value.shape}"
             )
     digest = arch.get("sha256")
     if digest is not None and digest != _digest(arrays):
         raise ModelFileError(f"{path}: weights are corrupted (checksum mismatch)")
-    for name, p in expected.items():
-        p.data[...] = arrays[name]
+    for name, current in expected.items():
+        current[...] = arrays[name]
     return model
 
 
-def lenet(num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), *, rng: RngLike = 0,
-          channels: tuple[int, int] = (16, 32), hidden: int = 128, dropout: float = 0.25,
-          dtype: Any = np.float32) -> Sequential:
-    """The LeNet-style network ``convnet train`` uses.
-
-    conv 5x5 pad 2 -> ReLU -> maxpool 2 -> conv 5x5 -> ReLU -> maxpool 2 -> flatten ->
-    dropout -> linear -> ReLU -> linear (logits).
-
-    Parameters
-    ----------
-    num_classes : int
-    input_shape : (C, H, W) of one sample; H and W at least 12.
-    rng : Generator, int seed or None; initial weights and the dropout masks.
-    channels : output channels of the two conv layers.
-    hidden : width of the hidden linear layer.
-    dropout : dropout probability on the flattened features (0 for none).
-    dtype : float32 (default) or float64.
-    """
-    gen = _as_rng(rng)
-    shape = Sequential._check_input_shape(input_shape)
-    if shape is None or len(shape) != 3:
-        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
-    c, h, w = shape
-    features = [
-        Conv2d(c, channels[0], 5, padding=2, rng=gen, dtype=dtype), ReLU(), MaxPool2d(2),
-        Conv2d(channels[0], channels[1], 5, rng=gen, dtype=dtype), ReLU(), MaxPool2d(2), Flatten(),
-    ]
-    # The flattened size follows from the layers themselves: run one zero image through.
+def _build_layer(path: str, spec: Any, where: str, depth: int) -> Layer:
+    """One layer from its JSON spec (``where`` is its path, e.g. ``3.body.0``, for messages)."""
+    if depth > MAX_NESTING:
+        raise ModelFileError(f"{path}: layer {where} nests containers more than {MAX_NESTING} deep")
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "Sequential":
+        children = spec.get("layers")
+        if not isinstance(children, list):
+            raise ModelFileError(f"{path}: layer {where} (Sequential) has no layer list")
+        return Sequential(*[_build_layer(path, c, f"{where}.{i}", depth + 1) for i, c in enumerate(children)])
+    if kind == "Residual":
+        if not isinstance(spec.get("body"), dict):
+            raise ModelFileError(f"{path}: layer {where} (Residual) has no body")
+        shortcut = spec.get("shortcut")
+        return Residual(_build_layer(path, spec["body"], f"{where}.body", depth + 1),
+                        None if shortcut is None else _build_layer(path, shortcut, f"{where}.shortcut", depth + 1))
+    if kind not in LAYER_TYPES:
+        raise ModelFileError(f"{path}: layer {where} has unknown type {kind!r}; "
+                             f"known: Sequential, {', '.join(LAYER_TYPES)}")
+    config = spec.get("config", {})
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: layer {where} ({kind}) has an invalid config {config!r}")
     try:
-        flat = Sequential(*features).predict(np.zeros((1, c, h, w), dtype=dtype)).shape[1]
-    except ValueError:
-        raise ValueError(f"input_shape {tuple(input_shape)} is too small for lenet (need H, W >= 12)") from None
-    drop = [Dropout(dropout, rng=int(gen.integers(2**63)))] if dropout else []
-    head = [*drop, Linear(flat, hidden, rng=gen, dtype=dtype), ReLU(),
-            Linear(hidden, num_classes, rng=gen, dtype=dtype)]
-    return Sequential(*features, *head, input_shape=(c, h, w))
+        if kind in ("Conv2d", "Linear"):
+            return LAYER_TYPES[kind](**config, rng=0)  # weights are overwritten by the file's
+        return LAYER_TYPES[kind](**config)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: layer {where} ({kind}) has an invalid config {config}: {exc}") from None
+
+
+def __getattr__(name: str) -> Any:
+    # ``convnet.model.lenet`` moved to :mod:`convnet.models`; the old import keeps working.
+    if name == "lenet":
+        from .models import lenet
+        return lenet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

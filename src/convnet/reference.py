@@ -54,6 +54,10 @@ __all__ = [
     "tanh_backward",
     "identity",
     "identity_backward",
+    "batch_norm",
+    "batch_norm_backward",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
 ]
 
 
@@ -573,3 +577,163 @@ def identity_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Identity derivative ``f'(x) = 1``: returns a copy of ``dy``."""
     _check_elementwise_backward(dy, x)
     return dy.copy()
+
+
+# ---------------------------------------------------------------------------
+# batch normalization (channel by channel) and adaptive average pooling
+# ---------------------------------------------------------------------------
+
+def _bn_check(x: object, weight, bias, running_mean, running_var) -> None:
+    ndim = x.ndim if isinstance(x, np.ndarray) and x.ndim in (2, 4) else 4
+    check_array(x, "x", ndim, "(N, C, H, W) or (N, C)")
+    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if a is not None:
+            check_array(a, name, 1, "(C,)")
+            check_shape(a, name, (x.shape[1],))
+            check_same_dtype(x=x, **{name: a})
+
+
+def _channel_values(x: np.ndarray, c: int) -> np.ndarray:
+    """All values of channel ``c`` (over the images and positions), as a flat float64 array."""
+    return np.array([v for n in range(x.shape[0]) for v in np.ravel(x[n, c])], dtype=np.float64)
+
+
+def _channel_stats(x: np.ndarray, c: int) -> tuple[float, float, int]:
+    """Mean and biased variance of channel ``c``, summed one value at a time."""
+    values = _channel_values(x, c)
+    m = len(values)
+    mean = 0.0
+    for v in values:
+        mean += v
+    mean /= m
+    var = 0.0
+    for v in values:
+        var += (v - mean) ** 2
+    return mean, var / m, m
+
+
+def batch_norm(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+               running_mean: np.ndarray | None, running_var: np.ndarray | None, training: bool,
+               momentum: float = 0.1, eps: float = 1e-5) -> np.ndarray:
+    """Batch normalization, one channel at a time (Ioffe & Szegedy 2015, Algorithm 1).
+
+    For each channel ``c`` with values ``x_1..x_M`` (over images and positions)::
+
+        mu = sum(x_i) / M,   var = sum((x_i - mu)^2) / M            (biased)
+        y_i = (x_i - mu) / sqrt(var + eps) * weight[c] + bias[c]
+
+    In training (and whenever there are no running estimates) the batch's ``mu`` and
+    ``var`` are used, and the running estimates are updated in place as PyTorch does:
+    ``running = (1 - momentum) * running + momentum * stat`` with the unbiased variance
+    ``var * M / (M - 1)``. In eval mode the running estimates are used and not changed.
+    """
+    _bn_check(x, weight, bias, running_mean, running_var)
+    y = np.zeros_like(x)
+    for c in range(x.shape[1]):
+        if training or running_mean is None:
+            mu, var, m = _channel_stats(x, c)
+            if training and running_mean is not None:
+                running_mean[c] = (1 - momentum) * running_mean[c] + momentum * mu
+                running_var[c] = (1 - momentum) * running_var[c] + momentum * var * m / (m - 1)
+        else:
+            mu, var = float(running_mean[c]), float(running_var[c])
+        gamma = 1.0 if weight is None else float(weight[c])
+        beta = 0.0 if bias is None else float(bias[c])
+        for n in range(x.shape[0]):
+            y[n, c] = (x[n, c] - mu) / np.sqrt(var + eps) * gamma + beta
+    return y
+
+
+def batch_norm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray | None,
+                        running_mean: np.ndarray | None = None, running_var: np.ndarray | None = None,
+                        training: bool = True, eps: float = 1e-5
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`batch_norm` by the chain rule through each step of the forward
+    pass (not the fused formula), channel by channel::
+
+        dx_hat = dy * weight
+        dvar   = sum(dx_hat * (x - mu)) * -1/2 * (var + eps)^(-3/2)
+        dmu    = -sum(dx_hat) / sqrt(var + eps) + dvar * sum(-2 (x - mu)) / M
+        dx     = dx_hat / sqrt(var + eps) + dvar * 2 (x - mu) / M + dmu / M
+
+    With running statistics (``training=False`` and running estimates given) ``mu`` and
+    ``var`` are constants and only the first term remains. Returns ``dx, dweight, dbias``.
+    """
+    _bn_check(x, weight, None, running_mean, running_var)
+    check_array(dy, "dy", x.ndim, "(shape of x)")
+    check_shape(dy, "dy", x.shape)
+    check_same_dtype(dy=dy, x=x)
+    dx = np.zeros_like(x)
+    dweight = np.zeros(x.shape[1], dtype=x.dtype)
+    dbias = np.zeros(x.shape[1], dtype=x.dtype)
+    for c in range(x.shape[1]):
+        batch = training or running_mean is None
+        if batch:
+            mu, var, m = _channel_stats(x, c)
+        else:
+            mu, var, m = float(running_mean[c]), float(running_var[c]), None
+        gamma = 1.0 if weight is None else float(weight[c])
+        std = np.sqrt(var + eps)
+        xs = [x[n, c].astype(np.float64) for n in range(x.shape[0])]
+        gs = [dy[n, c].astype(np.float64) for n in range(x.shape[0])]
+        dweight[c] = sum(float(np.sum(g * (v - mu) / std)) for g, v in zip(gs, xs))
+        dbias[c] = sum(float(np.sum(g)) for g in gs)
+        dxhat = [g * gamma for g in gs]
+        if not batch:
+            for n in range(x.shape[0]):
+                dx[n, c] = dxhat[n] / std
+            continue
+        dvar = sum(float(np.sum(d * (v - mu))) for d, v in zip(dxhat, xs)) * -0.5 * (var + eps) ** -1.5
+        dmu = -sum(float(np.sum(d)) for d in dxhat) / std + dvar * sum(float(np.sum(-2 * (v - mu))) for v in xs) / m
+        for n in range(x.shape[0]):
+            dx[n, c] = dxhat[n] / std + dvar * 2 * (xs[n] - mu) / m + dmu / m
+    return dx, dweight, dbias
+
+
+def _adaptive_window(i: int, size: int, out: int) -> tuple[int, int]:
+    """PyTorch's adaptive window of output ``i``: ``[floor(i*size/out), ceil((i+1)*size/out))``."""
+    return (i * size) // out, -(-((i + 1) * size) // out)
+
+
+def _output_size_pair(output_size: IntOrPair) -> tuple[int, int]:
+    oh, ow = (output_size, output_size) if isinstance(output_size, (int, np.integer)) else output_size
+    return int(oh), int(ow)
+
+
+def adaptive_avg_pool2d(x: np.ndarray, output_size: IntOrPair) -> np.ndarray:
+    """Adaptive average pooling: output ``(i, j)`` is the mean of its window, one at a time.
+
+    With an output size that divides the input the windows are the tutorial's mean pooling
+    with kernel = stride = ``H / OH``; ``output_size=1`` averages each whole map.
+    """
+    check_array(x, "x", 4, "(N, C, H, W)")
+    oh, ow = _output_size_pair(output_size)
+    n_images, n_channels, h, w = x.shape
+    y = np.zeros((n_images, n_channels, oh, ow), dtype=x.dtype)
+    for n in range(n_images):
+        for c in range(n_channels):
+            for i in range(oh):
+                r0, r1 = _adaptive_window(i, h, oh)
+                for j in range(ow):
+                    c0, c1 = _adaptive_window(j, w, ow)
+                    y[n, c, i, j] = np.mean(x[n, c, r0:r1, c0:c1])
+    return y
+
+
+def adaptive_avg_pool2d_backward(dy: np.ndarray, x: np.ndarray, output_size: IntOrPair) -> np.ndarray:
+    """Each output's error divided evenly among its window's inputs (overlaps add up)."""
+    check_array(x, "x", 4, "(N, C, H, W)")
+    oh, ow = _output_size_pair(output_size)
+    check_array(dy, "dy", 4, "(N, C, OH, OW)")
+    check_shape(dy, "dy", x.shape[:2] + (oh, ow))
+    check_same_dtype(dy=dy, x=x)
+    dx = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(oh):
+                r0, r1 = _adaptive_window(i, x.shape[2], oh)
+                for j in range(ow):
+                    c0, c1 = _adaptive_window(j, x.shape[3], ow)
+                    dx[n, c, r0:r1, c0:c1] += dy[n, c, i, j] / ((r1 - r0) * (c1 - c0))
+    return dx
