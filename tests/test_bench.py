@@ -195,13 +195,13 @@ def test_loaded_mode_reports_every_condition_and_setting(tmp_path, monkeypatch, 
 
     calls = []
 
-    def fake(name):
+    def fake(name, torch):
         def fn():
             calls.append(name)
-        return fn, fn
+        return fn, (fn if torch is not None else None)  # as the real ones: no torch half without torch
 
-    monkeypatch.setattr(_loaded, "lenet_steps", lambda torch: fake("lenet"))
-    monkeypatch.setattr(_loaded, "conv_fwd_bwd", lambda torch, shape: fake("conv"))
+    monkeypatch.setattr(_loaded, "lenet_steps", lambda torch: fake("lenet", torch))
+    monkeypatch.setattr(_loaded, "conv_fwd_bwd", lambda torch, shape: fake("conv", torch))
     code, report = _run(tmp_path, ["--loaded", "--loaded-rounds", "1"])
     out = capsys.readouterr().out
     assert code == 0
