@@ -21,6 +21,7 @@ else); no traceback. Set ``CONVNET_DEBUG=1`` to see tracebacks.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -368,8 +369,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .model import load
 
     model = load(args.model)
-    print(f"{args.model}:")
-    model.summary()
+    table = model.summary(file=io.StringIO())  # all checks first: an error prints nothing else
+    print(f"{args.model}:\n{table}")
     return 0
 
 
