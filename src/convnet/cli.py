@@ -22,6 +22,7 @@ else); no traceback. Set ``CONVNET_DEBUG=1`` to see tracebacks.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -369,8 +370,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .model import load
 
     model = load(args.model)
-    print(f"{args.model}:")
-    model.summary()
+    table = model.summary(file=io.StringIO())  # all checks first: an error prints nothing else
+    print(f"{args.model}:\n{table}")
     return 0
 
 
@@ -484,6 +485,11 @@ def _add_predict_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines) on stdout")
     p.add_argument("--invert", action="store_true",
                    help="invert pictures (dark digits on a light background -> MNIST's light on dark)")
+    p.add_argument("--mean", type=_float_list, default=None, metavar="M[,M...]",
+                   help="per-channel mean to subtract after scaling to [0, 1] (for models trained on "
+                        "normalized images, e.g. CIFAR-10's channel means)")
+    p.add_argument("--std", type=_float_list, default=None, metavar="S[,S...]",
+                   help="per-channel standard deviation to divide by, after --mean")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="inference batch size (default 256)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="run the prediction on the Dask cluster at ADDRESS (e.g. tcp://host:8786; needs "
@@ -507,12 +513,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"{args.model}: {exc}", 1) from None
     dtype = model.dtype or np.float32
+    mean, std = _channel_stats(args.mean, args.std, shape[0], dtype)
     labels: list[str] = []
     batches = []
     failed = 0
     for path in args.inputs:
         try:
-            x = read_images(path, shape, dtype, invert=args.invert)
+            x = (read_images(path, shape, dtype, invert=args.invert) - mean) / std
         except InputFileError as exc:
             failed += 1
             print(f"convnet predict: error: {exc}", file=sys.stderr)
@@ -539,6 +546,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 print(f"{label}: " + ", ".join(f"{int(c)} ({p:.4f})" for c, p in zip(cls, prob)))
     return 1 if failed else 0
+
+
+def _float_list(text: str) -> list[float]:
+    """argparse type: comma-separated finite numbers."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {text!r}") from None
+    if not all(abs(v) < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite numbers, got {text!r}")
+    return values
+
+
+def _channel_stats(mean, std, channels: int, dtype):
+    """(mean, std) as (C, 1, 1) arrays for ``(x - mean) / std``; one value applies to every channel."""
+    import numpy as np
+
+    out = []
+    for name, values, default in (("--mean", mean, 0.0), ("--std", std, 1.0)):
+        values = [default] if values is None else values
+        if len(values) not in (1, channels):
+            raise CliError(f"{name} needs 1 or {channels} values (the model's channels), got {len(values)}", 2)
+        if name == "--std" and min(values) <= 0:
+            raise CliError(f"--std values must be positive, got {values}", 2)
+        out.append(np.asarray(values, dtype=dtype).reshape(-1, 1, 1))
+    return out[0], out[1]
 
 
 def _predict_on_cluster(model, x, address: str, batch_size: int):
