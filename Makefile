@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # OpenBLAS reads these to force a CPU kernel; benchmarks let it pick the one for this CPU.
 BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 
-.PHONY: test lint demo bench bench-train venv clean
+.PHONY: test lint demo serve bench bench-train venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(LINT_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/convnet train
+
+# The drawing page on http://127.0.0.1:8000/ for the model `make demo` wrote (trained first if missing).
+serve: $(STAMP)
+	$(VENV)/bin/convnet serve $(ARGS)
 
 bench: $(STAMP)
 	@$(PY) -c "import torch" 2>/dev/null || [ -z "$(TORCH)" ] || $(PY) -m pip install --quiet '$(TORCH)' \

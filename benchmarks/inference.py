@@ -85,7 +85,7 @@ def dask_vs_one_process(model: Sequential, x: np.ndarray, batch: int, rounds: in
 
     one_thread = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR, env=one_thread) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         start = time.perf_counter() - t0

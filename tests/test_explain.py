@@ -242,3 +242,40 @@ def test_cli_explain_rejects_an_unknown_part(capsys):
         cli(capsys, "explain", "unpool")
     assert exc.value.code == 2
     assert "invalid choice: 'unpool'" in capsys.readouterr().err
+
+
+def test_steps_are_the_printed_replay_as_data():
+    text, _ = run()
+    parts = E.steps()
+    assert [p["title"] for p in parts] == ["", "Convolution forward",
+                                           "Convolution backward (sensitivity maps and filter gradients)",
+                                           "Pooling: 2x2 windows, stride 2"]
+    flat = squash(text)
+    tables = checks = 0
+    for part in parts:
+        assert part["title"] in text
+        for step in part["steps"]:
+            assert step["title"] in text
+            for item in step["items"]:
+                if "cells" in item:  # every table, cell for cell, is what explain prints under its label
+                    tables += 1
+                    rows = ",".join("[" + ",".join(row) + "]" for row in item["cells"])
+                    assert squash(item["label"]) + ":[" + rows + "]" in flat
+                elif "check" in item:
+                    checks += 1
+                    assert item["ok"] and "check: " + item["check"] in text
+                else:
+                    assert item["text"] in text
+    assert tables > 40 and checks >= 12
+    conv = parts[1]["steps"][-1]["items"]
+    assert conv[0] == {"label": "feature map 0", "cells": [["6", "7", "5"], ["3", "-1", "-1"], ["2", "-1", "4"]]}
+
+
+def test_steps_record_a_mismatch_as_a_failed_check(monkeypatch):
+    real = R.max_pool2d
+    monkeypatch.setattr(E.R, "max_pool2d", lambda x, k, s: real(x, k, s) + 1)
+    items = [i for part in E.steps("pool") for step in part["steps"] for i in step["items"] if "check" in i]
+    bad = [i for i in items if not i["ok"]]
+    assert len(bad) == 1 and "max pooling: engine and loop reference disagree" in bad[0]["check"]
+    with pytest.raises(ValueError, match="part must be"):
+        E.steps("softmax")

@@ -147,6 +147,24 @@ def test_picture_bombs_are_refused_before_decoding(tmp_path, monkeypatch):
         read_images(tmp_path / "big.png", (1, 28, 28))
 
 
+def test_mean_and_std_normalize_per_channel(tmp_path):
+    model = convnet.Sequential(L.Conv2d(3, 4, 3, rng=0), L.Flatten(), L.Linear(4 * 6 * 6, 5, rng=1),
+                               input_shape=(3, 8, 8))
+    model.save(tmp_path / "rgb.npz")
+    x = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mean, std = np.array([0.5, 0.4, 0.3], np.float32), np.array([0.25, 0.2, 0.5], np.float32)
+    proc = run_cli("predict", tmp_path / "rgb.npz", tmp_path / "x.npy", "--mean", "0.5,0.4,0.3",
+                   "--std", "0.25,0.2,0.5", "--top", "5")
+    assert proc.returncode == 0, proc.stderr
+    logits = model.predict((x - mean[:, None, None]) / std[:, None, None])
+    assert proc.stdout.splitlines() == [expected_line(f"{tmp_path / 'x.npy'}[{i}]", logits[i], 5) for i in range(2)]
+    for args, fragment in ((["--mean", "0.5,0.4"], "--mean needs 1 or 3 values"), (["--std", "0"], "positive"),
+                           (["--mean", "a"], "numbers separated by commas")):
+        bad = run_cli("predict", tmp_path / "rgb.npz", tmp_path / "x.npy", *args)
+        assert bad.returncode == 2 and fragment in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
 def test_predict_usage_errors(setup):
     d, _, _ = setup
     proc = run_cli("predict", d / "m.npz")

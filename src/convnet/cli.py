@@ -12,6 +12,7 @@ Subcommands, one ``cmd_<name>(args) -> int`` function each, registered in
 * ``convnet explain [conv|backward|pool]``: the tutorial's worked examples, step by step.
 * ``convnet predict MODEL INPUT...``: classify pictures, .npy arrays or IDX files.
 * ``convnet export MODEL --onnx OUT --safetensors OUT``: the model for other engines.
+* ``convnet serve [MODEL]``: a local web page to draw digits and watch the network (``serve.py``).
 
 User mistakes (missing files, bad option values, corrupted models) print one line
 ``convnet: error: ...`` to stderr and exit with status 2 (bad usage) or 1 (anything
@@ -21,6 +22,7 @@ else); no traceback. Set ``CONVNET_DEBUG=1`` to see tracebacks.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -368,8 +370,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .model import load
 
     model = load(args.model)
-    print(f"{args.model}:")
-    model.summary()
+    table = model.summary(file=io.StringIO())  # all checks first: an error prints nothing else
+    print(f"{args.model}:\n{table}")
     return 0
 
 
@@ -483,6 +485,11 @@ def _add_predict_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines) on stdout")
     p.add_argument("--invert", action="store_true",
                    help="invert pictures (dark digits on a light background -> MNIST's light on dark)")
+    p.add_argument("--mean", type=_float_list, default=None, metavar="M[,M...]",
+                   help="per-channel mean to subtract after scaling to [0, 1] (for models trained on "
+                        "normalized images, e.g. CIFAR-10's channel means)")
+    p.add_argument("--std", type=_float_list, default=None, metavar="S[,S...]",
+                   help="per-channel standard deviation to divide by, after --mean")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="inference batch size (default 256)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="run the prediction on the Dask cluster at ADDRESS (e.g. tcp://host:8786; needs "
@@ -506,12 +513,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"{args.model}: {exc}", 1) from None
     dtype = model.dtype or np.float32
+    mean, std = _channel_stats(args.mean, args.std, shape[0], dtype)
     labels: list[str] = []
     batches = []
     failed = 0
     for path in args.inputs:
         try:
-            x = read_images(path, shape, dtype, invert=args.invert)
+            x = (read_images(path, shape, dtype, invert=args.invert) - mean) / std
         except InputFileError as exc:
             failed += 1
             print(f"convnet predict: error: {exc}", file=sys.stderr)
@@ -538,6 +546,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 print(f"{label}: " + ", ".join(f"{int(c)} ({p:.4f})" for c, p in zip(cls, prob)))
     return 1 if failed else 0
+
+
+def _float_list(text: str) -> list[float]:
+    """argparse type: comma-separated finite numbers."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {text!r}") from None
+    if not all(abs(v) < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite numbers, got {text!r}")
+    return values
+
+
+def _channel_stats(mean, std, channels: int, dtype):
+    """(mean, std) as (C, 1, 1) arrays for ``(x - mean) / std``; one value applies to every channel."""
+    import numpy as np
+
+    out = []
+    for name, values, default in (("--mean", mean, 0.0), ("--std", std, 1.0)):
+        values = [default] if values is None else values
+        if len(values) not in (1, channels):
+            raise CliError(f"{name} needs 1 or {channels} values (the model's channels), got {len(values)}", 2)
+        if name == "--std" and min(values) <= 0:
+            raise CliError(f"--std values must be positive, got {values}", 2)
+        out.append(np.asarray(values, dtype=dtype).reshape(-1, 1, 1))
+    return out[0], out[1]
 
 
 def _predict_on_cluster(model, x, address: str, batch_size: int):
@@ -601,9 +635,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="a local web page: draw a digit and watch the network see it",
+                       description="Serve a page where you draw a digit and see the class probabilities, the "
+                                   "feature maps of every conv and pooling layer and the saliency map as you draw; "
+                                   "step through the tutorial's worked examples; train a network and watch its "
+                                   "learning curve and filters. Listens on 127.0.0.1 (this machine only) unless "
+                                   "--host says otherwise; Ctrl-C stops it.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help=f"model file (default {DEFAULT_OUT}, which `make demo` / `convnet train` write; "
+                        f"trained first when missing)")
+    p.add_argument("--port", type=_checked(int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535"),
+                   default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1); 0.0.0.0 opens the page to other machines")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``convnet serve [MODEL]``: serve the page until Ctrl-C."""
+    from . import serve
+    from .model import load
+
+    path = DEFAULT_OUT if args.model is None else args.model
+    if args.model is None and not os.path.exists(path):
+        print(f"no model at {path} yet: training the default network first (convnet train)", flush=True)
+        cmd_train(build_parser().parse_args(["train", "--out", path]))
+    model = load(path)
+    try:
+        server = serve.make_server(model, args.host, args.port, model_name=path)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host} port {args.port}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CliError(f"{path}: {exc}") from None
+    return serve.run_server(server)
+
+
 # Each entry adds one subcommand's parser (which sets `func`); add new subcommands here.
 SUBCOMMANDS: list[Callable] = [_add_train_parser, _add_evaluate_parser, _add_summary_parser,
-                               _add_plot_parser, _add_explain_parser, _add_predict_parser, _add_export_parser]
+                               _add_plot_parser, _add_explain_parser, _add_predict_parser, _add_export_parser,
+                               _add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

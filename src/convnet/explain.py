@@ -18,13 +18,18 @@ Usage from Python::
     explain()                 # all three parts on the tutorial's arrays
     explain("pool")           # one part
     explain("conv", x=my_x, weight=my_w, stride=1, padding=0)
+
+:func:`steps` returns the same replay as data (parts, steps, lines, tables of the
+printed numbers), for ``convnet serve``'s explain view.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -147,6 +152,71 @@ class _Printer:
         self.array("engine", engine.reshape(-1, engine.shape[-1]) if engine.ndim > 3 else engine)
         self.array(other_name, other.reshape(-1, other.shape[-1]) if other.ndim > 3 else other)
         self.line(bar)
+
+
+class _Recorder(_Printer):
+    """A printer that also keeps the replay as data: parts (headings) of steps (sub-headings),
+    each a list of items ``{"text"}``, ``{"label", "cells"}`` (a 2-D array's entries as printed)
+    or ``{"check", "ok"}``."""
+
+    def __init__(self) -> None:
+        super().__init__(io.StringIO())
+        self.parts: list[dict[str, Any]] = []
+        self._inner = 0          # > 0 while a heading, array or check prints its own lines
+        self._said: list[str] = []
+
+    @contextlib.contextmanager
+    def _quiet(self):
+        self._inner += 1
+        try:
+            yield
+        finally:
+            self._inner -= 1
+
+    def _items(self) -> list[dict[str, Any]]:
+        if not self.parts:
+            self.parts.append({"title": "", "steps": []})
+        steps = self.parts[-1]["steps"]
+        if not steps:
+            steps.append({"title": "", "items": []})
+        return steps[-1]["items"]
+
+    def line(self, text: str = "") -> None:
+        super().line(text)
+        if self._inner:
+            self._said.append(text)
+        elif text:
+            self._items().append({"text": text})
+
+    def heading(self, text: str) -> None:
+        with self._quiet():
+            super().heading(text)
+        self.parts.append({"title": text, "steps": []})
+
+    def sub(self, text: str) -> None:
+        with self._quiet():
+            super().sub(text)
+        self._items()  # makes sure a part exists
+        self.parts[-1]["steps"].append({"title": text, "items": []})
+
+    def array(self, label: str, a: np.ndarray, unit: str = "channel") -> None:
+        a = np.asarray(a)
+        if a.ndim != 2:
+            super().array(label, a, unit)  # recurses into self.array one 2-D slice at a time
+            return
+        if not self._inner:
+            b = np.asarray(a, dtype=np.float64)
+            integral = bool(np.all(np.isfinite(b)) and np.all(b == np.round(b)))
+            self._items().append({"label": label, "cells": [[_num(v, integral) for v in row] for row in b]})
+        with self._quiet():
+            super().array(label, a, unit)
+
+    def check(self, what: str, engine: np.ndarray, other: np.ndarray, other_name: str) -> None:
+        before, self._said = self.mismatches, []
+        with self._quiet():
+            super().check(what, engine, other, other_name)
+        text = " ".join(line.strip() for line in self._said if line.strip().strip("!"))
+        self._items().append({"check": text.removeprefix("check: "), "ok": self.mismatches == before})
 
 
 # --------------------------------------------------------------------------- validation
@@ -517,6 +587,31 @@ def explain(part: str | Sequence[str] = "all", x: np.ndarray | None = None, weig
     ValueError, TypeError
         For arrays or arguments that do not fit, before anything is printed.
     """
+    out = _Printer(file if file is not None else sys.stdout)
+    _replay(out, part, x, weight, bias, stride, padding, dy)
+    return out.mismatches
+
+
+def steps(part: str | Sequence[str] = "all", x: np.ndarray | None = None, weight: np.ndarray | None = None,
+          bias: np.ndarray | None = None, stride: object = None, padding: object = None,
+          dy: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The replay :func:`explain` prints, as data (same arguments, same numbers).
+
+    Returns
+    -------
+    list of dict
+        One per part: ``{"title": heading, "steps": [{"title": sub-heading, "items": [...]}]}``,
+        each item one of ``{"text": line}``, ``{"label": name, "cells": [[str]]}`` (a 2-D array,
+        its entries formatted as :func:`explain` prints them) or ``{"check": message, "ok": bool}``
+        (an engine result compared with an independent computation). Lines printed before the
+        first heading form an untitled part.
+    """
+    out = _Recorder()
+    _replay(out, part, x, weight, bias, stride, padding, dy)
+    return out.parts
+
+
+def _replay(out: _Printer, part, x, weight, bias, stride, padding, dy) -> None:
     parts = list(PARTS) if part == "all" else [part] if isinstance(part, str) else list(part)
     for p in parts:
         if p not in PARTS:
@@ -536,7 +631,6 @@ def explain(part: str | Sequence[str] = "all", x: np.ndarray | None = None, weig
     if "pool" in parts:
         _as_input(px)
 
-    out = _Printer(file if file is not None else sys.stdout)
     if example_conv and ("conv" in parts or "backward" in parts):
         out.line("The tutorial's worked example: a 5x5x3 input, two 3x3x3 filters, stride 2, zero padding 1.")
     for p in parts:
@@ -552,4 +646,3 @@ def explain(part: str | Sequence[str] = "all", x: np.ndarray | None = None, weig
     else:
         out.line("All numbers above were computed by convnet.functional and agree with the loop reference "
                  "(convnet.reference).")
-    return out.mismatches

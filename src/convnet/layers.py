@@ -10,8 +10,11 @@ Gradients accumulate (``grad += ...``) across backward calls, as in PyTorch; cal
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -79,8 +82,45 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# While set (see `skeleton`), new layers get placeholder arrays instead of real ones.
+_SKELETON: contextvars.ContextVar[bool] = contextvars.ContextVar("convnet_layer_skeleton", default=False)
+
+
+@contextlib.contextmanager
+def skeleton() -> Iterator[None]:
+    """Build layers without their arrays: inside the block, parameters, gradients and
+    buffers of new layers are read-only, zero-strided placeholders of the right shape and
+    dtype, so no memory is used and no random numbers are drawn.
+
+    The model loader builds a saved architecture this way, checks the file's arrays
+    against the placeholders, and only then allocates (``numpy.empty``) and fills them
+    (``Layer.params``, ``grads`` and ``buffers`` are replaced). Such a layer cannot run
+    until then.
+    """
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
+def _placeholder(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > np.iinfo(np.intp).max:
+        raise ValueError(f"an array of shape {tuple(shape)} ({dtype}) would take {nbytes:.3g} bytes")
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def _filled(shape: tuple[int, ...], value: float, dtype: np.dtype) -> np.ndarray:
+    """``numpy.full``, or a placeholder while building a skeleton."""
+    return _placeholder(shape, dtype) if _SKELETON.get() else np.full(shape, value, dtype=dtype)
+
+
 def _pytorch_uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int,
                      dtype: np.dtype) -> np.ndarray:
+    if _SKELETON.get():
+        return _placeholder(shape, dtype)
     # kaiming_uniform_(a=sqrt(5)) gives bound gain*sqrt(3/fan_in) with gain sqrt(2/(1+5)),
     # i.e. 1/sqrt(fan_in); PyTorch draws the bias from the same range.
     bound = 1.0 / math.sqrt(fan_in)
@@ -122,7 +162,7 @@ class Layer:
     # -- parameters -------------------------------------------------------------------
     def _add_param(self, name: str, value: np.ndarray) -> None:
         self.params[name] = value
-        self.grads[name] = np.zeros_like(value)
+        self.grads[name] = value if _SKELETON.get() else np.zeros_like(value)
 
     def children(self) -> list[tuple[str, Layer]]:
         """Named sub-layers of a container (none for a plain layer).
@@ -742,12 +782,12 @@ class _BatchNorm(Layer):
         self._dtype = _as_float_dtype(dtype)
         c = self.num_features
         if self.affine:
-            self._add_param("weight", np.ones(c, dtype=self._dtype))
-            self._add_param("bias", np.zeros(c, dtype=self._dtype))
+            self._add_param("weight", _filled((c,), 1, self._dtype))
+            self._add_param("bias", _filled((c,), 0, self._dtype))
         if self.track_running_stats:
-            self.buffers["running_mean"] = np.zeros(c, dtype=self._dtype)
-            self.buffers["running_var"] = np.ones(c, dtype=self._dtype)
-            self.buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
+            self.buffers["running_mean"] = _filled((c,), 0, self._dtype)
+            self.buffers["running_var"] = _filled((c,), 1, self._dtype)
+            self.buffers["num_batches_tracked"] = _filled((), 0, np.dtype(np.int64))
         self._x = None
         self._stats = None
 

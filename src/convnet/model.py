@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -39,11 +39,13 @@ from . import _args
 from ._blas import blas_threads as _blas_threads
 from ._blas import resolve_threads
 from ._io import atomic_open
+from ._npz import NpzArchive
 from .layers import (
     LAYER_TYPES,
     Layer,
     Residual,
     _indent,
+    skeleton,
 )
 
 __all__ = ["Sequential", "load", "ModelFileError", "StateDictKeys", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -55,6 +57,10 @@ READABLE_VERSIONS = (1, 2)
 # A saved architecture nests containers at most this deep (a hostile file cannot recurse forever).
 MAX_NESTING = 32
 _ARCH_KEY = "__architecture__"
+#: Largest architecture JSON :func:`load` reads (stored as UTF-32: 4 bytes a character).
+MAX_ARCHITECTURE_BYTES = 16 << 20
+#: ``summary()`` runs one sample through the model; it refuses larger samples.
+MAX_SUMMARY_SAMPLE_BYTES = 1 << 30
 #: Members of a training checkpoint that hold the training state (see ``convnet.fit``).
 TRAINING_STATE_PREFIX = "__training__"
 
@@ -321,11 +327,20 @@ class Sequential(Layer):
         shape = self._check_input_shape(input_shape) if input_shape is not None else self.input_shape
         rows: list[list[str]] = []
         if shape is not None:
-            x = np.zeros((1, *shape), dtype=self.dtype or np.float32)
+            dtype = np.dtype(self.dtype or np.float32)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > MAX_SUMMARY_SAMPLE_BYTES:
+                raise ValueError(f"input_shape {tuple(shape)} is too large for summary(): one {dtype} sample takes "
+                                 f"{nbytes:,} bytes, more than the {MAX_SUMMARY_SAMPLE_BYTES:,} it runs through "
+                                 f"the model to find the output shapes")
+            x = np.zeros((1, *shape), dtype=dtype)
             modes = self._modes()
             self.eval()
             try:
                 _summary_rows(self, "", x, rows)
+            except MemoryError as exc:
+                raise ValueError(f"input_shape {tuple(shape)}: summary() ran out of memory running one sample "
+                                 f"through the model ({exc})") from None
             finally:
                 self.clear_cache()
                 self._restore_modes(modes)
@@ -425,7 +440,7 @@ def _digest(params: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(params):
         h.update(name.encode())
-        h.update(np.ascontiguousarray(params[name]).tobytes())
+        h.update(np.ascontiguousarray(params[name]).reshape(-1).data)  # the bytes, without a copy
     return h.hexdigest()
 
 
@@ -440,6 +455,13 @@ def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
 def load(path: str | os.PathLike) -> Sequential:
     """Load a model saved with ``Sequential.save``.
 
+    The file is treated as hostile until checked, and nothing is allocated before its
+    size is known to be what the file holds: the architecture is built without arrays
+    (:func:`convnet.layers.skeleton`), members of unexpected names are refused before any
+    is decompressed, each array's ``.npy`` header is checked against the architecture
+    before its data are read, and the arrays are then allocated and filled from the file
+    (no random initialisation first). The checksum is required from format version 2.
+
     Returns
     -------
     Sequential
@@ -450,9 +472,12 @@ def load(path: str | os.PathLike) -> Sequential:
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    PermissionError
+        If the file cannot be read.
     ModelFileError
-        (a ``ValueError``) if the file is not a convnet model, is truncated or corrupted,
-        or its weights do not match its architecture; the message says which.
+        (a ``ValueError``) if the file is not a convnet model (or not a regular file), is
+        truncated or corrupted, or its weights do not match its architecture; the message
+        says which.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -460,34 +485,32 @@ def load(path: str | os.PathLike) -> Sequential:
     if os.path.isdir(path):
         raise ModelFileError(f"{path}: is a directory, not a model file")
     try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ModelFileError(f"{path}: not a convnet model file (a plain .npy array, not an .npz archive)")
-        with data:
-            names = set(data.files)
-            if _ARCH_KEY not in names:
-                raise ModelFileError(f"{path}: not a convnet model file (no {_ARCH_KEY!r} entry; "
-                                     f"entries: {sorted(names)[:5]})")
-            arch_raw = data[_ARCH_KEY]
-            # A training checkpoint (convnet.fit) also holds the training state: not weights.
-            arrays = {name: data[name] for name in names
-                      if name != _ARCH_KEY and not name.startswith(TRAINING_STATE_PREFIX)}
-    except ModelFileError:
+        npz = NpzArchive(path, ModelFileError)
+    except (FileNotFoundError, PermissionError):
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise ModelFileError(f"{path}: cannot read model file, it is truncated or corrupted ({exc})") from None
-    return _build(path, arch_raw, arrays)
+    except IsADirectoryError:
+        raise ModelFileError(f"{path}: is a directory, not a model file") from None
+    except OSError as exc:  # a FIFO or device, or a read error
+        raise ModelFileError(str(exc) if exc.errno is None else f"{path}: {exc.strerror}") from None
+    with npz:
+        if _ARCH_KEY not in npz.members:
+            raise ModelFileError(f"{path}: not a convnet model file (no {_ARCH_KEY!r} entry; "
+                                 f"entries: {sorted(npz.members)[:5]})")
+        arch, model = _build(path, npz.read_small(_ARCH_KEY, MAX_ARCHITECTURE_BYTES))
+        _fill(path, npz, arch, model)
+    return model
 
 
-def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Sequential:
+def _build(path: str, arch_raw: np.ndarray) -> tuple[dict, Sequential]:
+    """The architecture JSON and the model it describes, built without arrays (a skeleton)."""
     if arch_raw.shape != () or arch_raw.dtype.kind != "U":
         raise ModelFileError(f"{path}: architecture entry is not a JSON string")
     try:
         arch = json.loads(str(arch_raw))
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: architecture JSON is corrupted ({exc})") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: architecture JSON nests too deeply") from None
     if not isinstance(arch, dict) or arch.get("format") != FORMAT_NAME:
         found = arch.get("format") if isinstance(arch, dict) else None
         raise ModelFileError(f"{path}: not a convnet model file (format {found!r})")
@@ -498,35 +521,59 @@ def _build(path: str, arch_raw: np.ndarray, arrays: dict[str, np.ndarray]) -> Se
     specs = arch.get("layers")
     if not isinstance(specs, list):
         raise ModelFileError(f"{path}: architecture has no layer list")
-    layers = [_build_layer(path, spec, str(i), 1) for i, spec in enumerate(specs)]
+    with skeleton():
+        layers = [_build_layer(path, spec, str(i), 1) for i, spec in enumerate(specs)]
     try:
         model = Sequential(*layers, input_shape=arch.get("input_shape"))
     except ValueError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
+    return arch, model
 
-    # Parameters and buffers (batch norm's running estimates) are stored alike, by name.
-    expected = {p.name: p.data for p in model.parameters()}
-    expected.update(model.named_buffers())
-    missing = [name for name in expected if name not in arrays]
-    extra = sorted(set(arrays) - set(expected))
+
+def _array_slots(layer: Layer, prefix: str = "") -> Iterator[tuple[str, dict, str, dict | None]]:
+    """``(name, dict, key, grads or None)`` for every parameter and buffer, named as
+    ``parameters()`` and ``named_buffers()`` name them."""
+    for key in layer.params:
+        yield prefix + key, layer.params, key, layer.grads
+    for key in layer.buffers:
+        yield prefix + key, layer.buffers, key, None
+    for name, child in layer.children():
+        yield from _array_slots(child, f"{prefix}{name}.")
+
+
+def _fill(path: str, npz: NpzArchive, arch: dict, model: Sequential) -> None:
+    """Check the file's arrays against the skeleton ``model`` (names, then ``.npy``
+    headers), then allocate and read them, then verify the checksum."""
+    slots = {name: (store, key, grads) for name, store, key, grads in _array_slots(model)}
+    # A training checkpoint (convnet.fit) also holds the training state: not weights.
+    stored = {n for n in npz.members if n != _ARCH_KEY and not n.startswith(TRAINING_STATE_PREFIX)}
+    missing = [name for name in slots if name not in stored]
+    extra = sorted(stored - set(slots))
     if missing:
         raise ModelFileError(f"{path}: weights missing for {', '.join(missing)} (architecture needs them)")
     if extra:
         raise ModelFileError(f"{path}: unexpected weights {', '.join(extra)} that the architecture does not use")
-    for name, current in expected.items():
-        value = arrays[name]
-        if value.shape != current.shape or value.dtype != current.dtype:
-            idx = int(name.split(".")[0])
+    for name, (store, key, _) in slots.items():
+        head, want = npz.header(name), store[key]
+        if head.shape != want.shape or head.dtype.newbyteorder("=") != want.dtype:
+            top = name.split(".")[0]
             raise ModelFileError(
-                f"{path}: weight {name} of layer {idx} ({model[idx]!r}) does not match the architecture: "
-                f"expected {current.dtype} {current.shape}, file has {value.dtype} {value.shape}"
-            )
+                f"{path}: weight {name} of layer {top} ({model[int(top)]!r}) does not match the architecture: "
+                f"expected {want.dtype} {want.shape}, file has {head.dtype} {head.shape}")
     digest = arch.get("sha256")
+    if digest is None and arch.get("version", 1) >= 2:
+        raise ModelFileError(f"{path}: the checksum (sha256) is missing; the weights cannot be verified")
+    arrays = {}
+    for name, (store, key, _) in slots.items():
+        value = np.empty(store[key].shape, store[key].dtype)
+        npz.read_into(name, value)
+        arrays[name] = value
     if digest is not None and digest != _digest(arrays):
         raise ModelFileError(f"{path}: weights are corrupted (checksum mismatch)")
-    for name, current in expected.items():
-        current[...] = arrays[name]
-    return model
+    for name, (store, key, grads) in slots.items():
+        store[key] = arrays[name]
+        if grads is not None:
+            grads[key] = np.zeros_like(arrays[name])
 
 
 def _build_layer(path: str, spec: Any, where: str, depth: int) -> Layer:
