@@ -77,8 +77,10 @@ def test_cosine_schedule_values():
         cosine_schedule(0.1, 0)
 
 
-def test_blas_threads_are_limited_during_training(digits):
+def test_blas_threads_are_limited_during_training(digits, monkeypatch):
     import threadpoolctl
+
+    monkeypatch.delenv(_blas.THREADS_ENV, raising=False)  # the default policy, not the tests' fixed count
 
     def blas_threads():
         return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
@@ -135,6 +137,7 @@ def test_environment_sets_the_default_threads(digits, monkeypatch):
 
 def test_auto_threads_follow_the_load_step_by_step(digits, monkeypatch):
     """fit consults the policy every step: fake readings, idle then loaded, drive the pool."""
+    monkeypatch.delenv(_blas.THREADS_ENV, raising=False)  # the default policy, not the tests' fixed count
     if _blas.get_num_threads() is None or _blas.get_num_threads() < 2 or _blas.usable_cpus() < 2:
         pytest.skip("needs a controllable BLAS pool of at least 2 threads on 2 CPUs")
     state = {"now": 0.0, "busy": 0.0, "others": 0.0}

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from . import _args
-from ._io import atomic_open
+from ._io import write_bytes_atomic
 from ._npz import read_regular_file
 from .layers import (
     AvgPool2d,
@@ -368,12 +368,7 @@ def export(model: Sequential, path: str | os.PathLike, input_shape: Sequence[int
     """
     proto = to_onnx(model, input_shape=input_shape, opset=opset)
     data = proto.SerializeToString()
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    with atomic_open(path) as fh:
-        fh.write(data)
+    write_bytes_atomic(path, data)
 
 
 # -- import ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._io import atomic_open
+from ._io import write_bytes_atomic
 from ._npz import read_regular_file
 from .model import Sequential, StateDictKeys
 
@@ -68,12 +68,7 @@ def save_safetensors(model: Sequential | Mapping[str, np.ndarray], path: str | o
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map str to str")
     data = st.save(arrays, metadata=dict(metadata) if metadata is not None else None)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    with atomic_open(path) as fh:
-        fh.write(data)
+    write_bytes_atomic(path, data)
 
 
 def read_safetensors(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> OrderedDict[str, np.ndarray]:
