@@ -173,6 +173,18 @@ class Layer:
         """
         return []
 
+    def _init_weight_and_bias(self, weight_shape: tuple[int, ...], rng: RngLike, dtype: Any,
+                              bias_size: int | None = None) -> None:
+        """PyTorch's default initialisation, weight then bias from one generator: uniform in
+        ``+-1/sqrt(fan_in)``, ``fan_in = prod(weight_shape[1:])``. The bias (``has_bias``) has
+        ``bias_size`` entries, ``weight_shape[0]`` by default."""
+        dt = _as_float_dtype(dtype)
+        gen = _as_rng(rng)
+        fan_in = int(np.prod(weight_shape[1:]))
+        self._add_param("weight", _pytorch_uniform(gen, weight_shape, fan_in, dt))
+        if self.has_bias:
+            self._add_param("bias", _pytorch_uniform(gen, (bias_size or weight_shape[0],), fan_in, dt))
+
     def parameters(self, prefix: str = "") -> list[Parameter]:
         """The layer's parameters (and its children's) with their gradients, named ``prefix + name``."""
         out = [Parameter(prefix + n, self.params[n], self.grads[n]) for n in self.params]
@@ -346,13 +358,7 @@ class Conv2d(Layer):
         self.has_bias = _args.flag(bias, "bias")
         self.kernel_size, self.stride = _tuplify(kernel_size), _tuplify(stride)
         self.padding, self.dilation = _tuplify(padding), _tuplify(dilation)
-        dt = _as_float_dtype(dtype)
-        gen = _as_rng(rng)
-        fan_in = self.in_channels // self.groups * k[0] * k[1]
-        self._add_param("weight", _pytorch_uniform(gen, (self.out_channels, self.in_channels // self.groups, *k),
-                                                   fan_in, dt))
-        if self.has_bias:
-            self._add_param("bias", _pytorch_uniform(gen, (self.out_channels,), fan_in, dt))
+        self._init_weight_and_bias((self.out_channels, self.in_channels // self.groups, *k), rng, dtype)
         self._x = None
         self._cache = None
 
@@ -457,13 +463,8 @@ class ConvTranspose2d(Layer):
         self.has_bias = _args.flag(bias, "bias")
         self.kernel_size, self.stride, self.padding = _tuplify(kernel_size), _tuplify(stride), _tuplify(padding)
         self.output_padding, self.dilation = _tuplify(output_padding), _tuplify(dilation)
-        dt = _as_float_dtype(dtype)
-        gen = _as_rng(rng)
-        fan_in = self.out_channels // self.groups * k[0] * k[1]
-        self._add_param("weight", _pytorch_uniform(gen, (self.in_channels, self.out_channels // self.groups, *k),
-                                                   fan_in, dt))
-        if self.has_bias:
-            self._add_param("bias", _pytorch_uniform(gen, (self.out_channels,), fan_in, dt))
+        self._init_weight_and_bias((self.in_channels, self.out_channels // self.groups, *k), rng, dtype,
+                                   bias_size=self.out_channels)
         self._x = None
 
     @property
@@ -528,12 +529,7 @@ class Linear(Layer):
         self.in_features = _args.positive_int(in_features, "in_features")
         self.out_features = _args.positive_int(out_features, "out_features")
         self.has_bias = _args.flag(bias, "bias")
-        dt = _as_float_dtype(dtype)
-        gen = _as_rng(rng)
-        self._add_param("weight", _pytorch_uniform(gen, (self.out_features, self.in_features),
-                                                   self.in_features, dt))
-        if self.has_bias:
-            self._add_param("bias", _pytorch_uniform(gen, (self.out_features,), self.in_features, dt))
+        self._init_weight_and_bias((self.out_features, self.in_features), rng, dtype)
         self._x = None
 
     weight = Conv2d.weight
