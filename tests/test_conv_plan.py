@@ -70,11 +70,21 @@ def test_plan_layout_of_the_benchmark_layers(name):
     assert _conv.plan(g, backward=True, limit=256 * MIB, winograd=False).layout == PINNED_LAYOUT[name]
 
 
+def test_plan_of_the_resnet_8x8_layer():
+    """ResNet-20's last stage (N=128, C=F=64, 8x8): col2im by im2col in CHWN, not per-tap GEMMs."""
+    p = _conv.plan(geometry(128, 64, 8, 8, 64, 3, 1, 1), backward=True, limit=256 * MIB, winograd=False)
+    assert (p.algo, p.method, p.dx_algo, p.layout) == ("im2col", "col2im", "im2col", "chwn")
+
+
 def test_plan_takes_chwn_only_where_one_layout_serves_the_layer():
     g = geometry(32, 16, 14, 14, 32, 5, 1, 0)
     assert _conv.plan(g, backward=False, algo="im2col", limit=256 * MIB).layout == "chwn"
-    # Another input-gradient route, a stride, groups or wider outputs keep CNHW.
-    assert _conv.plan(g, backward=True, method="zero_insert", limit=256 * MIB).layout == "cnhw"
+    # Zero insertion at stride 1 is a pad, so its correlation by im2col takes CHWN too ...
+    assert _conv.plan(g, backward=True, method="zero_insert", dx_algo="im2col", limit=256 * MIB).layout == "chwn"
+    padded = geometry(32, 16, 14, 14, 32, 3, 1, 3)  # ... unless it crops (pads above K-1)
+    assert _conv.plan(padded, backward=True, method="zero_insert", dx_algo="im2col", limit=256 * MIB).layout == "cnhw"
+    # Per-tap GEMMs, a stride, groups or wider outputs keep CNHW.
+    assert _conv.plan(g, backward=True, method="zero_insert", dx_algo="taps", limit=256 * MIB).layout == "cnhw"
     assert _conv.plan(g, backward=True, algo="taps", limit=256 * MIB).layout == "cnhw"
     assert _conv.plan(geometry(32, 16, 14, 14, 32, 5, 2, 0), backward=True, limit=256 * MIB).layout == "cnhw"
     assert _conv.plan(g._replace(groups=16), backward=True, limit=256 * MIB).layout == "cnhw"

@@ -126,16 +126,17 @@ def test_cached_backward_of_a_chosen_algorithm_matches_uncached(case, algo):
         np.testing.assert_allclose(u, v, **tol(u.dtype))
 
 
+@pytest.mark.parametrize("method", ["col2im", "zero_insert"])
 @pytest.mark.parametrize("layout", ["cnhw", "chwn"])
 @settings(max_examples=60, deadline=None)
 @given(case=conv_cases(max_hw=8, max_c=3, max_f=3))
-def test_both_im2col_layouts_match_the_loop_reference(layout, case):
+def test_both_im2col_layouts_match_the_loop_reference(layout, method, case):
     """The plan puts the batch innermost (CHWN) on narrow outputs; force each layout everywhere."""
     table = _conv.THRESHOLDS._replace(chwn_max_width=10**6 if layout == "chwn" else 0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_conv, "THRESHOLDS", table)
         y, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **case.kwargs, algo="im2col")
-        got = [F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, cache=c, method="col2im",
+        got = [F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, cache=c, method=method,
                                  algo="im2col") for c in (cache, None)]
     assert cache.layout == (layout if case.stride == (1, 1) else "cnhw")
     np.testing.assert_allclose(y, reference.conv2d(case.x, case.weight, case.bias, **case.kwargs), **tol(y.dtype))

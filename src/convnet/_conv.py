@@ -134,6 +134,8 @@ THRESHOLDS = Thresholds(
     zero_insert_min_channels=16,
     # col2im's sums by per-tap GEMMs (core.transposed_taps) write C rows per tap: they beat
     # dcols + col2im on C=128 (stride 2) and lost on C=1, 6 and 16 (LeNet: 2.8 vs 2.7 ms).
+    # Not on maps narrow enough for CHWN: the ResNet-20 8x8 layer (N=128, C=F=64) fwd + bwd
+    # took 53.8 ms with them and 44.9 ms by im2col in CHWN (1 thread, medians of 9).
     transposed_taps_min_channels=32,
     # Winograd F(4x4, 3x3), where numba is installed, against the exact plan above (fwd + bwd,
     # float32, 1 BLAS thread, medians of 7 alternating rounds on a busy 2-core machine): it
@@ -304,7 +306,9 @@ def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, lim
         if method == "zero_insert":  # a stride-1 correlation with F input channels
             dx_algo = "taps" if g.f >= table.taps_min_channels else "im2col"
         else:
-            dx_algo = "taps" if g.c >= table.transposed_taps_min_channels else "im2col"
+            narrow = algo == "im2col" and stride1 and g.out_hw[1] <= table.chwn_max_width
+            # On narrow maps col2im by im2col runs in CHWN, which beat the per-tap GEMMs.
+            dx_algo = "taps" if g.c >= table.transposed_taps_min_channels and not narrow else "im2col"
     fwd, bwd = _workspace(g, algo, method, dx_algo)
     if auto_algo and fwd > limit and stride1:  # the other algorithm may fit one image
         other = "im2col" if algo == "taps" else "taps"
@@ -319,10 +323,14 @@ def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, lim
 
 def _layout(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, table: Thresholds) -> str:
     """CHWN for stride-1 im2col layers with narrow outputs, when the input gradient (if any)
-    is col2im by im2col too, so that one layout serves the whole layer."""
+    is computed by im2col too (col2im's transpose, or zero insertion's correlation of the
+    padded map: at stride 1 that is padding only, so pads up to D*(K-1) keep it a pad)."""
     if algo != "im2col" or g.groups != 1 or g.stride != (1, 1) or g.out_hw[1] > table.chwn_max_width:
         return "cnhw"
-    if backward and (method, dx_algo) != ("col2im", "im2col"):
+    if backward and dx_algo != "im2col":
+        return "cnhw"
+    if backward and method == "zero_insert" and max(max(g.pads[0]) - g.dilation[0] * (g.kh - 1),
+                                                   max(g.pads[1]) - g.dilation[1] * (g.kw - 1)) > 0:
         return "cnhw"
     return "chwn"
 
@@ -515,8 +523,7 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
                               dwm_t, beta=1.0)
             del cols  # free the column matrix before the input gradient builds its own
         if dx is not None and not wino_dx:
-            dy_m = dys[p.layout] if p.layout in dys else _dy_as(dy[sl], p.layout)
-            _input_grad_into(dy_m, weight, wm, g, p, dx[sl])
+            _input_grad_into(dy[sl], dys.get(p.layout), weight, wm, g, p, dx[sl])
     if not wino_dw:
         dweight = dwm_t.reshape(groups, g.kh, g.kw, g.c // groups, g.f // groups).transpose(0, 4, 3, 1, 2)
         dweight = np.ascontiguousarray(dweight).reshape(weight.shape)
@@ -536,17 +543,27 @@ def input_grad(dy: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan) -> np.n
         if p.dx_algo == "winograd":
             _winograd.input_gradient(dy[sl], weight, _pads_before(g), dx[sl])
         else:
-            _input_grad_into(_dy_as(dy[sl], p.layout), weight, wm, g, p, dx[sl])
+            _input_grad_into(dy[sl], None, weight, wm, g, p, dx[sl])
     return dx
 
 
-def _input_grad_into(dy_m: np.ndarray, weight: np.ndarray, wm: np.ndarray, g: Geometry, p: Plan,
-                     out: np.ndarray) -> None:
+def _input_grad_into(dy: np.ndarray, dy_m: np.ndarray | None, weight: np.ndarray, wm: np.ndarray, g: Geometry,
+                     p: Plan, out: np.ndarray) -> None:
     """Write the input gradient of one chunk into ``out`` (n, C, H, W), by the plan's route,
-    algorithm and layout; ``dy_m`` is the chunk's dy as a matrix in that layout."""
+    algorithm and layout. ``dy`` is the chunk's NCHW dy; ``dy_m``, if given, the same as a
+    matrix in the plan's layout (the filter gradient's, reused)."""
     (pt, _), (pl, _) = g.pads
-    if p.layout == "chwn":  # col2im by im2col (the plan's rule)
-        n = out.shape[0]
+    n = out.shape[0]
+    if p.layout == "chwn" and p.method == "zero_insert":  # by im2col at stride 1 (the plan's rule)
+        y = core.row_buffer((g.c, g.h, g.w, n), g.dtype, reuse=_Scratch.CORR_Y)
+        z = core.nchw_to_chwn(dy, _zero_insert_pads(g), reuse=_Scratch.BWD_Z)
+        cols = core.im2col_chwn(z, g.kernel, (1, 1), g.dilation, (g.h, g.w), reuse=_Scratch.CORR_COLS)
+        _blas.gemm(core.flipped_kernel_matrix(weight), cols, core.as_matrix(y), beta=0.0)
+        out[...] = y.transpose(3, 0, 1, 2)
+        return
+    if dy_m is None:
+        dy_m = _dy_as(dy, p.layout)
+    if p.layout == "chwn":  # col2im by im2col
         dcols = core.row_buffer((g.kh * g.kw * g.c,) + g.out_hw + (n,), wm.dtype, reuse=_Scratch.BWD_DCOLS)
         _blas.gemm(wm.T, dy_m, core.as_matrix(dcols), beta=0.0)
         dxp = core.col2im_chwn(core.as_matrix(dcols), (g.c,) + g.padded_hw + (n,), g.kernel, g.stride,
@@ -582,6 +599,15 @@ def _dx_col2im(dy_cnhw: np.ndarray, wm: np.ndarray, g: Geometry, algo: str) -> n
     return dxp[:, :, pt:pt + g.h, pl:pl + g.w]
 
 
+def _zero_insert_pads(g: Geometry) -> Pads:
+    """Pads of the stride-expanded dy before the flipped-filter correlation (negative = crop):
+    ``D*(K-1) - P_before`` in front, and behind whatever makes its length ``H + D*(K-1)``."""
+    (oh, ow), (sh, sw) = g.out_hw, g.stride
+    (pt, _), (pl, _) = g.pads
+    ext = (g.dilation[0] * (g.kh - 1), g.dilation[1] * (g.kw - 1))
+    return ((ext[0] - pt, g.h + pt - (oh - 1) * sh - 1), (ext[1] - pl, g.w + pl - (ow - 1) * sw - 1))
+
+
 def _dx_zero_insert(dy_cnhw: np.ndarray, weight: np.ndarray, g: Geometry, algo: str) -> np.ndarray:
     """Input gradient the tutorial's way; returns a CNHW array (C, n, H, W) or view.
 
@@ -590,11 +616,7 @@ def _dx_zero_insert(dy_cnhw: np.ndarray, weight: np.ndarray, g: Geometry, algo: 
     rows no window reached), so a stride-1 correlation with the flipped filters has
     exactly ``H`` outputs. With groups, that correlation is grouped the same way.
     """
-    (oh, ow), (sh, sw), (dh, dw) = g.out_hw, g.stride, g.dilation
-    (pt, _), (pl, _) = g.pads
-    ext = (dh * (g.kh - 1), dw * (g.kw - 1))
-    zpads = ((ext[0] - pt, g.h + pt - (oh - 1) * sh - 1), (ext[1] - pl, g.w + pl - (ow - 1) * sw - 1))
-    z = core.zero_insert(dy_cnhw, g.stride, zpads, reuse=_Scratch.BWD_Z)
+    z = core.zero_insert(dy_cnhw, g.stride, _zero_insert_pads(g), reuse=_Scratch.BWD_Z)
     wm = core.flipped_kernel_matrix(weight, g.groups)
     hw = (g.h, g.w)
     if algo == "taps":
