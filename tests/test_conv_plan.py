@@ -57,6 +57,33 @@ def test_plan_of_the_benchmark_layers(name, winograd):
     assert fwd.fwd_images == bwd.fwd_images == bwd.bwd_images == g.n
 
 
+# The layout of the cached forward's plan: the batch goes innermost (CHWN) for stride-1 im2col
+# layers with narrow outputs (see THRESHOLDS.chwn_max_width); "lenet-default-c2" is the second
+# conv of convnet.lenet() at its training batch (16 -> 32 channels, 14x14 -> 10x10).
+PINNED_LAYOUT = {"lenet-c1": "cnhw", "lenet-c2": "chwn", "cifar": "cnhw", "vgg": "cnhw", "resnet-s2": "cnhw",
+                 "lenet-default-c2": "chwn"}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_LAYOUT))
+def test_plan_layout_of_the_benchmark_layers(name):
+    g = geometry(*BENCH.get(name, (32, 16, 14, 14, 32, 5, 1, 0)))
+    assert _conv.plan(g, backward=True, limit=256 * MIB, winograd=False).layout == PINNED_LAYOUT[name]
+
+
+def test_plan_takes_chwn_only_where_one_layout_serves_the_layer():
+    g = geometry(32, 16, 14, 14, 32, 5, 1, 0)
+    assert _conv.plan(g, backward=False, algo="im2col", limit=256 * MIB).layout == "chwn"
+    # Another input-gradient route, a stride, groups or wider outputs keep CNHW.
+    assert _conv.plan(g, backward=True, method="zero_insert", limit=256 * MIB).layout == "cnhw"
+    assert _conv.plan(g, backward=True, algo="taps", limit=256 * MIB).layout == "cnhw"
+    assert _conv.plan(geometry(32, 16, 14, 14, 32, 5, 2, 0), backward=True, limit=256 * MIB).layout == "cnhw"
+    assert _conv.plan(g._replace(groups=16), backward=True, limit=256 * MIB).layout == "cnhw"
+    wide = geometry(32, 16, 21, 21, 32, 5, 1, 0)  # 17x17 outputs
+    assert _conv.plan(wide, backward=True, limit=256 * MIB).layout == "cnhw"
+    narrower = _conv.THRESHOLDS._replace(chwn_max_width=9)
+    assert _conv.plan(g, backward=True, limit=256 * MIB, table=narrower).layout == "cnhw"
+
+
 def test_plan_routes_grouped_layers_to_the_column_matrix():
     """The benchmark's depthwise layer (groups=C): taps do not take groups."""
     n, c, h, w, f, k, s, p = 32, 64, 32, 32, 64, 3, 1, 1
@@ -121,7 +148,7 @@ def test_plan_moves_with_a_threshold_and_is_pure():
 def test_plan_reads_the_current_workspace_limit():
     g = geometry(*BENCH["vgg"])
     with core.workspace_limit(8 * MIB):
-        assert _conv.plan(g, backward=True, winograd=False)[3:] == (4, 1)  # taps: 1.6 MiB, cols 7.1 MiB per image
+        assert _conv.plan(g, backward=True, winograd=False)[3:5] == (4, 1)  # taps: 1.6 MiB, cols 7.1 MiB per image
     assert _conv.plan(g, backward=True, winograd=False).fwd_images == g.n
 
 

@@ -55,6 +55,53 @@ def test_col2im_is_the_adjoint_of_im2col(geo, seed):
     assert core.col2im(c.astype(dtype), shape, k, s, d, out_hw).dtype == dtype
 
 
+@settings(max_examples=60, deadline=None)
+@given(geometry(), st.integers(0, 2**32 - 1))
+def test_im2col_chwn_is_im2col_with_the_batch_innermost(geo, seed):
+    """Same rows as the CNHW column matrix, columns reordered from (n, oh, ow) to (oh, ow, n)."""
+    shape, k, s, d, out_hw, dtype = geo
+    c, n, hp, wp = shape
+    x = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    cols = core.im2col_chwn(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), k, s, d, out_hw)
+    assert cols.dtype == dtype and cols.shape == (k[0] * k[1] * c, out_hw[0] * out_hw[1] * n)
+    want = core.im2col(x, k, s, d, out_hw).reshape(-1, n, *out_hw).transpose(0, 2, 3, 1).reshape(cols.shape)
+    np.testing.assert_array_equal(cols, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometry(), st.integers(0, 2**32 - 1))
+def test_col2im_chwn_is_the_adjoint_of_im2col_chwn(geo, seed):
+    shape, k, s, d, out_hw, dtype = geo
+    c, n, hp, wp = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((c, hp, wp, n))
+    cols = rng.standard_normal((k[0] * k[1] * c, out_hw[0] * out_hw[1] * n))
+    lhs = np.vdot(core.im2col_chwn(x, k, s, d, out_hw), cols)
+    rhs = np.vdot(x, core.col2im_chwn(cols, x.shape, k, s, d, out_hw))
+    assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
+    assert core.col2im_chwn(cols.astype(dtype), x.shape, k, s, d, out_hw).dtype == dtype
+
+
+def test_nchw_to_chwn_pads_and_moves_the_batch_last():
+    x = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
+    out = core.nchw_to_chwn(x, ((1, 0), (2, 1)), reuse="test.chwn")
+    assert out.shape == (3, 3, 7, 2) and out.dtype == np.float32
+    want = np.pad(x, ((0, 0), (0, 0), (1, 0), (2, 1))).transpose(1, 2, 3, 0)
+    np.testing.assert_array_equal(out, want)
+    out.fill(np.nan)  # a reused scratch array gets its border zeroed again
+    np.testing.assert_array_equal(core.nchw_to_chwn(x, ((1, 0), (2, 1)), reuse="test.chwn"), want)
+    core.release_scratch()
+
+
+def test_gemm_chwn_into_nchw_adds_the_bias():
+    rng = np.random.default_rng(0)
+    wm, cols, bias = rng.standard_normal((3, 4)), rng.standard_normal((4, 2 * 5 * 6)), rng.standard_normal(3)
+    out = np.empty((6, 3, 2, 5))
+    core.gemm_chwn_into_nchw(wm, cols, out, bias)
+    want = (wm @ cols).reshape(3, 2, 5, 6).transpose(3, 0, 1, 2) + bias.reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
 def test_col2im_accumulates_overlaps():
     # 1x3 input, kernel 2, stride 1: the middle pixel belongs to both windows.
     cols = np.ones((2, 2), dtype=np.float32)

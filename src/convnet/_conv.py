@@ -18,8 +18,11 @@ Words, the same as in the public API:
 - ``method``: the route of the input gradient. ``"zero_insert"`` is the tutorial's (zero
   insertion, padding, a stride-1 correlation with the flipped filters); ``"col2im"``
   transposes the forward (``W.T @ dy`` added back onto the windows).
+- ``layout``: where the im2col algorithm puts the batch axis. ``"cnhw"`` (C, N, H, W) moves
+  whole planes when it converts from NCHW; ``"chwn"`` (C, H, W, N) puts the batch innermost,
+  so that on small maps each window row is one long run (see :mod:`convnet.core`).
 - A :class:`Plan` holds the forward ``algo``, the input gradient's ``method`` and
-  ``dx_algo``, and how many images each pass takes at once (its chunks).
+  ``dx_algo``, how many images each pass takes at once (its chunks), and the ``layout``.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _winograd, core
+from . import _blas, _winograd, core
 from ._args import Pads
 
 Pair = tuple[int, int]
 
 ALGOS = ("im2col", "taps", "winograd")
 METHODS = ("zero_insert", "col2im")
+LAYOUTS = ("cnhw", "chwn")
 # "0" keeps algo="auto" on the exact algorithms (im2col, taps) even where numba is installed;
 # "1" (or unset) lets the plan pick Winograd where the table says it is faster.
 WINOGRAD_ENV = "CONVNET_WINOGRAD"
@@ -87,6 +91,7 @@ class Plan(NamedTuple):
     dx_algo: str       # the input gradient's correlation: "im2col", "taps" or "winograd" (zero_insert)
     fwd_images: int    # images per forward chunk
     bwd_images: int    # images per backward chunk (a backward given a cache takes the batch at once)
+    layout: str = "cnhw"  # the im2col algorithm's layout ("cnhw" or "chwn"); other algorithms: "cnhw"
 
 
 class Thresholds(NamedTuple):
@@ -105,6 +110,7 @@ class Thresholds(NamedTuple):
     transposed_taps_min_channels: int
     winograd_min_size: int
     winograd_min_channels: int
+    chwn_max_width: int
 
 
 THRESHOLDS = Thresholds(
@@ -138,6 +144,12 @@ THRESHOLDS = Thresholds(
     # F=16: 1.04x: the transforms cost per channel what the GEMMs save).
     winograd_min_size=16,
     winograd_min_channels=16,
+    # The CHWN layout for im2col layers (and their col2im input gradient) whose outputs are
+    # at most this wide: window rows of OW elements become runs of OW*N. Measured at batch 32,
+    # 1 BLAS thread, fwd + bwd pieces side by side: LeNet's second conv (16 -> 32, 14x14 ->
+    # 10x10) im2col 1.52 -> 0.32 ms and col2im 2.64 -> 1.04 ms; the first (1 -> 16, 28x28,
+    # pad 2) lost: its output's transpose back to NCHW cost 0.57 ms against 0.07 ms.
+    chwn_max_width=16,
 )
 
 
@@ -150,9 +162,10 @@ class _Scratch:
 
     PADDED = "conv.padded"          # padded CNHW copy of x (stride-1 im2col; taps without a cache)
     FWD_COLS = "conv.fwd.cols"      # forward column matrix when no cache keeps it
-    FWD_Y = "conv.fwd.y"            # a taps forward's output on the padded grid
+    FWD_Y = "conv.fwd.y"            # a taps forward's output on the padded grid; a CHWN product
     BWD_COLS = "conv.bwd.cols"      # column matrix rebuilt by backward (no cache, or a taps cache)
     BWD_DY = "conv.bwd.dy"          # dy as CNHW
+    BWD_DY_CHWN = "conv.bwd.dy.chwn"  # dy as CHWN
     BWD_DCOLS = "conv.bwd.dcols"    # W.T @ dy (col2im route)
     BWD_DXP = "conv.bwd.dxp"        # the padded input gradient (col2im route)
     BWD_TAPS = "conv.bwd.tt"        # prefix of core.transposed_taps's arrays
@@ -169,7 +182,7 @@ def _grid_waste(grid_hw: Pair, out_hw: Pair) -> float:
     return grid_hw[0] * grid_hw[1] / (out_hw[0] * out_hw[1])
 
 
-def _workspace(g: Geometry, algo: str, method: str, dx_algo: str) -> tuple[int, int]:
+def _workspace(g: Geometry, algo: str, method: str, dx_algo: str, layout: str = "cnhw") -> tuple[int, int]:
     """Bytes of the largest temporaries per image of the forward and of the backward.
 
     Forward: the column matrix, or for taps the padded input and its padded-grid output.
@@ -179,6 +192,8 @@ def _workspace(g: Geometry, algo: str, method: str, dx_algo: str) -> tuple[int, 
     (oh, ow), (hp, wp), kk = g.out_hw, g.padded_hw, g.kh * g.kw
     cols = oh * ow * kk * g.c
     fwd = (g.c + g.f) * hp * wp if algo == "taps" else cols
+    if layout == "chwn":  # the product before its transpose to NCHW
+        fwd += g.f * oh * ow
     if algo == "winograd":  # the transformed tiles of x and of y
         fwd = _winograd.workspace_per_image(g.out_hw, g.c, g.f)
     if dx_algo == "winograd":  # the tiles of dy and dx; the filter gradient's tiles of x and dy, or columns
@@ -225,7 +240,7 @@ def winograd_enabled() -> bool:
 
 
 def plan(g: Geometry, backward: bool, algo: str = "auto", method: str = "auto", dx_algo: str = "auto",
-         limit: int | None = None, table: Thresholds = THRESHOLDS, winograd: bool | None = None) -> Plan:
+         limit: int | None = None, table: Thresholds | None = None, winograd: bool | None = None) -> Plan:
     """Choose how to compute the layer ``g``: a pure function of its arguments.
 
     Parameters
@@ -236,14 +251,14 @@ def plan(g: Geometry, backward: bool, algo: str = "auto", method: str = "auto", 
     algo, method, dx_algo : ``"auto"`` or a choice the caller has already checked;
         explicit choices are kept
     limit : workspace limit in bytes (default :func:`convnet.core.get_workspace_limit`)
-    table : the thresholds (tests pass others)
+    table : the thresholds (default :data:`THRESHOLDS`, read at each call; tests pass others)
     winograd : whether "auto" may choose Winograd (default :func:`winograd_enabled`, asked
         only for layers it fits, so other layers never import numba)
     """
     if winograd is None:
         winograd = winograd_fits(g) and winograd_enabled()
-    return _plan(g, backward, algo, method, dx_algo,
-                 core.get_workspace_limit() if limit is None else limit, table, winograd)
+    return _plan(g, backward, algo, method, dx_algo, core.get_workspace_limit() if limit is None else limit,
+                 THRESHOLDS if table is None else table, winograd)
 
 
 def _winograd_wins(g: Geometry, table: Thresholds) -> bool:
@@ -295,9 +310,21 @@ def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, lim
         other = "im2col" if algo == "taps" else "taps"
         if _workspace(g, other, method, dx_algo)[0] <= limit:
             algo, fwd = other, _workspace(g, other, method, dx_algo)[0]
+    layout = _layout(g, backward, algo, method, dx_algo, table)
+    fwd, bwd = _workspace(g, algo, method, dx_algo, layout)
     fwd_images = _images(g.n, fwd, limit, f"forward (algo={algo!r})")
     bwd_images = _images(g.n, bwd, limit, f"backward (method={method!r}, algo={dx_algo!r})") if backward else g.n
-    return Plan(algo, method, dx_algo, fwd_images, bwd_images)
+    return Plan(algo, method, dx_algo, fwd_images, bwd_images, layout)
+
+
+def _layout(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, table: Thresholds) -> str:
+    """CHWN for stride-1 im2col layers with narrow outputs, when the input gradient (if any)
+    is col2im by im2col too, so that one layout serves the whole layer."""
+    if algo != "im2col" or g.groups != 1 or g.stride != (1, 1) or g.out_hw[1] > table.chwn_max_width:
+        return "cnhw"
+    if backward and (method, dx_algo) != ("col2im", "im2col"):
+        return "cnhw"
+    return "chwn"
 
 
 def unsupported(algo: str, g: Geometry, forward: bool = True, method: str = "auto") -> str | None:
@@ -327,14 +354,17 @@ class ConvCache(NamedTuple):
     """What a conv forward keeps for its backward, so backward does not rebuild it.
 
     ``algo`` is the forward's algorithm: for ``"im2col"``, ``data`` is the column matrix
-    (KH*KW*C, N*OH*OW); otherwise it is the padded CNHW input (C, N, Hp, Wp). ``key``
-    holds the geometry and a fingerprint of the input's contents (see :func:`fingerprint`),
-    so a cache from another input, or from this one edited in place since, is rejected.
+    (KH*KW*C, N*OH*OW), its columns in the order of ``layout`` ((n, oh, ow) for "cnhw",
+    (oh, ow, n) for "chwn"); for ``"winograd"`` the transformed tiles of the input; for
+    ``"taps"`` the padded CNHW input (C, N, Hp, Wp). ``key`` holds the geometry and a
+    fingerprint of the input's contents (see :func:`fingerprint`), so a cache from another
+    input, or from this one edited in place since, is rejected.
     """
 
     algo: str
     data: np.ndarray
     key: tuple
+    layout: str = "cnhw"
 
 
 # Blocks of the fingerprint: a permutation of whole blocks (images swapped in the batch,
@@ -375,31 +405,36 @@ def _slices(n: int, step: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _columns(x: np.ndarray, g: Geometry, reuse: str | None) -> np.ndarray:
-    """The column matrix of NCHW ``x``. Strided layers read ``x`` directly (measured 3.1 vs
-    4.0 ms on the ResNet layer, and no padded copy in memory); at stride 1 im2col of a
-    padded CNHW copy was faster (4.0 vs 4.9 ms on the CIFAR layer)."""
+def _columns(x: np.ndarray, g: Geometry, reuse: str | None, layout: str = "cnhw") -> np.ndarray:
+    """The column matrix of NCHW ``x`` in ``layout``. Strided CNHW layers read ``x`` directly
+    (measured 3.1 vs 4.0 ms on the ResNet layer, and no padded copy in memory); at stride 1
+    im2col of a padded CNHW copy was faster (4.0 vs 4.9 ms on the CIFAR layer)."""
     args = (g.kernel, g.stride, g.dilation, g.out_hw)
+    if layout == "chwn":
+        return core.im2col_chwn(core.nchw_to_chwn(x, g.pads, reuse=_Scratch.PADDED), *args, reuse=reuse)
     if g.stride != (1, 1):
         return core.im2col_nchw(x, g.pads, *args, reuse=reuse, groups=g.groups)
     return core.im2col(core.nchw_to_cnhw(x, g.pads, reuse=_Scratch.PADDED), *args, reuse=reuse, groups=g.groups)
 
 
-def _forward_im2col(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray:
+def _forward_im2col(x, wm, bias, g: Geometry, y, keep: bool, layout: str) -> np.ndarray:
     # Kept columns go to the cache and need their own memory; otherwise scratch.
-    cols = _columns(x, g, reuse=None if keep else _Scratch.FWD_COLS)
-    core.gemm_into_nchw(wm, cols, y, bias, groups=g.groups)
+    cols = _columns(x, g, reuse=None if keep else _Scratch.FWD_COLS, layout=layout)
+    if layout == "chwn":
+        core.gemm_chwn_into_nchw(wm, cols, y, bias, reuse=_Scratch.FWD_Y)
+    else:
+        core.gemm_into_nchw(wm, cols, y, bias, groups=g.groups)
     return cols
 
 
-def _forward_taps(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray:
+def _forward_taps(x, wm, bias, g: Geometry, y, keep: bool, layout: str) -> np.ndarray:
     xp = core.nchw_to_cnhw(x, g.pads, reuse=None if keep else _Scratch.PADDED)
     core.cnhw_to_nchw(core.correlate_taps(xp, wm, g.kernel, g.dilation, g.out_hw, reuse=_Scratch.FWD_Y),
                       y, bias)
     return xp
 
 
-def _forward_winograd(x, wm, bias, g: Geometry, y, keep: bool) -> np.ndarray | None:
+def _forward_winograd(x, wm, bias, g: Geometry, y, keep: bool, layout: str) -> np.ndarray | None:
     return _winograd.forward(x, _weight(wm, g), bias, _pads_before(g), y, keep)
 
 
@@ -412,8 +447,8 @@ def _pads_before(g: Geometry) -> Pair:
     return (g.pads[0][0], g.pads[1][0])
 
 
-# One row per forward algorithm: (x chunk, kernel matrix, bias, geometry, output chunk, keep)
-# -> what a cache keeps (the column matrix for im2col, the transformed tiles of x for
+# One row per forward algorithm: (x chunk, kernel matrix, bias, geometry, output chunk, keep,
+# layout) -> what a cache keeps (the column matrix for im2col, the transformed tiles of x for
 # winograd, else the padded CNHW input).
 _FORWARD = {"im2col": _forward_im2col, "taps": _forward_taps, "winograd": _forward_winograd}
 
@@ -427,23 +462,31 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, g: Geome
     run = _FORWARD[p.algo]
     slices = _slices(g.n, p.fwd_images)
     for sl in slices:
-        data = run(x[sl], wm, bias, g, y[sl], keep)
+        data = run(x[sl], wm, bias, g, y[sl], keep, p.layout)
     if keep and len(slices) == 1:
-        return y, ConvCache(p.algo, data, cache_key(x, g))
+        return y, ConvCache(p.algo, data, cache_key(x, g), p.layout)
     return y, None
 
 
 # --------------------------------------------------------------------------- backward
 
+def _dy_as(dy: np.ndarray, layout: str) -> np.ndarray:
+    """A chunk of NCHW ``dy`` as the matrix (F, n*OH*OW) whose columns follow ``layout``."""
+    if layout == "chwn":
+        return core.as_matrix(core.nchw_to_chwn(dy, reuse=_Scratch.BWD_DY_CHWN))
+    return core.as_matrix(core.nchw_to_cnhw(dy, reuse=_Scratch.BWD_DY))  # whole planes moved
+
+
 def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan,
              cache: ConvCache | None, input_grad: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of ``conv2d`` by plan ``p``; ``cache`` (checked by the caller) skips the
-    column matrix's rebuild. The filter gradient follows the forward's algorithm (the
-    cache's, else the plan's): Winograd's reuses the forward's transformed tiles."""
+    column matrix's rebuild. The filter gradient follows the forward's algorithm and layout
+    (the cache's, else the plan's): Winograd's reuses the forward's transformed tiles."""
     wm = core.kernel_matrix(weight)
     groups = g.groups
     wino_dw = (cache.algo if cache is not None else p.algo) == "winograd"
     wino_dx = p.dx_algo == "winograd"
+    dw_layout = "cnhw" if cache is not None and cache.algo == "taps" else (cache or p).layout
     # (G, KH*KW*C/G, F/G), per group cols @ dy.T (measured faster than dy @ cols.T)
     dwm_t = None if wino_dw else np.zeros((groups, wm.shape[1], g.f // groups), dtype=wm.dtype)
     dweight = np.zeros(weight.shape, dtype=g.dtype) if wino_dw else None
@@ -456,8 +499,9 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
             _winograd.input_gradient(dy[sl], weight, _pads_before(g), dx[sl])
         if wino_dw and (dx is None or wino_dx):
             continue
-        dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse=_Scratch.BWD_DY)  # (F, n, OH, OW): whole planes moved
+        dys = {}  # dy of this chunk in each layout asked for (both only when cache and plan differ)
         if not wino_dw:
+            dys[dw_layout] = dy_m = _dy_as(dy[sl], dw_layout)
             if cache is not None and cache.algo == "im2col":
                 cols = cache.data
             elif cache is not None:
@@ -466,12 +510,13 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
                 cols = core.im2col(cache.data, g.kernel, g.stride, g.dilation, g.out_hw, reuse=_Scratch.BWD_COLS,
                                    groups=groups)
             else:
-                cols = _columns(x[sl], g, reuse=_Scratch.BWD_COLS)
-            core.stacked_gemm(core.as_groups(cols, groups),
-                              core.as_groups(core.as_matrix(dy_cnhw), groups).transpose(0, 2, 1), dwm_t, beta=1.0)
+                cols = _columns(x[sl], g, reuse=_Scratch.BWD_COLS, layout=dw_layout)
+            core.stacked_gemm(core.as_groups(cols, groups), core.as_groups(dy_m, groups).transpose(0, 2, 1),
+                              dwm_t, beta=1.0)
             del cols  # free the column matrix before the input gradient builds its own
         if dx is not None and not wino_dx:
-            dx[sl] = _input_grad_cnhw(dy_cnhw, weight, wm, g, p).transpose(1, 0, 2, 3)
+            dy_m = dys[p.layout] if p.layout in dys else _dy_as(dy[sl], p.layout)
+            _input_grad_into(dy_m, weight, wm, g, p, dx[sl])
     if not wino_dw:
         dweight = dwm_t.reshape(groups, g.kh, g.kw, g.c // groups, g.f // groups).transpose(0, 4, 3, 1, 2)
         dweight = np.ascontiguousarray(dweight).reshape(weight.shape)
@@ -482,7 +527,7 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
 def input_grad(dy: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan) -> np.ndarray:
     """The input gradient of ``conv2d`` alone, NCHW (N, C, H, W): ``conv_transpose2d``'s forward.
 
-    The same code as :func:`backward`'s input gradient (:func:`_input_grad_cnhw`): the
+    The same code as :func:`backward`'s input gradient (:func:`_input_grad_into`): the
     tutorial's zero insertion, padding and flipped filters, or its col2im transpose.
     """
     wm = core.kernel_matrix(weight)
@@ -490,17 +535,30 @@ def input_grad(dy: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan) -> np.n
     for sl in _slices(g.n, p.bwd_images):
         if p.dx_algo == "winograd":
             _winograd.input_gradient(dy[sl], weight, _pads_before(g), dx[sl])
-            continue
-        dy_cnhw = core.nchw_to_cnhw(dy[sl], reuse=_Scratch.BWD_DY)
-        dx[sl] = _input_grad_cnhw(dy_cnhw, weight, wm, g, p).transpose(1, 0, 2, 3)
+        else:
+            _input_grad_into(_dy_as(dy[sl], p.layout), weight, wm, g, p, dx[sl])
     return dx
 
 
-def _input_grad_cnhw(dy_cnhw: np.ndarray, weight: np.ndarray, wm: np.ndarray, g: Geometry, p: Plan) -> np.ndarray:
-    """The input gradient of one chunk, CNHW (C, n, H, W), by the plan's route and algorithm."""
+def _input_grad_into(dy_m: np.ndarray, weight: np.ndarray, wm: np.ndarray, g: Geometry, p: Plan,
+                     out: np.ndarray) -> None:
+    """Write the input gradient of one chunk into ``out`` (n, C, H, W), by the plan's route,
+    algorithm and layout; ``dy_m`` is the chunk's dy as a matrix in that layout."""
+    (pt, _), (pl, _) = g.pads
+    if p.layout == "chwn":  # col2im by im2col (the plan's rule)
+        n = out.shape[0]
+        dcols = core.row_buffer((g.kh * g.kw * g.c,) + g.out_hw + (n,), wm.dtype, reuse=_Scratch.BWD_DCOLS)
+        _blas.gemm(wm.T, dy_m, core.as_matrix(dcols), beta=0.0)
+        dxp = core.col2im_chwn(core.as_matrix(dcols), (g.c,) + g.padded_hw + (n,), g.kernel, g.stride,
+                               g.dilation, g.out_hw, reuse=_Scratch.BWD_DXP)
+        out[...] = dxp[:, pt:pt + g.h, pl:pl + g.w].transpose(3, 0, 1, 2)
+        return
+    dy_cnhw = dy_m.reshape((g.f, out.shape[0]) + g.out_hw)
     if p.method == "col2im":
-        return _dx_col2im(dy_cnhw, wm, g, p.dx_algo)
-    return _dx_zero_insert(dy_cnhw, weight, g, p.dx_algo)
+        dx = _dx_col2im(dy_cnhw, wm, g, p.dx_algo)
+    else:
+        dx = _dx_zero_insert(dy_cnhw, weight, g, p.dx_algo)
+    out[...] = dx.transpose(1, 0, 2, 3)
 
 
 def _dx_col2im(dy_cnhw: np.ndarray, wm: np.ndarray, g: Geometry, algo: str) -> np.ndarray:

@@ -22,6 +22,10 @@ GEMM. ``"taps"`` (stride 1 only) never builds it: flattened to ``(C, N*Hp*Wp)``,
 ``i*D*Wp + j*D``, so each of the ``KH*KW`` taps is one accumulating GEMM on a view.
 It computes outputs on the whole padded grid (``Hp*Wp`` instead of ``OH*OW`` per image)
 and keeps the valid corner of each image.
+
+On small maps the plan may put the batch innermost instead, *CHWN* ``(C, H, W, N)``
+(:func:`nchw_to_chwn`, :func:`im2col_chwn`, :func:`col2im_chwn`): the same rows, columns
+ordered ``(oh, ow, n)``, so a stride-1 window row is one run of ``OW*N`` elements.
 """
 
 from __future__ import annotations
@@ -562,3 +566,119 @@ def transposed_taps(dy: np.ndarray, wm: np.ndarray, padded_hw: Pair, kernel: Pai
             dst = out[:, :, a::sh, b::sw]
             dst[...] = acc.reshape(c, n, hz, wz)[:, :, :dst.shape[2], :dst.shape[3]]
     return out
+
+
+# --------------------------------------------------------------------------- the CHWN layout
+# Small maps (LeNet's second layer: 10x10 outputs) make every CNHW window copy a run of OW
+# elements, so im2col and col2im pay numpy's per-run cost on 10-element runs. With the batch
+# innermost, (C, H, W, N), a stride-1 window row is one run of OW*N elements. The column
+# matrix then has columns ordered (oh, ow, n); the GEMMs are the same.
+
+def nchw_to_chwn(x: np.ndarray, pads: Pads = ((0, 0), (0, 0)), reuse: str | None = None) -> np.ndarray:
+    """Pad an NCHW array with zeros and return it with the batch innermost, (C, Hp, Wp, N).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    pads : ((top, bottom), (left, right)), non-negative
+    reuse : str, optional
+        Scratch name for the result's memory (see :func:`row_buffer`); default fresh.
+
+    Returns
+    -------
+    ndarray, shape (C, H + top + bottom, W + left + right, N), dtype of ``x``, from
+    :func:`row_buffer`.
+    """
+    n, c, h, w = x.shape
+    (pt, pb), (pl, pr) = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    out = row_buffer((c, hp, wp, n), x.dtype, reuse=reuse)
+    out[:, :pt] = 0
+    out[:, hp - pb:] = 0
+    out[:, :, :pl] = 0
+    out[:, :, wp - pr:] = 0
+    out[:, pt:pt + h, pl:pl + w] = x.transpose(1, 2, 3, 0)
+    return out
+
+
+def _chwn_windows(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair,
+                  writeable: bool = False) -> np.ndarray:
+    """View (KH, KW, C, OH, OW, N) of a CHWN array: ``[u, v, c, i, j, n]`` is
+    ``xp[c, i*SH + u*DH, j*SW + v*DW, n]``. No data is copied."""
+    sc, sh, sw, sn = xp.strides
+    shape = (kernel[0], kernel[1], xp.shape[0], out_hw[0], out_hw[1], xp.shape[3])
+    strides = (sh * dilation[0], sw * dilation[1], sc, sh * stride[0], sw * stride[1], sn)
+    return as_strided(xp, shape=shape, strides=strides, writeable=writeable)
+
+
+def im2col_chwn(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair,
+                reuse: str | None = None) -> np.ndarray:
+    """:func:`im2col` of a padded CHWN array: the column matrix with columns ordered (oh, ow, n).
+
+    Parameters
+    ----------
+    xp : ndarray, shape (C, Hp, Wp, N), already padded (from :func:`nchw_to_chwn`)
+    kernel, stride, dilation : (h, w) pairs
+    out_hw : (OH, OW)
+    reuse : str, optional
+        Scratch name for the result's memory (see :func:`row_buffer`); default fresh.
+
+    Returns
+    -------
+    cols : ndarray, shape (KH*KW*C, OH*OW*N), rows ordered (kh, kw, c) as :func:`im2col`'s.
+    """
+    kh, kw = kernel
+    cols = row_buffer((kh * kw * xp.shape[0],) + tuple(out_hw) + (xp.shape[3],), xp.dtype, reuse=reuse)
+    # At stride 1 numpy merges (ow, n) into one run of OW*N elements per window row.
+    np.copyto(cols.reshape((kh, kw, xp.shape[0]) + cols.shape[1:]),
+              _chwn_windows(xp, kernel, stride, dilation, out_hw))
+    return as_matrix(cols)
+
+
+def col2im_chwn(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel: Pair, stride: Pair,
+                dilation: Pair, out_hw: Pair, reuse: str | None = None) -> np.ndarray:
+    """Adjoint of :func:`im2col_chwn`: add every column back onto its window (CHWN).
+
+    Parameters
+    ----------
+    cols : ndarray, shape (KH*KW*C, OH*OW*N), columns ordered (oh, ow, n)
+    padded_shape : (C, Hp, Wp, N) of the padded array to rebuild
+    reuse : str, optional
+        Scratch name for the result's memory (see :func:`row_buffer`); default fresh.
+
+    Returns
+    -------
+    ndarray, shape ``padded_shape``, dtype of ``cols``.
+    """
+    (kh, kw), (oh, ow) = kernel, out_hw
+    c, n = padded_shape[0], padded_shape[3]
+    out = row_buffer(padded_shape, cols.dtype, fill=0.0, reuse=reuse)
+    blocks = cols.reshape(kh, kw, c, oh, ow, n)
+    windows = _chwn_windows(out, kernel, stride, dilation, out_hw, writeable=True)
+    for i in range(kh):
+        for j in range(kw):
+            windows[i, j] += blocks[i, j]  # taps overlap each other, so one at a time
+    return out
+
+
+def gemm_chwn_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None,
+                        reuse: str | None = None) -> None:
+    """``out = wm @ cols`` (plus ``bias``) for a CHWN column matrix, written NCHW.
+
+    Parameters
+    ----------
+    wm : ndarray, shape (F, K), the kernel matrix
+    cols : ndarray, shape (K, OH*OW*N), from :func:`im2col_chwn`
+    out : ndarray, shape (N, F, OH, OW), written
+    bias : ndarray, shape (F,), optional
+    reuse : str, optional
+        Scratch name of the (F, OH, OW, N) product; default fresh.
+    """
+    n, f, oh, ow = out.shape
+    y = row_buffer((f, oh, ow, n), out.dtype, reuse=reuse)
+    _blas.gemm(wm, cols, as_matrix(y), beta=0.0)
+    src = y.transpose(3, 0, 1, 2)
+    if bias is None:
+        out[...] = src
+    else:
+        np.add(src, bias.reshape(1, -1, 1, 1), out=out)
