@@ -139,10 +139,15 @@ class PoolCase:
 
 
 @st.composite
-def pool_cases(draw, dtypes=(np.float64, np.float32), distinct: bool = False) -> PoolCase:
+def pool_cases(draw, dtypes=(np.float64, np.float32), distinct: bool = False, tiled: bool = False,
+               special: bool = False) -> PoolCase:
     """Draw overlapping, padded, rectangular and non-dividing pooling windows.
 
     ``distinct=True`` draws a permutation so max pooling has no ties (for numerical gradients).
+    ``tiled=True`` makes each axis, independently and mostly, tiled: stride equal to the
+    kernel and the padded size a multiple of it (with or without padding), so both the
+    tiled case and the mixed one (one axis tiled, the other not) come up.
+    ``special=True`` puts nan, inf or -inf at some places of ``x`` and of ``dy``.
     """
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
@@ -150,6 +155,11 @@ def pool_cases(draw, dtypes=(np.float64, np.float32), distinct: bool = False) ->
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
     h = draw(st.integers(max(1, kh - 2 * ph), 9))
     w = draw(st.integers(max(1, kw - 2 * pw), 9))
+    if tiled:
+        if draw(st.sampled_from([True, True, True, False])):
+            sh, h = kh, draw(st.integers(1 if kh > 2 * ph else 2, 3)) * kh - 2 * ph
+        if draw(st.sampled_from([True, True, True, False])):
+            sw, w = kw, draw(st.integers(1 if kw > 2 * pw else 2, 3)) * kw - 2 * pw
     dtype = draw(st.sampled_from(dtypes))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if distinct:
@@ -159,8 +169,14 @@ def pool_cases(draw, dtypes=(np.float64, np.float32), distinct: bool = False) ->
     else:
         x = rng.standard_normal((n, c, h, w))
     oh, ow = out_len(h, kh, sh, ph, 1), out_len(w, kw, sw, pw, 1)
+    dy = rng.standard_normal((n, c, oh, ow))
+    if special:
+        for a in (x, dy):
+            values = draw(st.lists(st.sampled_from([np.nan, np.inf, -np.inf]), min_size=1, max_size=3))
+            for v in values:
+                a[rng.random(a.shape) < 0.15] = v
     return PoolCase(
-        x=readonly(x.astype(dtype)), dy=readonly(rng.standard_normal((n, c, oh, ow)).astype(dtype)),
+        x=readonly(x.astype(dtype)), dy=readonly(dy.astype(dtype)),
         kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw),
     )
 

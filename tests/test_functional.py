@@ -363,8 +363,13 @@ POOLS = [(F.max_pool2d, F.max_pool2d_backward, reference.max_pool2d, reference.m
          (F.avg_pool2d, F.avg_pool2d_backward, reference.avg_pool2d, reference.avg_pool2d_backward)]
 
 
+# Windows drawn freely, and mostly tiling each axis (stride == kernel, sizes dividing), the
+# case with its own fast paths (no zero fill, writes instead of accumulation).
+POOL_CASES = st.one_of(pool_cases(), pool_cases(tiled=True))
+
+
 @PROPS
-@given(pool_cases(), st.sampled_from(POOLS))
+@given(POOL_CASES, st.sampled_from(POOLS))
 def test_pooling_matches_reference(case, ops):
     fwd, bwd, rfwd, rbwd = ops
     y = fwd(case.x, *case.args)
@@ -375,7 +380,8 @@ def test_pooling_matches_reference(case, ops):
 
 
 @settings(max_examples=30, deadline=None)
-@given(pool_cases(dtypes=(np.float64,), distinct=True), st.sampled_from(POOLS))
+@given(st.one_of(pool_cases(dtypes=(np.float64,), distinct=True),
+                 pool_cases(dtypes=(np.float64,), distinct=True, tiled=True)), st.sampled_from(POOLS))
 def test_pooling_gradients_match_numerical(case, ops):
     fwd, bwd = ops[:2]
     dx = bwd(case.dy, case.x, *case.args)
@@ -398,7 +404,7 @@ def _window_argmax(x, kernel, stride, padding):
 
 
 @PROPS
-@given(pool_cases())
+@given(POOL_CASES)
 def test_max_pool_argmax_is_the_first_maximum_and_routes_as_recomputing(case):
     y, argmax = F.max_pool2d_with_argmax(case.x, *case.args)
     assert argmax.dtype == np.uint8 and argmax.shape == y.shape
@@ -408,6 +414,59 @@ def test_max_pool_argmax_is_the_first_maximum_and_routes_as_recomputing(case):
     np.testing.assert_array_equal(dx, F.max_pool2d_backward(case.dy, case.x, *case.args))
     np.testing.assert_allclose(dx, reference.max_pool2d_backward(case.dy, case.x, *case.args),
                                **tol(case.x.dtype))
+
+
+@PROPS
+@given(st.one_of(pool_cases(special=True), pool_cases(tiled=True, special=True)))
+def test_pooling_with_nan_and_inf_matches_reference(case):
+    """nan, inf and -inf in x and dy: a window holding a nan has max nan and routes to its first
+    nan; a non-finite error reaches only the arg-max (0 * inf never leaks a nan elsewhere)."""
+    y, argmax = F.max_pool2d_with_argmax(case.x, *case.args)
+    np.testing.assert_array_equal(y, reference.max_pool2d(case.x, *case.args))
+    np.testing.assert_array_equal(F.max_pool2d(case.x, *case.args), y)
+    np.testing.assert_array_equal(argmax, _window_argmax(case.x, *case.args))
+    with np.errstate(invalid="ignore"):  # inf - inf where windows overlap, and in window sums
+        want = reference.max_pool2d_backward(case.dy, case.x, *case.args)
+        for dx in (F.max_pool2d_backward(case.dy, case.x, *case.args, argmax=argmax),
+                   F.max_pool2d_backward(case.dy, case.x, *case.args)):
+            assert dx.dtype == case.x.dtype
+            np.testing.assert_allclose(dx, want, **tol(case.x.dtype))  # nan where the witness has nan
+        np.testing.assert_allclose(F.avg_pool2d(case.x, *case.args), reference.avg_pool2d(case.x, *case.args),
+                                   **tol(case.x.dtype))
+        np.testing.assert_allclose(F.avg_pool2d_backward(case.dy, case.x, *case.args),
+                                   reference.avg_pool2d_backward(case.dy, case.x, *case.args), **tol(case.x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_of_more_than_256_taps_keeps_an_int32_argmax(rng, dtype):
+    x = rng.standard_normal((2, 2, 18, 17)).astype(dtype)
+    x[0, 0, 16, 3] = np.nan  # the nan window's first nan, past tap 255
+    x[0, 0, 17, 0] = np.nan
+    x[1, 1] = 1.0  # all ties: tap 0
+    y, argmax = F.max_pool2d_with_argmax(x, 17, 1)
+    assert argmax.dtype == np.int32
+    np.testing.assert_array_equal(argmax, _window_argmax(x, (17, 17), (1, 1), (0, 0)))
+    assert argmax[0, 0, 0, 0] == 16 * 17 + 3 and argmax[0, 0, 1, 0] == 15 * 17 + 3
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_allclose(F.max_pool2d_backward(dy, x, 17, 1, argmax=argmax),
+                               reference.max_pool2d_backward(dy, x, 17, 1), **tol(dtype))
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(1, 1, 0), ((1, 2), (1, 3), 0), (2, 2, 0), (2, 2, 1)])
+def test_pooling_results_are_fresh_arrays(rng, kernel, stride, padding):
+    """Even a 1x1 window, whose sum or maximum is its input, returns new memory."""
+    x = readonly(rng.standard_normal((2, 3, 6, 6)))
+    y, argmax = F.max_pool2d_with_argmax(x, kernel, stride, padding)
+    dy = readonly(rng.standard_normal(y.shape))
+    results = [y, argmax, F.max_pool2d(x, kernel, stride, padding), F.avg_pool2d(x, kernel, stride, padding),
+               F.max_pool2d_backward(dy, x, kernel, stride, padding, argmax=argmax),
+               F.max_pool2d_backward(dy, x, kernel, stride, padding),
+               F.avg_pool2d_backward(dy, x, kernel, stride, padding)]
+    for i, r in enumerate(results):
+        assert r.flags.writeable
+        assert not np.shares_memory(r, x) and not np.shares_memory(r, dy)
+        assert r is argmax or not np.shares_memory(r, argmax)
+        assert not any(np.shares_memory(r, other) for other in results[i + 1:])
 
 
 def test_max_pool_argmax_of_nan_windows_is_the_first_nan():
@@ -428,6 +487,27 @@ def test_max_pool_backward_rejects_a_foreign_argmax():
         F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax.astype(np.int64))
     with pytest.raises(TypeError, match="argmax"):
         F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=[[0]])
+
+
+SPECIALS = [0.0, -0.0, 1.0, -1.0, 1e30, -1e30, 1e-40, np.inf, -np.inf, np.nan]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.sampled_from([np.float32, np.float64]), st.integers(0, 2**32 - 1),
+       st.booleans())
+def test_relu_backward_is_exactly_the_selection(size, dtype, seed, transposed):
+    """``dy`` where ``x > 0``, else exactly 0, whatever dy holds there (inf, nan, values whose
+    squares overflow) and whatever x is (nan, -0.0, denormals); any memory layout."""
+    rng = np.random.default_rng(seed)
+    x = rng.choice(np.array(SPECIALS), (size, 3)).astype(dtype)
+    dy = rng.choice(np.array(SPECIALS), (size, 3)).astype(dtype)
+    if transposed:
+        x, dy = x.T, dy.T
+    x, dy = readonly(x), readonly(dy)
+    dx = F.relu_backward(dy, x)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    np.testing.assert_array_equal(dx, reference.relu_backward(dy, x))
+    assert not np.any(np.isnan(dx[~(x > 0)]))
 
 
 @pytest.mark.parametrize("dy_value", [np.inf, np.nan, 1.0])

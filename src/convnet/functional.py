@@ -245,6 +245,14 @@ def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
 
 
 # --------------------------------------------------------------------------- pooling
+# Every window op works tap by tap on strided views (core.strided_window), never on a
+# window array. Measured choices (1 thread, float32, N=64 C=32 32x32 and LeNet's pools):
+# sums and maxima without an index are separable: a pass along the height, whose reads are
+# whole rows, then one along the width on the smaller result (KH + KW ops instead of
+# KH*KW: 1.05-1.6x faster for max, 1.4-1.9x for mean). A strided view that several ops
+# read is first copied to a contiguous array (arg-max forward 1.4x faster). Errors are
+# written into each tap's view of dx, with no zero fill where the windows tile the input
+# and no ``+=`` where they do not overlap (mean backward 2-2.8x faster).
 
 def _pool_dy(dy: np.ndarray, x: np.ndarray, out_hw: tuple[int, int]) -> None:
     _args.check_array(dy, "dy", 4, "(N, C, OH, OW)")
@@ -252,9 +260,65 @@ def _pool_dy(dy: np.ndarray, x: np.ndarray, out_hw: tuple[int, int]) -> None:
     _args.check_same_dtype(dy=dy, x=x)
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether ``a`` holds no inf or nan: one BLAS dot (a sum of squares that overflows only
+    sends the caller down its slower exact path), ~3x faster than ``np.isfinite(a.sum())``."""
+    flat = a.ravel(order="K")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.vdot(flat, flat)))
+
+
+def _has_nan(a: np.ndarray) -> bool:
+    """Whether ``a`` holds a nan (an inf, or an overflowing square, gives inf, not nan)."""
+    flat = a.ravel(order="K")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isnan(np.vdot(flat, flat)))
+
+
+def _taps_along(a: np.ndarray, axis: int, t: int, s: int, n: int) -> np.ndarray:
+    """View of tap ``t`` of ``n`` windows of stride ``s`` along ``axis``: ``a[..., t:t+s*(n-1)+1:s, ...]``."""
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(t, t + s * (n - 1) + 1, s)
+    return a[tuple(index)]
+
+
+def _reduce_along(a: np.ndarray, axis: int, k: int, s: int, n: int, op: np.ufunc) -> np.ndarray:
+    """``op`` over the ``k`` taps of each window along ``axis``; always a fresh array."""
+    if k == 1:
+        return _taps_along(a, axis, 0, s, n).copy()
+    out = op(_taps_along(a, axis, 0, s, n), _taps_along(a, axis, 1, s, n))
+    for t in range(2, k):
+        op(out, _taps_along(a, axis, t, s, n), out=out)
+    return out
+
+
+def _window_reduce(xp: np.ndarray, k, s, out_hw, op: np.ufunc) -> np.ndarray:
+    """``op`` (``np.add`` or ``np.maximum``) over every window: along the height, then the width."""
+    rows = _reduce_along(xp, 2, k[0], s[0], out_hw[0], op)
+    return _reduce_along(rows, 3, k[1], s[1], out_hw[1], op)
+
+
+def _spread_along(src: np.ndarray, shape: tuple[int, ...], axis: int, k: int, s: int, n: int) -> np.ndarray:
+    """Adjoint of a ``k``-tap window sum along ``axis``: each element of ``src`` goes to its
+    ``k`` inputs; the result has ``shape`` (inputs no window reaches get 0)."""
+    if k == 1 and s == 1 and shape[axis] == n:
+        return src
+    covered = k == s and shape[axis] == k * n  # every element written exactly once
+    out = np.empty(shape, dtype=src.dtype) if covered else np.zeros(shape, dtype=src.dtype)
+    for t in range(k):
+        view = _taps_along(out, axis, t, s, n)
+        if k > s:  # windows overlap: an input may receive from several
+            view += src
+        else:
+            view[...] = src
+    return out
+
+
 def max_pool2d(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None = None,
                padding: IntOrPair = 0) -> np.ndarray:
     """Max pooling; the border is padded with ``-inf`` so padding never wins.
+
+    A window holding a NaN gives NaN.
 
     Parameters
     ----------
@@ -268,7 +332,7 @@ def max_pool2d(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None =
     y : ndarray, shape (N, C, OH, OW)
     """
     k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
-    return _max_pool(core.pad2d(x, pads, -np.inf), k, s, out_hw)
+    return _window_reduce(core.pad2d(x, pads, -np.inf), k, s, out_hw, np.maximum)
 
 
 def max_pool2d_with_argmax(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None = None,
@@ -289,15 +353,6 @@ def max_pool2d_with_argmax(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrP
     return _max_pool_argmax(core.pad2d(x, pads, -np.inf), k, s, out_hw)
 
 
-def _max_pool(xp, k, s, out_hw) -> np.ndarray:
-    y = core.strided_window(xp, 0, 0, s, out_hw).copy()
-    for i in range(k[0]):
-        for j in range(k[1]):
-            if i or j:
-                np.maximum(y, core.strided_window(xp, i, j, s, out_hw), out=y)
-    return y
-
-
 def _argmax_dtype(k) -> np.dtype:
     return np.dtype(np.uint8 if k[0] * k[1] <= 256 else np.int32)
 
@@ -307,17 +362,19 @@ def _max_pool_argmax(xp, k, s, out_hw) -> tuple[np.ndarray, np.ndarray]:
     y = core.strided_window(xp, 0, 0, s, out_hw).copy()
     dtype = _argmax_dtype(k)
     arg = np.zeros(y.shape, dtype=dtype)
+    window = np.empty_like(y)  # each tap's view, copied once so the three ops below read it contiguously
     better = np.empty(y.shape, dtype=bool)
+    flag = better.view(np.uint8)  # 0/1 as an integer: the multiply needs no bool cast
     tap = np.empty(y.shape, dtype=dtype)
     for t, (i, j) in enumerate(taps[1:], 1):
-        window = core.strided_window(xp, i, j, s, out_hw)
+        np.copyto(window, core.strided_window(xp, i, j, s, out_hw))
         np.greater(window, y, out=better)  # strictly: the first maximum keeps its tap
         # arg = t where better. Taps come in increasing order, so the last tap that beat the
         # running maximum is the largest such t: a max measured 10x faster than a masked copy.
-        np.multiply(better, dtype.type(t), out=tap)
+        np.multiply(flag, dtype.type(t), out=tap)
         np.maximum(arg, tap, out=arg)
         np.maximum(y, window, out=y)
-    if np.isnan(y.sum()):  # rare: NaN windows take their first NaN, as np.argmax does
+    if _has_nan(y):  # rare: NaN windows take their first NaN, as np.argmax does
         nan_windows = np.isnan(y)
         for t in range(len(taps) - 1, -1, -1):
             hit = np.isnan(core.strided_window(xp, *taps[t], s, out_hw)) & nan_windows
@@ -331,7 +388,8 @@ def max_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
     """Gradient of :func:`max_pool2d`: each error goes to its window's arg-max.
 
     Ties go to the first maximum in row-major window order (as ``np.argmax``).
-    Overlapping windows accumulate their errors.
+    Overlapping windows accumulate their errors. Only the arg-max receives an error,
+    even an inf or NaN one (every other input gets exactly 0).
 
     Parameters
     ----------
@@ -361,19 +419,27 @@ def max_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
     # Windows that tile the padded input exactly write every element: no zero fill needed.
     tiled = k == s and padded[2:] == (out_hw[0] * k[0], out_hw[1] * k[1])
     dxp = np.empty(padded, dtype=x.dtype) if tiled else np.zeros(padded, dtype=x.dtype)
-    with np.errstate(invalid="ignore", over="ignore"):
-        finite = bool(np.isfinite(dy.sum()))  # 0 * inf is nan: mask by selection then
+    finite = _all_finite(dy)  # 0 * inf is nan: mask by selection then
+    zero = x.dtype.type(0)
     hit = np.empty(dy.shape, dtype=bool)
+    part = np.empty(dy.shape, dtype=x.dtype) if overlapping or not finite else None
     for t in range(k[0] * k[1]):
         np.equal(argmax, t, out=hit)
         dst = core.strided_window(dxp, t // k[1], t % k[1], s, out_hw)
-        if overlapping:  # a pixel may be the arg-max of several windows: accumulate
-            # A multiply by the mask measured ~8x faster than a masked copy (``where=``).
-            dst += dy * hit if finite else np.where(hit, dy, 0)
-        elif finite:  # each pixel lies in one tap's view only, so writing is enough
+        # A multiply by the mask measured ~8x faster than a masked copy (``where=``), and
+        # writing its result straight into the strided view 1.1x faster than a contiguous
+        # product copied there.
+        if finite and not overlapping:  # each pixel lies in one tap's view only: write
             np.multiply(dy, hit, out=dst)
+            continue
+        if finite:
+            np.multiply(dy, hit, out=part)
         else:
-            dst[...] = np.where(hit, dy, 0)
+            part[...] = np.where(hit, dy, zero)
+        if overlapping:  # a pixel may be the arg-max of several windows: accumulate
+            dst += part
+        else:
+            dst[...] = part
     return _crop(dxp, pads, x.shape)
 
 
@@ -395,12 +461,7 @@ def avg_pool2d(x: np.ndarray, kernel_size: IntOrPair, stride: IntOrPair | None =
     y : ndarray, shape (N, C, OH, OW)
     """
     k, s, pads, out_hw = _args.pool_args(x, kernel_size, stride, padding)
-    xp = core.pad2d(x, pads, 0.0)
-    y = core.strided_window(xp, 0, 0, s, out_hw).copy()
-    for i in range(k[0]):
-        for j in range(k[1]):
-            if i or j:
-                y += core.strided_window(xp, i, j, s, out_hw)
+    y = _window_reduce(core.pad2d(x, pads, 0.0), k, s, out_hw, np.add)
     y *= x.dtype.type(1.0 / (k[0] * k[1]))
     return y
 
@@ -420,10 +481,9 @@ def avg_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
     _pool_dy(dy, x, out_hw)
     share = dy * x.dtype.type(1.0 / (k[0] * k[1]))
     hp, wp = x.shape[2] + sum(pads[0]), x.shape[3] + sum(pads[1])
-    dxp = np.zeros(x.shape[:2] + (hp, wp), dtype=x.dtype)
-    for i in range(k[0]):
-        for j in range(k[1]):
-            core.strided_window(dxp, i, j, s, out_hw)[...] += share
+    # The window sum is separable, so is its adjoint: spread along the height, then the width.
+    rows = _spread_along(share, x.shape[:2] + (hp, out_hw[1]), 2, k[0], s[0], out_hw[0])
+    dxp = _spread_along(rows, x.shape[:2] + (hp, wp), 3, k[1], s[1], out_hw[1])
     return _crop(dxp, pads, x.shape)
 
 
@@ -450,10 +510,12 @@ def relu(x: np.ndarray) -> np.ndarray:
 def relu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``dy`` where ``x > 0``, else 0; the gradient at 0 is taken as 0."""
     _act_args(x, dy)
+    # A multiply by the bool mask measured fastest (LeNet's 32x16x28x28 float32, 1 thread:
+    # 0.22 ms; a float mask 0.31, np.where 1.9, copyto(where=) 2.4); the finiteness check
+    # is a BLAS dot (0.04 ms; out.sum() took 0.11).
     with np.errstate(invalid="ignore", over="ignore"):  # the rare non-finite case is redone below
-        out = np.multiply(dy, x > 0)  # measured ~50x faster than np.where(x > 0, dy, 0) here
-        finite = np.isfinite(out.sum())
-    if not finite:  # inf or nan in dy where x <= 0 left nan (0 * inf): select instead
+        out = np.multiply(dy, x > 0)
+    if not _all_finite(out):  # inf or nan in dy where x <= 0 left nan (0 * inf): select instead
         out = np.where(x > 0, dy, x.dtype.type(0))
     return out
 
