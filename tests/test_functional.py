@@ -147,6 +147,19 @@ def test_both_im2col_layouts_match_the_loop_reference(layout, method, case):
             np.testing.assert_allclose(g, r, err_msg=name, **tol(g.dtype))
 
 
+@pytest.mark.parametrize("method, dx_algo", [("zero_insert", "taps"), ("col2im", "taps"), ("zero_insert", "im2col")])
+def test_a_chwn_cache_serves_a_backward_planned_in_cnhw(rng, method, dx_algo):
+    """The filter gradient follows the cache's layout, the input gradient the backward's plan."""
+    x = rng.standard_normal((3, 16, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    y, cache = F.conv2d_with_cache(x, w, None, padding=1)
+    assert cache.layout == "chwn"
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    got = F.conv2d_backward(dy, x, w, padding=1, cache=cache, method=method, algo=dx_algo)
+    for g, r, name in zip(got, reference.conv2d_backward(dy, x, w, padding=1), ("dx", "dw", "db")):
+        np.testing.assert_allclose(g, r, err_msg=name, **tol(g.dtype))
+
+
 @PROPS
 @given(conv_cases(max_c=20, max_f=20, max_hw=7))
 def test_taps_and_im2col_agree_at_the_auto_threshold(case):
