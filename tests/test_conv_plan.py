@@ -142,7 +142,7 @@ def test_plan_falls_back_to_the_algorithm_that_fits():
     taps = (2 + 2) * 66 * 66 * 4
     assert _conv.plan(narrow, backward=False, limit=MIB, winograd=False).algo == "im2col"
     assert _conv.plan(narrow, backward=False, limit=taps, winograd=False).algo == "taps"
-    # Winograd's tiles of x and y: 36 * (64 + 64) * 16 * 17 * 4 = 4.8 MiB per image
+    # Winograd's tiles of x and y: 36 * (64 + 64) * 16 * 16 * 4 = 4.5 MiB per image
     assert _conv.plan(g, backward=False, limit=5 * MIB, winograd=True).algo == "winograd"
     assert _conv.plan(g, backward=False, limit=4 * MIB, winograd=True).algo == "taps"
 

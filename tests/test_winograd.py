@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convnet.functional as F
-from convnet import _conv, core, reference
+from convnet import _blas, _conv, core, reference
 from convnet import _winograd as W
 from convnet.gradcheck import check_backward
 from strategies import readonly
@@ -188,6 +188,26 @@ def test_inputs_are_not_modified_and_views_work():
                           (1, 1, 1, 1))
     for got, ref in zip((y, dx, dw), want):
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@needs_numba
+def test_results_do_not_depend_on_the_thread_count():
+    """The threads split channels, filters and GEMM frequencies, never a sum (the weight
+    gradient's GEMMs each run over all images), so 1 and 2 threads agree to the bit; odd
+    batch and sizes take the kernels' remainder paths (images past a multiple of 8)."""
+    if _blas.get_num_threads() is None:
+        pytest.skip("numpy's BLAS thread count cannot be set here")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((11, 5, 10, 9)).astype(np.float32)
+    wt = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((11, 6, 10, 9)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        with _blas.limit_blas_threads(threads):
+            y, tiles = winograd(x, wt, None, (1, 1), (10, 9), keep=True)
+            results.append((y,) + winograd_backward(dy, x, wt, (1, 1), tiles))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
 
 
 @needs_numba
