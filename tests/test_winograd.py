@@ -277,7 +277,7 @@ def test_without_numba_the_plan_stays_exact_and_says_why():
             "import convnet.functional as F\n"
             "from convnet import _conv, _winograd as W, reference as R\n"
             "assert not W.available() and not _conv.winograd_enabled()\n"
-            "x = np.ones((2, 16, 16, 16)); w = np.ones((16, 16, 3, 3)) / 9\n"
+            "x = np.ones((8, 16, 16, 16)); w = np.ones((16, 16, 3, 3)) / 9\n"
             "y, cache = F.conv2d_with_cache(x, w, None, 1, 1)  # a layer the plan gives Winograd with numba\n"
             "assert cache.algo == 'taps' and np.allclose(y, R.conv2d(x, w, None, 1, 1))\n"
             "dx, dw, db = F.conv2d_backward(y, x, w, 1, 1, cache=cache)\n"
@@ -319,7 +319,7 @@ def test_public_api_with_algo_winograd(case):
 def test_auto_uses_winograd_where_planned_and_chunks(rng):
     """A layer on the table's Winograd side: auto takes it, and a small workspace limit
     (chunks, no cache) gives the same results up to rounding."""
-    x = rng.standard_normal((3, 16, 16, 16))
+    x = rng.standard_normal((9, 16, 16, 16))
     w = rng.standard_normal((16, 16, 3, 3))
     assert _conv.winograd_enabled()
     y, cache = F.conv2d_with_cache(x, w, None, padding=1)
@@ -340,8 +340,8 @@ def test_auto_uses_winograd_where_planned_and_chunks(rng):
 @needs_numba
 def test_exact_switch(monkeypatch, rng):
     """CONVNET_WINOGRAD=0, an exact cache, or an explicit algo keep the exact algorithms."""
-    x, w = rng.standard_normal((2, 16, 16, 16)), rng.standard_normal((16, 16, 3, 3))
-    dy = rng.standard_normal((2, 16, 16, 16))
+    x, w = rng.standard_normal((8, 16, 16, 16)), rng.standard_normal((16, 16, 3, 3))
+    dy = rng.standard_normal((8, 16, 16, 16))
     exact = F.conv2d(x, w, None, padding=1, algo="taps")
     monkeypatch.setenv(_conv.WINOGRAD_ENV, "0")
     y, cache = F.conv2d_with_cache(x, w, None, padding=1)
@@ -378,7 +378,7 @@ def test_winograd_rejects_what_it_cannot_compute(rng, kwargs, message):
 def test_transposed_convolution_through_winograd_matches_the_exact_plan(monkeypatch, rng):
     """conv_transpose2d's forward is conv2d's input gradient and its backward a conv2d forward
     and filter gradient: on a layer the plan gives Winograd, results equal the exact plan's."""
-    x = rng.standard_normal((2, 16, 16, 16))
+    x = rng.standard_normal((8, 16, 16, 16))
     w = rng.standard_normal((16, 16, 3, 3))
     assert F.conv2d_with_cache(x, w, None, padding=1)[1].algo == "winograd"  # the same geometry
     y = F.conv_transpose2d(x, w, None, padding=1)
