@@ -173,22 +173,27 @@ def nchw_to_cnhw(x: np.ndarray, pads: Pads = ((0, 0), (0, 0)), reuse: str | None
     ndarray, shape (C, N, H + top + bottom, W + left + right), dtype of ``x``, from
     :func:`row_buffer`.
     """
-    n, c, h, w = x.shape
+    return _padded_copy(x, (1, 0, 2, 3), pads, reuse)
+
+
+def _padded_copy(x: np.ndarray, order: tuple[int, ...], pads: Pads, reuse: str | None) -> np.ndarray:
+    """``x`` (N, C, H, W) transposed by ``order`` into a :func:`row_buffer`, with its H and W
+    axes zero-padded by ``pads``: only the border is zeroed, the interior is one copy."""
     (pt, pb), (pl, pr) = pads
-    out = row_buffer((c, n, h + pt + pb, w + pl + pr), x.dtype, reuse=reuse)
-    _zero_border(out, pads)
-    out[:, :, pt:pt + h, pl:pl + w] = x.transpose(1, 0, 2, 3)
+    src = x.transpose(order)
+    ha = order.index(2)  # where H lands; W follows it
+    shape = list(src.shape)
+    shape[ha] += pt + pb
+    shape[ha + 1] += pl + pr
+    out = row_buffer(tuple(shape), x.dtype, reuse=reuse)
+    lead = (slice(None),) * ha
+    hp, wp = shape[ha], shape[ha + 1]
+    for border in (slice(0, pt), slice(hp - pb, hp)):
+        out[lead + (border,)] = 0
+    for border in (slice(0, pl), slice(wp - pr, wp)):
+        out[lead + (slice(None), border)] = 0
+    out[lead + (slice(pt, hp - pb), slice(pl, wp - pr))] = src
     return out
-
-
-def _zero_border(out: np.ndarray, pads: Pads) -> None:
-    """Zero the ``pads`` border of the last two axes (what an interior copy will not write)."""
-    (pt, pb), (pl, pr) = pads
-    hp, wp = out.shape[-2:]
-    out[..., :pt, :] = 0
-    out[..., hp - pb:, :] = 0
-    out[..., :, :pl] = 0
-    out[..., :, wp - pr:] = 0
 
 
 def cnhw_to_nchw(y: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None) -> None:
@@ -575,30 +580,9 @@ def transposed_taps(dy: np.ndarray, wm: np.ndarray, padded_hw: Pair, kernel: Pai
 # matrix then has columns ordered (oh, ow, n); the GEMMs are the same.
 
 def nchw_to_chwn(x: np.ndarray, pads: Pads = ((0, 0), (0, 0)), reuse: str | None = None) -> np.ndarray:
-    """Pad an NCHW array with zeros and return it with the batch innermost, (C, Hp, Wp, N).
-
-    Parameters
-    ----------
-    x : ndarray, shape (N, C, H, W)
-    pads : ((top, bottom), (left, right)), non-negative
-    reuse : str, optional
-        Scratch name for the result's memory (see :func:`row_buffer`); default fresh.
-
-    Returns
-    -------
-    ndarray, shape (C, H + top + bottom, W + left + right, N), dtype of ``x``, from
-    :func:`row_buffer`.
-    """
-    n, c, h, w = x.shape
-    (pt, pb), (pl, pr) = pads
-    hp, wp = h + pt + pb, w + pl + pr
-    out = row_buffer((c, hp, wp, n), x.dtype, reuse=reuse)
-    out[:, :pt] = 0
-    out[:, hp - pb:] = 0
-    out[:, :, :pl] = 0
-    out[:, :, wp - pr:] = 0
-    out[:, pt:pt + h, pl:pl + w] = x.transpose(1, 2, 3, 0)
-    return out
+    """:func:`nchw_to_cnhw` with the batch innermost: returns (C, H + top + bottom, W + left +
+    right, N), from :func:`row_buffer`."""
+    return _padded_copy(x, (1, 2, 3, 0), pads, reuse)
 
 
 def _chwn_windows(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair,
@@ -613,20 +597,9 @@ def _chwn_windows(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, ou
 
 def im2col_chwn(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair,
                 reuse: str | None = None) -> np.ndarray:
-    """:func:`im2col` of a padded CHWN array: the column matrix with columns ordered (oh, ow, n).
-
-    Parameters
-    ----------
-    xp : ndarray, shape (C, Hp, Wp, N), already padded (from :func:`nchw_to_chwn`)
-    kernel, stride, dilation : (h, w) pairs
-    out_hw : (OH, OW)
-    reuse : str, optional
-        Scratch name for the result's memory (see :func:`row_buffer`); default fresh.
-
-    Returns
-    -------
-    cols : ndarray, shape (KH*KW*C, OH*OW*N), rows ordered (kh, kw, c) as :func:`im2col`'s.
-    """
+    """:func:`im2col` of a padded CHWN array ``xp`` (C, Hp, Wp, N), from :func:`nchw_to_chwn`
+    (the other arguments as there): the (KH*KW*C, OH*OW*N) column matrix, rows ordered (kh,
+    kw, c) as :func:`im2col`'s, columns (oh, ow, n)."""
     kh, kw = kernel
     cols = row_buffer((kh * kw * xp.shape[0],) + tuple(out_hw) + (xp.shape[3],), xp.dtype, reuse=reuse)
     # At stride 1 numpy merges (ow, n) into one run of OW*N elements per window row.
