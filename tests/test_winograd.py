@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convnet.functional as F
-from convnet import _conv, core, reference
+from convnet import _blas, _conv, core, reference
 from convnet import _winograd as W
 from convnet.gradcheck import check_backward
 from strategies import readonly
@@ -191,6 +191,26 @@ def test_inputs_are_not_modified_and_views_work():
 
 
 @needs_numba
+def test_results_do_not_depend_on_the_thread_count():
+    """The threads split channels, filters and GEMM frequencies, never a sum (the weight
+    gradient's GEMMs each run over all images), so 1 and 2 threads agree to the bit; odd
+    batch and sizes take the kernels' remainder paths (images past a multiple of 8)."""
+    if _blas.get_num_threads() is None:
+        pytest.skip("numpy's BLAS thread count cannot be set here")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((11, 5, 10, 9)).astype(np.float32)
+    wt = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((11, 6, 10, 9)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        with _blas.limit_blas_threads(threads):
+            y, tiles = winograd(x, wt, None, (1, 1), (10, 9), keep=True)
+            results.append((y,) + winograd_backward(dy, x, wt, (1, 1), tiles))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+@needs_numba
 def test_input_gradient_can_be_skipped():
     rng = np.random.default_rng(5)
     x, wt, dy = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((1, 3, 5, 5))
@@ -257,7 +277,7 @@ def test_without_numba_the_plan_stays_exact_and_says_why():
             "import convnet.functional as F\n"
             "from convnet import _conv, _winograd as W, reference as R\n"
             "assert not W.available() and not _conv.winograd_enabled()\n"
-            "x = np.ones((2, 16, 16, 16)); w = np.ones((16, 16, 3, 3)) / 9\n"
+            "x = np.ones((8, 16, 16, 16)); w = np.ones((16, 16, 3, 3)) / 9\n"
             "y, cache = F.conv2d_with_cache(x, w, None, 1, 1)  # a layer the plan gives Winograd with numba\n"
             "assert cache.algo == 'taps' and np.allclose(y, R.conv2d(x, w, None, 1, 1))\n"
             "dx, dw, db = F.conv2d_backward(y, x, w, 1, 1, cache=cache)\n"
@@ -299,7 +319,7 @@ def test_public_api_with_algo_winograd(case):
 def test_auto_uses_winograd_where_planned_and_chunks(rng):
     """A layer on the table's Winograd side: auto takes it, and a small workspace limit
     (chunks, no cache) gives the same results up to rounding."""
-    x = rng.standard_normal((3, 16, 16, 16))
+    x = rng.standard_normal((9, 16, 16, 16))
     w = rng.standard_normal((16, 16, 3, 3))
     assert _conv.winograd_enabled()
     y, cache = F.conv2d_with_cache(x, w, None, padding=1)
@@ -320,8 +340,8 @@ def test_auto_uses_winograd_where_planned_and_chunks(rng):
 @needs_numba
 def test_exact_switch(monkeypatch, rng):
     """CONVNET_WINOGRAD=0, an exact cache, or an explicit algo keep the exact algorithms."""
-    x, w = rng.standard_normal((2, 16, 16, 16)), rng.standard_normal((16, 16, 3, 3))
-    dy = rng.standard_normal((2, 16, 16, 16))
+    x, w = rng.standard_normal((8, 16, 16, 16)), rng.standard_normal((16, 16, 3, 3))
+    dy = rng.standard_normal((8, 16, 16, 16))
     exact = F.conv2d(x, w, None, padding=1, algo="taps")
     monkeypatch.setenv(_conv.WINOGRAD_ENV, "0")
     y, cache = F.conv2d_with_cache(x, w, None, padding=1)
@@ -358,7 +378,7 @@ def test_winograd_rejects_what_it_cannot_compute(rng, kwargs, message):
 def test_transposed_convolution_through_winograd_matches_the_exact_plan(monkeypatch, rng):
     """conv_transpose2d's forward is conv2d's input gradient and its backward a conv2d forward
     and filter gradient: on a layer the plan gives Winograd, results equal the exact plan's."""
-    x = rng.standard_normal((2, 16, 16, 16))
+    x = rng.standard_normal((8, 16, 16, 16))
     w = rng.standard_normal((16, 16, 3, 3))
     assert F.conv2d_with_cache(x, w, None, padding=1)[1].algo == "winograd"  # the same geometry
     y = F.conv_transpose2d(x, w, None, padding=1)

@@ -110,6 +110,7 @@ class Thresholds(NamedTuple):
     transposed_taps_min_channels: int
     winograd_min_size: int
     winograd_min_channels: int
+    winograd_min_row_tiles: int
     chwn_max_width: int
 
 
@@ -138,14 +139,21 @@ THRESHOLDS = Thresholds(
     # took 53.8 ms with them and 44.9 ms by im2col in CHWN (1 thread, medians of 9).
     transposed_taps_min_channels=32,
     # Winograd F(4x4, 3x3), where numba is installed, against the exact plan above (fwd + bwd,
-    # float32, 1 BLAS thread, medians of 7 alternating rounds on a busy 2-core machine): it
-    # won from 16x16 outputs with 16 channels or more on both sides (16x16, C=F=64: 0.83x;
-    # C=F=32, N=128: 0.86x; 32x32, C=F=16: 0.55x; 28x28, C=F=32: 0.73x; cifar 0.55x, vgg
-    # 0.51x) and tied or lost on smaller maps (8x8, C=F=64: 1.00x; 12x12, C=F=16: 1.47x; 8x8,
-    # C=F=16: 1.29x: 4-9 tiles per image) and few channels (32x32, C=3, F=32: 1.90x; C=8,
-    # F=16: 1.04x: the transforms cost per channel what the GEMMs save).
-    winograd_min_size=16,
-    winograd_min_channels=16,
+    # float32, 1 BLAS thread, medians of 9 alternating rounds on a busy 2-core machine). Its
+    # transforms loop over one tile row of the whole batch (ceil(OW/4) * N tiles), so the
+    # batch counts as much as the map. At N=128 it won from 8x8 outputs with 8 channels or
+    # more on both sides (8x8, C=F=8: 0.79x; C=F=16: 0.71x; C=F=64: 0.51x; 12x12, C=F=16:
+    # 0.66x; 16x16, C=F=8: 0.58x; C=F=16: 0.61x; C=F=32: 0.43x; 32x32, C=F=16: 0.50x; cifar
+    # 0.41x, vgg at N=16 0.38x) and lost with 4
+    # channels or fewer on a side (8x8, C=F=4: 1.50x; 32x32, C=3, F=16: 1.29x; 16x16, C=4,
+    # F=16 won, 0.84x) or on 4x4 maps (C=F=16: 1.17x). Tile rows of 32 tiles tied or won
+    # (8x8, N=16, C=F=16 or 32: 1.01-1.03x; 32x32, N=4, C=F=16: 1.01x; 16x16, N=8, C=F=32:
+    # 0.85x), shorter ones lost (16x16, C=F=32, N=1, 2, 4: 1.37x, 1.26x, 1.06x; 8x8, C=F=64,
+    # N=8: 1.23x) and longer ones won (8x8, N=32, C=F=16: 0.93x; C=F=64: 0.61x; 32x32, N=8:
+    # 0.68x).
+    winograd_min_size=8,
+    winograd_min_channels=8,
+    winograd_min_row_tiles=32,
     # The CHWN layout for im2col layers (and their col2im input gradient) whose outputs are
     # at most this wide: window rows of OW elements become runs of OW*N. Measured at batch 32,
     # 1 BLAS thread, fwd + bwd pieces side by side: LeNet's second conv (16 -> 32, 14x14 ->
@@ -265,7 +273,8 @@ def plan(g: Geometry, backward: bool, algo: str = "auto", method: str = "auto", 
 
 def _winograd_wins(g: Geometry, table: Thresholds) -> bool:
     return (winograd_fits(g) and min(g.out_hw) >= table.winograd_min_size
-            and min(g.c, g.f) >= table.winograd_min_channels)
+            and min(g.c, g.f) >= table.winograd_min_channels
+            and -(-g.out_hw[1] // 4) * g.n >= table.winograd_min_row_tiles)
 
 
 @functools.lru_cache(maxsize=256)
