@@ -225,6 +225,7 @@ class FakeMachine:
     def __init__(self):
         self.now, self.busy_s, self.own_s, self.applied = 0.0, 0.0, 0.0, []
         self.readable = True
+        self.runnable = None  # the others' runnable threads at the next reading (None: unknown)
 
     def run(self, seconds, ours, others):
         """``seconds`` of wall time with this process on ``ours`` CPUs and others on ``others``."""
@@ -234,7 +235,8 @@ class FakeMachine:
 
     def policy(self, **kw):
         return _blas.ThreadPolicy(most=2, cpus=2, interval=0.25, busy=lambda: self.busy_s if self.readable else None,
-                                  own=lambda: self.own_s, clock=lambda: self.now, apply=self.applied.append, **kw)
+                                  own=lambda: self.own_s, demand=lambda: self.runnable, clock=lambda: self.now,
+                                  apply=self.applied.append, **kw)
 
 
 def test_policy_drops_to_one_thread_when_others_are_busy_and_comes_back():
@@ -256,6 +258,38 @@ def test_policy_drops_to_one_thread_when_others_are_busy_and_comes_back():
     assert p.start(most=1) == 1  # a new block with a lower cap; readings carry over
     m.run(0.3, ours=1.0, others=0.0)
     assert p.update() == 1 and p.start(most=2) == 2
+
+
+def test_policy_counts_runnable_others_that_get_no_cpu():
+    """Our two spinning threads hold both cores: the others got no CPU time but want it."""
+    m = FakeMachine()
+    p = m.policy()
+    p.start()
+    m.runnable = 2.0
+    m.run(0.3, ours=2.0, others=0.0)
+    assert p.update() == 1 and p.others == 2.0
+    m.runnable = 0.0  # they stopped: CPU time and the count agree again
+    m.run(0.3, ours=1.0, others=0.0)
+    assert p.update() == 2 and p.others == 0.0
+
+
+def test_policy_ignores_a_passing_runnable_process():
+    m = FakeMachine()
+    p = m.policy()
+    p.start()
+    m.runnable = 0.0
+    m.run(0.3, ours=1.0, others=0.0)
+    assert p.update() == 2
+    m.runnable = 2.0  # one reading only: the smaller of the last two counts
+    m.run(0.3, ours=1.0, others=0.0)
+    assert p.update() == 2
+    m.run(0.3, ours=1.0, others=0.0)  # still runnable at the next reading: it counts
+    assert p.update() == 1
+
+
+def test_others_runnable_reads_this_machine():
+    seen = _blas._others_runnable()
+    assert seen is None or (seen >= 0 and seen == int(seen))
 
 
 def test_policy_reads_at_most_once_per_interval():

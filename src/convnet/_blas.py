@@ -318,6 +318,29 @@ def _busy_seconds() -> float | None:
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def _others_runnable() -> float | None:
+    """Threads of other processes that want a CPU right now, or None where unknown.
+
+    ``procs_running`` (``/proc/stat``: runnable threads machine-wide, at this instant) less
+    this process's own runnable threads (state ``R`` in ``/proc/self/task/*/stat``). CPU
+    time alone hides demand: while our spinning BLAS threads hold both cores, busy
+    processes get little CPU and look idle, yet they are runnable.
+    """
+    try:
+        with open("/proc/stat", "rb") as fh:
+            running = next(int(line.split()[1]) for line in fh if line.startswith(b"procs_running"))
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", "rb") as fh:
+                    own += fh.read().rsplit(b")", 1)[1].split()[0] == b"R"
+            except OSError:  # the thread ended meanwhile
+                continue
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return float(max(0, running - max(own, 1)))
+
+
 def _own_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -341,24 +364,29 @@ class ThreadPolicy:
     Every ``interval`` seconds at most (not on every call), :meth:`update` reads how much
     CPU time the machine spent busy (``/proc/stat``) and subtracts this process's own
     (``os.times``, which counts its spinning BLAS threads too): the rest is the other
-    processes' load over the window, in CPUs. :func:`choose_threads` turns it into a
+    processes' load over the window, in CPUs. It also counts the other processes' threads
+    that are runnable at that instant (:func:`_others_runnable`; the smaller of the last two
+    counts, so that a passing process does not count), and takes the larger of the two:
+    CPU time shows what others got, the count what they want, and while two spinning BLAS
+    threads hold both cores the others get little. :func:`choose_threads` turns it into a
     thread count, applied when it changes. Until a first window has been measured the
     policy takes 1 thread, the side that cannot stall; where ``/proc/stat`` is missing
     it takes ``most``.
 
     The readers are arguments so tests can feed it fake load: ``busy()`` and ``own()``
-    return CPU seconds (``busy`` may return None), ``clock()`` wall seconds, ``apply(n)``
-    sets the pool.
+    return CPU seconds (``busy`` may return None), ``demand()`` the others' runnable
+    threads (or None), ``clock()`` wall seconds, ``apply(n)`` sets the pool.
     """
 
     def __init__(self, most: int | None = None, cpus: int | None = None, interval: float = 0.25,
                  busy: Callable[[], float | None] = _busy_seconds, own: Callable[[], float] = _own_seconds,
-                 clock: Callable[[], float] = time.perf_counter,
+                 demand: Callable[[], float | None] = _others_runnable, clock: Callable[[], float] = time.perf_counter,
                  apply: Callable[[int], None] = set_num_threads) -> None:
         self.cpus = usable_cpus() if cpus is None else cpus
         self.most = self._cap(most if most is not None else (get_num_threads() or self.cpus))
         self.interval = interval
-        self._busy, self._own, self._clock, self._apply = busy, own, clock, apply
+        self._busy, self._own, self._demand, self._clock, self._apply = busy, own, demand, clock, apply
+        self._last_demand: float | None = None
         self.threads: int | None = None  # the count last applied
         self.others: float | None = None  # the other processes' load in the last window, in CPUs
         self._mark: tuple[float, float | None, float] | None = None
@@ -396,7 +424,13 @@ class ThreadPolicy:
             busy1, own1 = self._busy(), self._own()
             self._mark = (now, busy1, own1)
             if busy0 is not None and busy1 is not None:
-                self.others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (now - t0)
+                others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (now - t0)
+                demand = self._demand()
+                if demand is not None:
+                    seen = demand if self._last_demand is None else min(demand, self._last_demand)
+                    self._last_demand = demand
+                    others = max(others, seen)
+                self.others = others
         threads = self._choice()
         if threads != self.threads:
             self._apply(threads)
