@@ -189,9 +189,10 @@ def test_input_gradient_algorithms_agree(case, method):
 
 
 def one_image_workspace(case) -> int:
-    """The largest workspace one image of ``case`` needs, over every algorithm and route."""
+    """The largest workspace one image of ``case`` needs, over every algorithm, route and layout."""
     g = F._conv_geometry(case.x, case.weight, None, case.stride, case.padding, case.dilation)
-    return max(max(_conv._workspace(g, a, m, d)) for a in _conv.ALGOS for m in _conv.METHODS for d in _conv.ALGOS)
+    return max(max(_conv._workspace(g, a, m, d, lay)) for a in _conv.ALGOS for m in _conv.METHODS
+               for d in _conv.ALGOS for lay in _conv.LAYOUTS)
 
 
 @settings(max_examples=30, deadline=None)
