@@ -277,9 +277,9 @@ def test_without_numba_the_plan_stays_exact_and_says_why():
             "import convnet.functional as F\n"
             "from convnet import _conv, _winograd as W, reference as R\n"
             "assert not W.available() and not _conv.winograd_enabled()\n"
-            "x = np.ones((8, 16, 16, 16)); w = np.ones((16, 16, 3, 3)) / 9\n"
+            "x = np.ones((8, 8, 16, 16)); w = np.ones((8, 8, 3, 3)) / 9\n"
             "y, cache = F.conv2d_with_cache(x, w, None, 1, 1)  # a layer the plan gives Winograd with numba\n"
-            "assert cache.algo == 'taps' and np.allclose(y, R.conv2d(x, w, None, 1, 1))\n"
+            "assert cache.algo != 'winograd' and np.allclose(y, R.conv2d(x, w, None, 1, 1))\n"
             "dx, dw, db = F.conv2d_backward(y, x, w, 1, 1, cache=cache)\n"
             "assert np.allclose(dw, R.conv2d_backward(y, x, w, 1, 1)[1])\n"
             "try:\n"
@@ -319,14 +319,14 @@ def test_public_api_with_algo_winograd(case):
 def test_auto_uses_winograd_where_planned_and_chunks(rng):
     """A layer on the table's Winograd side: auto takes it, and a small workspace limit
     (chunks, no cache) gives the same results up to rounding."""
-    x = rng.standard_normal((9, 16, 16, 16))
-    w = rng.standard_normal((16, 16, 3, 3))
+    x = rng.standard_normal((9, 8, 16, 16))
+    w = rng.standard_normal((8, 8, 3, 3))
     assert _conv.winograd_enabled()
     y, cache = F.conv2d_with_cache(x, w, None, padding=1)
     assert cache.algo == "winograd"
     dy = rng.standard_normal(y.shape)
     grads = F.conv2d_backward(dy, x, w, padding=1, cache=cache)
-    per_image = W.workspace_per_image((16, 16), 16, 16) * 8
+    per_image = W.workspace_per_image((16, 16), 8, 8) * 8
     with core.workspace_limit(per_image + 1):
         y_c, cache_c = F.conv2d_with_cache(x, w, None, padding=1)
         grads_c = F.conv2d_backward(dy, x, w, padding=1)
