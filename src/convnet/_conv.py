@@ -116,7 +116,11 @@ class Thresholds(NamedTuple):
 
 THRESHOLDS = Thresholds(
     # Forward only (conv2d): the per-tap GEMMs of a stride-1 correlation beat im2col + one
-    # GEMM from about 6 input channels on (fwd-only sweeps over C, CNHW engine).
+    # GEMM from about 6 input channels on (fwd-only sweeps over C, CNHW engine), where the
+    # padded grid is not much larger than the output (max_taps_grid_waste below): on the
+    # unpadded 5x5 LeNet layers (grid 1.96x the output) im2col in CHWN took 1.56 vs 2.96 ms
+    # (64, 6, 14x14 -> 16) and 2.61 vs 4.71 ms (32, 16 -> 32), 1 thread; with 3x3 pad 1
+    # (1.27x) taps still won: 2.21 vs 2.61 ms (64, 8, 16x16 -> 16), 10.0 vs 13.1 ms (C=F=32).
     taps_min_channels=6,
     # Forward with a cache (backward follows): backward must rebuild the column matrix from
     # a taps forward's padded input. Taps still won from 16 channels (CIFAR 40-44 vs 43-45
@@ -124,10 +128,11 @@ THRESHOLDS = Thresholds(
     # 1.9 ms).
     cached_taps_min_channels=16,
     # Taps compute every point of the padded grid; where it is much larger than the output
-    # (grid / output points above this) they lose even with many channels: the default
-    # LeNet's second conv in training, 14x14 -> 10x10 with C=16, F=32: 2.7 ms by im2col and
-    # col2im vs 3.1 ms by taps and zero insertion, fwd + bwd. The same bound limits the
-    # zero-insertion route, whose padded map is the input grown by the dilated kernel.
+    # (grid / output points above this) they lose even with many channels, forward only or
+    # not: the default LeNet's second conv in training, 14x14 -> 10x10 with C=16, F=32:
+    # 2.7 ms by im2col and col2im vs 3.1 ms by taps and zero insertion, fwd + bwd. The same
+    # bound limits the zero-insertion route, whose padded map is the input grown by the
+    # dilated kernel.
     max_taps_grid_waste=1.3,
     # At stride 1, zero insertion measured faster (fwd + bwd) when both sides are wide (C,
     # F >= 16: CIFAR, VGG); both LeNet layers (C=1, F=6 and C=6, F=16) were faster by
@@ -297,12 +302,9 @@ def _plan(g: Geometry, backward: bool, algo: str, method: str, dx_algo: str, lim
         dx_algo = "im2col" if dx_algo == "auto" else dx_algo
         method = "col2im" if method == "auto" else method
     if auto_algo:
-        if backward:
-            wide = (g.c >= table.cached_taps_min_channels
-                    and _grid_waste(g.padded_hw, g.out_hw) <= table.max_taps_grid_waste)
-        else:
-            wide = g.c >= table.taps_min_channels
-        algo = "taps" if stride1 and wide else "im2col"
+        wide = g.c >= (table.cached_taps_min_channels if backward else table.taps_min_channels)
+        algo = "taps" if stride1 and wide and _grid_waste(g.padded_hw, g.out_hw) <= table.max_taps_grid_waste \
+            else "im2col"
     if method == "auto":
         # Zero insertion multiplies the input-gradient work by SH*SW (it correlates mostly
         # zeros), so strided layers take col2im; so do narrow layers and small maps, whose
