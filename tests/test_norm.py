@@ -84,6 +84,17 @@ def test_batch_norm_matches_reference_with_running_updates(case):
             np.testing.assert_array_equal(rv, case.running_var)
 
 
+def dx_tol(case, stats) -> dict:
+    """``tol``, widened for ill-conditioned channels: dx subtracts two nearly equal terms when
+    a channel's spread is small next to its values (2 values 0.04 apart near 3.4 gave 1.5e-4
+    in float32), so its rounding error grows with ``max|x| / std`` times ``inv_std * max|dy|``."""
+    t = tol(case.x.dtype)
+    eps = np.finfo(case.x.dtype).eps
+    spread = np.max(np.abs(case.x)) * np.max(stats.inv_std)  # max|x| / min std
+    bound = 10 * eps * spread * np.max(stats.inv_std) * np.max(np.abs(case.dy))
+    return {"rtol": t["rtol"], "atol": max(t["atol"], float(bound))}
+
+
 @PROPS
 @given(bn_cases(), st.booleans())
 def test_batch_norm_backward_matches_reference(case, input_grad):
@@ -95,7 +106,7 @@ def test_batch_norm_backward_matches_reference(case, input_grad):
     want = R.batch_norm_backward(case.dy, case.x, case.weight, rm, rv, case.training, case.eps)
     if input_grad:
         assert got[0].dtype == case.x.dtype
-        np.testing.assert_allclose(got[0], want[0], err_msg="dx", **tol(case.x.dtype))
+        np.testing.assert_allclose(got[0], want[0], err_msg="dx", **dx_tol(case, stats))
     else:
         assert got[0] is None
     for name, g, r in zip(("dweight", "dbias"), got[1:], want[1:]):
