@@ -318,7 +318,54 @@ class Layer:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-class Conv2d(Layer):
+class _Weighted(Layer):
+    """A layer with a ``weight`` and, when ``has_bias``, a ``bias`` (Conv2d, ConvTranspose2d, Linear)."""
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.params.get("bias")
+
+    @property
+    def weight_grad(self) -> np.ndarray:
+        return self.grads["weight"]
+
+    @property
+    def bias_grad(self) -> np.ndarray | None:
+        return self.grads.get("bias")
+
+    def _add_grads(self, dw: np.ndarray, db: np.ndarray | None) -> None:
+        self.grads["weight"] += dw
+        if self.has_bias:
+            self.grads["bias"] += db
+
+
+class _Conv(_Weighted):
+    """What Conv2d and ConvTranspose2d share: their channel, group, kernel, stride and
+    dilation arguments, and the input check."""
+
+    def _conv_args(self, in_channels: object, out_channels: object, groups: object, kernel_size: object,
+                   stride: object, dilation: object) -> tuple[tuple[int, int], ...]:
+        """Check and keep the channels and groups; return the checked (kernel, stride, dilation) pairs."""
+        self.in_channels = _args.positive_int(in_channels, "in_channels")
+        self.out_channels = _args.positive_int(out_channels, "out_channels")
+        self.groups = _group_count(groups, self.in_channels, self.out_channels)
+        k = _args.pair(kernel_size, "kernel_size", 1)
+        s = _args.pair(stride, "stride", 1)
+        d = _args.pair(dilation, "dilation", 1)
+        return k, s, d
+
+    def _check_input(self, x: np.ndarray) -> None:
+        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input with {self.in_channels} channels (N, {self.in_channels}, H, W), "
+                             f"got shape {x.shape}")
+        self._check_param_dtype(x)
+
+
+class Conv2d(_Conv):
     """2-D convolution (cross-correlation), NCHW.
 
     Parameters
@@ -348,12 +395,7 @@ class Conv2d(Layer):
                  dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True, *,
                  rng: RngLike = None, dtype: Any = np.float32) -> None:
         super().__init__()
-        self.in_channels = _args.positive_int(in_channels, "in_channels")
-        self.out_channels = _args.positive_int(out_channels, "out_channels")
-        self.groups = _group_count(groups, self.in_channels, self.out_channels)
-        k = _args.pair(kernel_size, "kernel_size", 1)
-        s = _args.pair(stride, "stride", 1)
-        d = _args.pair(dilation, "dilation", 1)
+        k, s, d = self._conv_args(in_channels, out_channels, groups, kernel_size, stride, dilation)
         _args.padding_pads(padding, k, s, d)  # validates padding (and 'same' with stride 1)
         self.has_bias = _args.flag(bias, "bias")
         self.kernel_size, self.stride = _tuplify(kernel_size), _tuplify(stride)
@@ -362,27 +404,8 @@ class Conv2d(Layer):
         self._x = None
         self._cache = None
 
-    @property
-    def weight(self) -> np.ndarray:
-        return self.params["weight"]
-
-    @property
-    def bias(self) -> np.ndarray | None:
-        return self.params.get("bias")
-
-    @property
-    def weight_grad(self) -> np.ndarray:
-        return self.grads["weight"]
-
-    @property
-    def bias_grad(self) -> np.ndarray | None:
-        return self.grads.get("bias")
-
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input with {self.in_channels} channels (N, {self.in_channels}, H, W), "
-                             f"got shape {x.shape}")
-        self._check_param_dtype(x)
+        self._check_input(x)
         y, self._cache = F.conv2d_with_cache(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                              self.groups)
         self._x = x
@@ -393,9 +416,7 @@ class Conv2d(Layer):
         x = self._cached("_x")
         dx, dw, db = F.conv2d_backward(dy, x, self.weight, self.stride, self.padding, self.dilation,
                                        cache=self._cache, groups=self.groups, input_grad=input_grad)
-        self.grads["weight"] += dw
-        if self.has_bias:
-            self.grads["bias"] += db
+        self._add_grads(dw, db)
         return dx
 
     def clear_cache(self) -> None:
@@ -418,7 +439,7 @@ def _group_count(groups: object, in_channels: int, out_channels: int) -> int:
     return groups
 
 
-class ConvTranspose2d(Layer):
+class ConvTranspose2d(_Conv):
     """2-D transposed convolution, NCHW, as PyTorch's ``ConvTranspose2d``.
 
     Parameters
@@ -447,12 +468,7 @@ class ConvTranspose2d(Layer):
                  output_padding: int | tuple[int, int] = 0, groups: int = 1, bias: bool = True,
                  dilation: int | tuple[int, int] = 1, *, rng: RngLike = None, dtype: Any = np.float32) -> None:
         super().__init__()
-        self.in_channels = _args.positive_int(in_channels, "in_channels")
-        self.out_channels = _args.positive_int(out_channels, "out_channels")
-        self.groups = _group_count(groups, self.in_channels, self.out_channels)
-        k = _args.pair(kernel_size, "kernel_size", 1)
-        s = _args.pair(stride, "stride", 1)
-        d = _args.pair(dilation, "dilation", 1)
+        k, s, d = self._conv_args(in_channels, out_channels, groups, kernel_size, stride, dilation)
         if isinstance(padding, str):
             raise TypeError(f"padding of a transposed convolution must be an int or a pair, got {padding!r}")
         _args.pair(padding, "padding", 0)
@@ -467,22 +483,11 @@ class ConvTranspose2d(Layer):
                                    bias_size=self.out_channels)
         self._x = None
 
-    @property
-    def weight(self) -> np.ndarray:
-        return self.params["weight"]
-
-    @property
-    def bias(self) -> np.ndarray | None:
-        return self.params.get("bias")
-
     def _geometry(self) -> tuple:
         return self.stride, self.padding, self.output_padding, self.groups, self.dilation
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input with {self.in_channels} channels (N, {self.in_channels}, H, W), "
-                             f"got shape {x.shape}")
-        self._check_param_dtype(x)
+        self._check_input(x)
         y = F.conv_transpose2d(x, self.weight, self.bias, *self._geometry())
         self._x = x
         return y
@@ -491,9 +496,7 @@ class ConvTranspose2d(Layer):
         """Accumulate the parameter gradients; return ``dx`` (None with ``input_grad=False``)."""
         x = self._cached("_x")
         dx, dw, db = F.conv_transpose2d_backward(dy, x, self.weight, *self._geometry(), input_grad=input_grad)
-        self.grads["weight"] += dw
-        if self.has_bias:
-            self.grads["bias"] += db
+        self._add_grads(dw, db)
         return dx
 
     def clear_cache(self) -> None:
@@ -509,7 +512,7 @@ class ConvTranspose2d(Layer):
         }
 
 
-class Linear(Layer):
+class Linear(_Weighted):
     """Fully connected layer ``y = x @ weight.T + bias``.
 
     Parameters
@@ -532,11 +535,6 @@ class Linear(Layer):
         self._init_weight_and_bias((self.out_features, self.in_features), rng, dtype)
         self._x = None
 
-    weight = Conv2d.weight
-    bias = Conv2d.bias
-    weight_grad = Conv2d.weight_grad
-    bias_grad = Conv2d.bias_grad
-
     def forward(self, x: np.ndarray) -> np.ndarray:
         if isinstance(x, np.ndarray) and (x.ndim != 2 or x.shape[1] != self.in_features):
             hint = " (add a Flatten layer before it?)" if x.ndim > 2 else ""
@@ -550,9 +548,7 @@ class Linear(Layer):
         """Accumulate the parameter gradients; return ``dx`` (None with ``input_grad=False``)."""
         x = self._cached("_x")
         dx, dw, db = F.linear_backward(dy, x, self.weight, input_grad)
-        self.grads["weight"] += dw
-        if self.has_bias:
-            self.grads["bias"] += db
+        self._add_grads(dw, db)
         return dx
 
     def clear_cache(self) -> None:
