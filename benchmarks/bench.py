@@ -34,6 +34,7 @@ The JSON report goes to ``benchmarks/results/latest.json`` (or ``--json PATH``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -943,38 +944,36 @@ def _run(shapes: list[ConvShape | PoolShape], opts: Options, log: Callable[[str]
     report["cases"] = cases
     if opts.network:
         log("whole network: one training epoch ...")
-        try:
-            with _timing.OtherLoad() as load:
-                report["network"] = network_throughput(opts, torch)
-        except Exception as exc:
-            report["network"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
-                                 "traceback": traceback.format_exc()}
-            log(report["network"]["traceback"])
-        report["network"]["other_load"] = load.fraction
+        report["network"] = _section(lambda: network_throughput(opts, torch), log, measure_load=True)
     if opts.resnet:
         log("ResNets: training steps and batch norm ...")
-        try:
-            with _timing.OtherLoad() as load:
-                report["resnet"] = resnet_throughput(opts, torch)
-        except Exception as exc:
-            report["resnet"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
-                                "traceback": traceback.format_exc()}
-            log(report["resnet"]["traceback"])
-        report["resnet"]["other_load"] = load.fraction
+        report["resnet"] = _section(lambda: resnet_throughput(opts, torch), log, measure_load=True)
     if opts.loaded:
         log("idle and loaded: BLAS threads with competing busy processes ...")
-        try:
-            report["loaded"] = loaded_figures(opts, torch, log)
-        except Exception as exc:
-            report["loaded"] = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
-                                "traceback": traceback.format_exc()}
-            log(report["loaded"]["traceback"])
+        report["loaded"] = _section(lambda: loaded_figures(opts, torch, log), log)
     report["targets"] = evaluate_targets(cases, report.get("loaded"))
 
     network_ok = all(report.get(part, {}).get("status") not in ("ERROR", "FAILED")
                      for part in ("network", "resnet")) and report.get("loaded", {}).get("status") != "ERROR"
     report["ok"] = all(c.get("status") == "ok" for c in cases) and network_ok
     return report
+
+
+def _section(run: Callable[[], dict[str, Any]], log: Callable[[str], None],
+             measure_load: bool = False) -> dict[str, Any]:
+    """One section of the report: ``run()``'s dict, or an ERROR record with the traceback
+    (logged), so the other sections still run; with ``measure_load``, the other processes'
+    share of the machine meanwhile as ``other_load``."""
+    load = _timing.OtherLoad()
+    try:
+        with load if measure_load else contextlib.nullcontext():
+            result = run()
+    except Exception as exc:
+        result = {"status": "ERROR", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        log(result["traceback"])
+    if measure_load:
+        result["other_load"] = load.fraction
+    return result
 
 
 def _parse_conv(text: str) -> ConvShape:
