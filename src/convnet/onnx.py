@@ -429,16 +429,29 @@ def _auto_pad(node: _Node) -> str:
     return mode
 
 
-def _import_conv(node: _Node, dtype: np.dtype) -> list[Layer]:
-    node.allow("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad")
+def _conv_weights(node: _Node, what: str, layout: str) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...]]:
+    """A Conv or ConvTranspose node's constant weight (4-D, ``layout`` named in the error) and
+    optional bias, and the kernel size, checked against ``kernel_shape``."""
     w = node.const(0, "weight")
     b = node.const(1, "bias", required=False)
     if w.ndim != 4:
-        raise node.error(f"unsupported weight shape {w.shape}: convnet has 2-D convolution only "
-                         f"(weight (F, C, KH, KW))")
+        raise node.error(f"unsupported weight shape {w.shape}: convnet has 2-D {what} only (weight {layout})")
     k = tuple(w.shape[2:])
     if list(node.attr("kernel_shape", list(k))) != list(k):
         raise node.error(f"kernel_shape {node.attrs['kernel_shape']} does not match the weight shape {w.shape}")
+    return w, b, k
+
+
+def _set_weight_and_bias(node: _Node, layer: Layer, w: np.ndarray, b: np.ndarray | None) -> list[Layer]:
+    _set(node, layer, "weight", w)
+    if b is not None:
+        _set(node, layer, "bias", b)
+    return [layer]
+
+
+def _import_conv(node: _Node, dtype: np.dtype) -> list[Layer]:
+    node.allow("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad")
+    w, b, k = _conv_weights(node, "convolution", "(F, C, KH, KW)")
     stride = tuple(node.ints("strides", [1, 1], 2))
     dilation = tuple(node.ints("dilations", [1, 1], 2))
     group = node.attr("group", 1)
@@ -456,10 +469,7 @@ def _import_conv(node: _Node, dtype: np.dtype) -> list[Layer]:
         padding = _compact(padding)
     layer = Conv2d(w.shape[1] * int(group), w.shape[0], _compact(k), stride=_compact(stride), padding=padding,
                    dilation=_compact(dilation), bias=b is not None, dtype=dtype, rng=0, **kwargs)
-    _set(node, layer, "weight", w)
-    if b is not None:
-        _set(node, layer, "bias", b)
-    return [layer]
+    return _set_weight_and_bias(node, layer, w, b)
 
 
 def _import_conv_transpose(node: _Node, dtype: np.dtype) -> list[Layer]:
@@ -467,14 +477,7 @@ def _import_conv_transpose(node: _Node, dtype: np.dtype) -> list[Layer]:
     cls = getattr(_layers_module(), "ConvTranspose2d", None)
     if cls is None:
         raise node.error("unsupported op (this convnet has no transposed convolution)")
-    w = node.const(0, "weight")
-    b = node.const(1, "bias", required=False)
-    if w.ndim != 4:
-        raise node.error(f"unsupported weight shape {w.shape}: convnet has 2-D transposed convolution only "
-                         f"(weight (C_in, C_out/groups, KH, KW))")
-    k = tuple(w.shape[2:])
-    if list(node.attr("kernel_shape", list(k))) != list(k):
-        raise node.error(f"kernel_shape {node.attrs['kernel_shape']} does not match the weight shape {w.shape}")
+    w, b, k = _conv_weights(node, "transposed convolution", "(C_in, C_out/groups, KH, KW)")
     mode = _auto_pad(node)
     if mode not in ("NOTSET", "VALID"):
         raise node.error(f"unsupported auto_pad {mode} for a transposed convolution")
@@ -490,10 +493,7 @@ def _import_conv_transpose(node: _Node, dtype: np.dtype) -> list[Layer]:
     layer = cls(w.shape[0], w.shape[1] * group, _compact(k), stride=_compact(node.ints("strides", [1, 1], 2)),
                 padding=_compact(p), output_padding=_compact(node.ints("output_padding", [0, 0], 2)), groups=group,
                 bias=b is not None, dilation=_compact(node.ints("dilations", [1, 1], 2)), dtype=dtype, rng=0)
-    _set(node, layer, "weight", w)
-    if b is not None:
-        _set(node, layer, "bias", b)
-    return [layer]
+    return _set_weight_and_bias(node, layer, w, b)
 
 
 def _conv_padding(node: _Node, k, stride, dilation) -> Any:
@@ -571,10 +571,7 @@ def _import_gemm(node: _Node, dtype: np.dtype) -> list[Layer]:
     if b is not None and b.shape != (w.shape[0],):
         raise node.error(f"unsupported bias shape {b.shape}, expected ({w.shape[0]},)")
     layer = Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype, rng=0)
-    _set(node, layer, "weight", w)
-    if b is not None:
-        _set(node, layer, "bias", b)
-    return [layer]
+    return _set_weight_and_bias(node, layer, w, b)
 
 
 def _import_dropout(node: _Node, dtype: np.dtype) -> list[Layer]:
