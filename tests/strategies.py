@@ -61,8 +61,8 @@ def conv_cases(draw, dtypes=(np.float64, np.float32), max_hw: int = 9, max_k: in
     )
 
 
-@dataclass(frozen=True)
-class GroupedCase:
+@dataclass(frozen=True, kw_only=True)
+class GroupedCase(ConvCase):
     """A grouped conv2d (``kind="conv"``) or conv_transpose2d (``kind="transpose"``) problem.
 
     For a transpose, ``x`` is its input (N, C_in, H, W), ``weight`` (C_in, C_out/G, KH, KW)
@@ -70,19 +70,12 @@ class GroupedCase:
     """
 
     kind: str
-    x: np.ndarray
-    weight: np.ndarray
-    bias: np.ndarray
-    dy: np.ndarray
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
     groups: int
     output_padding: tuple[int, int] = (0, 0)
 
     @property
     def kwargs(self) -> dict:
-        kw = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+        kw = dict(super().kwargs, groups=self.groups)
         if self.kind == "transpose":
             kw["output_padding"] = self.output_padding
         return kw
