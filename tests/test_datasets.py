@@ -4,8 +4,6 @@ import gzip
 import io
 import os
 import struct
-import threading
-import tracemalloc
 from importlib import resources
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 
 from convnet import datasets
 from convnet.datasets import IdxFormatError, load_idx, load_mnist_idx
+from guards import raised_in_thread, traced_peak_below
 
 
 def idx_bytes(array: np.ndarray, code: int | None = None) -> bytes:
@@ -187,14 +186,8 @@ def test_gzip_bomb_is_not_inflated(tmp_path):
     path = tmp_path / "bomb.gz"
     path.write_bytes(gzip_stream(GOOD, 32 << 20))
     assert path.stat().st_size < 64 << 10
-    tracemalloc.start()
-    try:
-        with pytest.raises(IdxFormatError, match="trailing bytes"):
-            load_idx(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20, f"peak {peak} bytes"
+    with traced_peak_below(1 << 20), pytest.raises(IdxFormatError, match="trailing bytes"):
+        load_idx(path)
 
 
 @pytest.mark.parametrize("dims, extra, gz, match", [
@@ -212,14 +205,8 @@ def test_declared_sizes_beyond_the_file_are_rejected_before_allocating(tmp_path,
     data = header + bytes(extra)
     path = tmp_path / "big"
     path.write_bytes(gzip.compress(data) if gz else data)
-    tracemalloc.start()
-    try:
-        with pytest.raises(IdxFormatError, match=match):
-            load_idx(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20
+    with traced_peak_below(1 << 20), pytest.raises(IdxFormatError, match=match):
+        load_idx(path)
 
 
 def test_truncated_gzip_data_is_named(tmp_path):
@@ -234,19 +221,8 @@ def test_idx_paths_that_are_not_files(tmp_path):
         load_idx(tmp_path)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    result = []
-
-    def target():
-        try:
-            load_idx(fifo)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            result.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "load_idx blocked on a FIFO"
-    assert isinstance(result[0], IdxFormatError) and "not a regular file" in str(result[0])
+    exc = raised_in_thread(lambda: load_idx(fifo), "load_idx")
+    assert isinstance(exc, IdxFormatError) and "not a regular file" in str(exc)
 
 
 def test_mnist_files_without_images_are_an_error(tmp_path):

@@ -10,6 +10,7 @@ from scipy.signal import correlate
 import convnet.functional as F
 from convnet import _conv, core, reference
 from convnet.gradcheck import check_backward
+from guards import traced_peak_below
 from strategies import conv_cases, pool_cases, readonly, tol
 
 PROPS = settings(max_examples=100, deadline=None)
@@ -311,14 +312,11 @@ def test_conv_layer_rejects_its_cache_after_the_input_changed(rng):
 
 
 def test_one_image_over_the_workspace_limit_is_refused_before_allocating():
-    import tracemalloc
-
     # The case: one (512, 1024, 1024) image, 3x3, whose column matrix is 18 GiB;
     # a broadcast view, so the test itself allocates nothing.
     x = np.broadcast_to(np.float32(1), (1, 512, 1024, 1024))
     w = np.zeros((8, 512, 3, 3), dtype=np.float32)
-    tracemalloc.start()
-    try:
+    with traced_peak_below(64 * 2**20):  # the (1, 8, 1024, 1024) dy below is 32 MiB; nothing of the conv's
         for call in (lambda: F.conv2d(x, w, padding=1, algo="im2col"),
                      lambda: F.conv2d(x, w, padding=1),
                      lambda: F.conv2d_with_cache(x, w, padding=1),
@@ -326,10 +324,6 @@ def test_one_image_over_the_workspace_limit_is_refused_before_allocating():
             with pytest.raises(core.WorkspaceLimitError, match=r"workspace limit of 256 MiB") as err:
                 call()
             assert isinstance(err.value, MemoryError)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 * 2**20  # the (1, 8, 1024, 1024) dy above is 32 MiB; nothing of the conv's
     with core.workspace_limit(2**10):
         with pytest.raises(core.WorkspaceLimitError, match=r"for one image.*limit of 1 KiB \(1024 bytes\)"):
             F.conv2d(np.ones((2, 3, 16, 16)), np.ones((4, 3, 3, 3)))

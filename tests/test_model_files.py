@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import tracemalloc
 import zipfile
 
 import numpy as np
@@ -19,6 +17,7 @@ import pytest
 import convnet
 from convnet import layers as L
 from convnet.model import FORMAT_VERSION, ModelFileError, Sequential
+from guards import raised_in_thread, traced_peak_below
 
 
 def npy(array) -> bytes:
@@ -60,15 +59,8 @@ def batch_norm(c):
 
 def load_small(path, limit=1 << 20):
     """``convnet.load(path)``, asserting it traced less than ``limit`` bytes of memory."""
-    tracemalloc.start()
-    try:
-        try:
-            return convnet.load(path)
-        finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            assert peak < limit, f"loading {path} traced {peak} bytes"
-    finally:
-        tracemalloc.stop()
+    with traced_peak_below(limit):
+        return convnet.load(path)
 
 
 @pytest.mark.parametrize("layer", [
@@ -213,19 +205,8 @@ def test_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
 def test_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "m.npz"
     os.mkfifo(fifo)
-    result = []
-
-    def target():
-        try:
-            convnet.load(fifo)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            result.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "load blocked on a FIFO"
-    assert isinstance(result[0], ModelFileError) and "not a regular file" in str(result[0])
+    exc = raised_in_thread(lambda: convnet.load(fifo), "load")
+    assert isinstance(exc, ModelFileError) and "not a regular file" in str(exc)
 
 
 def test_summary_refuses_a_sample_too_large_to_run():

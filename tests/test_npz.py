@@ -2,14 +2,13 @@
 
 import io
 import os
-import threading
-import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
 
 from convnet._npz import NpzArchive, open_regular_file
+from guards import raised_in_thread, traced_peak_below
 
 
 class Bad(ValueError):
@@ -62,14 +61,9 @@ def test_unknown_members_are_refused_before_anything_is_decompressed(tmp_path):
             for _ in range(64):
                 fh.write(bytes(1 << 20))
     assert path.stat().st_size < 256 << 10
-    tracemalloc.start()
-    try:
-        with NpzArchive(path, Bad) as npz, pytest.raises(Bad, match=r"unexpected members 'junk'"):
-            npz.check_names({"w"})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20
+    with traced_peak_below(1 << 20), NpzArchive(path, Bad) as npz, \
+            pytest.raises(Bad, match=r"unexpected members 'junk'"):
+        npz.check_names({"w"})
 
 
 @pytest.mark.parametrize("data, match", [
@@ -85,14 +79,8 @@ def test_unknown_members_are_refused_before_anything_is_decompressed(tmp_path):
 ])
 def test_bad_members_are_one_clear_error_before_allocation(tmp_path, data, match):
     path = archive(tmp_path / "m.npz", {"w.npy": data})
-    tracemalloc.start()
-    try:
-        with NpzArchive(path, Bad) as npz, pytest.raises(Bad, match=match):
-            npz.read_small("w", 1 << 40)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20
+    with traced_peak_below(1 << 20), NpzArchive(path, Bad) as npz, pytest.raises(Bad, match=match):
+        npz.read_small("w", 1 << 40)
 
 
 def test_deflated_member_cannot_claim_more_than_deflate_allows(tmp_path):
@@ -149,10 +137,5 @@ def test_paths_that_are_not_regular_files(tmp_path, monkeypatch):
         open_regular_file(str(tmp_path / "missing"))
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    result = []
-    thread = threading.Thread(target=lambda: result.append(pytest.raises(OSError, open_regular_file, str(fifo))),
-                              daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "opening a FIFO blocked"
-    assert "not a regular file" in str(result[0].value)
+    exc = raised_in_thread(lambda: open_regular_file(str(fifo)), "open_regular_file")
+    assert isinstance(exc, OSError) and "not a regular file" in str(exc)
