@@ -246,14 +246,17 @@ def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
 
 
 # --------------------------------------------------------------------------- pooling
-# Every window op works tap by tap on strided views (core.strided_window), never on a
-# window array. Measured choices (1 thread, float32, N=64 C=32 32x32 and LeNet's pools):
+# Window ops work on each tap's strided view (core.strided_window) or on shifted views of the
+# flat planes, never on a window array. Measured choices (1 thread, float32, N=64 C=32 32x32
+# and LeNet's pools):
 # sums and maxima without an index are separable: a pass along the height, whose reads are
 # whole rows, then one along the width on the smaller result (KH + KW ops instead of
 # KH*KW: 1.05-1.6x faster for max, 1.4-1.9x for mean). A strided view that several ops
 # read is first copied to a contiguous array (arg-max forward 1.4x faster). Errors are
 # written into each tap's view of dx, with no zero fill where the windows tile the input
-# and no ``+=`` where they do not overlap (mean backward 2-2.8x faster).
+# and no ``+=`` where they do not overlap (mean backward 2-2.8x faster). Max pooling's
+# arg-max and its backward each have a second route, chosen by geometry: see
+# :func:`_argmax_route` and :func:`_rows_dx`.
 
 def _pool_dy(dy: np.ndarray, x: np.ndarray, out_hw: tuple[int, int]) -> None:
     _args.check_array(dy, "dy", 4, "(N, C, OH, OW)")
@@ -361,13 +364,15 @@ def _argmax_dtype(k) -> np.dtype:
 # Arg-max routes. "taps" visits the KH*KW taps, each through a strided copy of its view.
 # "running" takes running maxima at stride 1 over the flat planes, first along the width
 # (KW - 1 passes), then along the height (KH - 1 passes, a shift of one row), every pass
-# contiguous, and picks the windows at the stride once at the end: fewer strided copies
-# (2 instead of KH*KW) for more contiguous work (KH + KW - 2 passes over the whole input
-# instead of KH*KW over the output). Measured (1 thread, float32, shared machine, old vs new
-# interleaved, medians): 2x2/2 0.8x the "taps" time on N=64 C=32 32x32 and LeNet's 32x32x10x10,
-# about even on its 32x16x28x28; 3x3/2 0.8x; 3x3/1 0.33x; but 4x4/4 1.5x (its output is 1/16 of
-# the input). It works on blocks of planes of about _POOL_BLOCK elements so its scratch arrays
-# stay small and are reused (whole-input scratch measured 1.3-1.8x slower on 8 MiB inputs).
+# contiguous, and picks the windows at the stride once at the end: 2 strided copies instead
+# of KH*KW, for KH + KW - 2 passes over the whole input instead of KH*KW over the output. It
+# pays where those passes are under twice the taps' volume (input / output = SH*SW).
+# Measured, "running" against "taps" (1 thread, float32, N=64 C=32 32x32 unless said, shared
+# machine, interleaved, medians): 2x2/1 0.43x, 3x3/1 0.27x, 2x2 stride (1, 2) 0.65x, 3x3/2
+# 0.80x (0.86x on LeNet's 16x28x28); even at 2x3/(2, 3) and 1x2/(1, 2); 2x2/2 0.93x here but
+# 1.2x on 16x28x28 and 0.9x on 32x10x10, so "taps" keeps it; 4x4/4 1.5x. It works on blocks of
+# planes of about _POOL_BLOCK elements so that its scratch arrays stay small (whole-input
+# scratch measured up to 1.7x slower on 8 MiB inputs).
 _POOL_BLOCK = 1 << 18
 
 
@@ -375,8 +380,8 @@ def _argmax_route(k: tuple[int, int], s: tuple[int, int]) -> str:
     """``"running"`` where its contiguous passes cost less than the taps' strided copies, else ``"taps"``."""
     if _argmax_dtype(k) != np.uint8 or k[1] == 1:  # one tap wide: its tap views are whole rows, cheap to copy
         return "taps"
-    passes = k[0] + k[1] - 2  # over the input, against KH*KW tap copies over the output
-    return "running" if passes <= 2.5 * k[0] * k[1] / (s[0] * s[1]) else "taps"
+    passes = k[0] + k[1] - 2
+    return "running" if passes * s[0] * s[1] < 2 * k[0] * k[1] else "taps"
 
 
 def _max_pool_argmax(xp, k, s, out_hw, route: str | None = None,
@@ -564,7 +569,9 @@ def _rows_dx(dxp, dy, argmax, k, out_hw, block: int) -> None:
     ``i`` of ``dx`` is one write (KH writes in all, instead of KH*KW into strided views). For
     float32 windows two taps wide, a window row's two taps are one uint64: the shift by
     ``32 * (argmax - 2i)`` puts ``dy`` in the first, the second or neither. Bits move, nothing
-    multiplies: an inf or NaN error routes exactly, with no finite check.
+    multiplies: an inf or NaN error routes exactly, with no finite check. Measured against the
+    "taps" route (1 thread, float32, shared machine, interleaved, medians): 0.66x on 2x2/2 with
+    N=64 C=32 32x32, 0.75x and 0.72x on LeNet's 32x16x28x28 and 32x32x10x10, 0.8x on 4x4/4.
     """
     (kh, kw), (n, c, hp, wp), (oh, ow) = k, dxp.shape, out_hw
     bits = np.dtype(f"u{dy.itemsize}")
