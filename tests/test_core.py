@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convnet import core
+from convnet import _jit, core
 from convnet._args import output_size
 from strategies import out_len
 
@@ -80,6 +80,23 @@ def test_col2im_chwn_is_the_adjoint_of_im2col_chwn(geo, seed):
     rhs = np.vdot(x, core.col2im_chwn(cols, x.shape, k, s, d, out_hw))
     assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
     assert core.col2im_chwn(cols.astype(dtype), x.shape, k, s, d, out_hw).dtype == dtype
+
+
+@pytest.mark.skipif(not _jit.available(), reason="numba not installed")
+@settings(max_examples=60, deadline=None)
+@given(geometry(), st.integers(0, 2**32 - 1))
+def test_compiled_col2im_chwn_gives_the_numpy_bits(geo, seed):
+    """The numba kernel adds the same taps in the same order as the numpy loop."""
+    shape, k, s, d, out_hw, dtype = geo
+    c, n, hp, wp = shape
+    cols = np.random.default_rng(seed).standard_normal((k[0] * k[1] * c, out_hw[0] * out_hw[1] * n)).astype(dtype)
+    before = cols.copy()
+    got = core.col2im_chwn(cols, (c, hp, wp, n), k, s, d, out_hw)  # compiled where numba is
+    want = np.zeros((c, hp, wp, n), dtype)
+    core._col2im_chwn_numpy(cols.reshape(k[0], k[1], c, out_hw[0], out_hw[1], n), want, s, d)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(cols, before)
 
 
 def test_nchw_to_chwn_pads_and_moves_the_batch_last():
