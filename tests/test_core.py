@@ -99,6 +99,32 @@ def test_compiled_col2im_chwn_gives_the_numpy_bits(geo, seed):
     np.testing.assert_array_equal(cols, before)
 
 
+@pytest.mark.skipif(not _jit.available(), reason="numba not installed")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_col2im_chwn_on_padded_rows(dtype):
+    """Column matrix and result both with row_buffer's padded row stride (rows of 1 KiB
+    multiples): the compiled loop reads and writes through the whole-rows views."""
+    k, c, n, out_hw, padded = (5, 5), 3, 32 if dtype == np.float32 else 16, (4, 4), (3, 8, 8)
+    cols = core.row_buffer((k[0] * k[1] * c,) + out_hw + (n,), dtype)
+    cols[...] = np.random.default_rng(0).standard_normal(cols.shape)
+    m = core.as_matrix(cols)
+    assert not m.flags.c_contiguous and core._whole_rows(m) is not None
+    got = core.col2im_chwn(m, padded + (n,), k, (1, 1), (1, 1), out_hw)
+    assert not got.flags.c_contiguous  # the result's rows are padded too
+    want = np.zeros(padded + (n,), dtype)
+    core._col2im_chwn_numpy(np.ascontiguousarray(cols).reshape(k + (c,) + out_hw + (n,)), want, (1, 1), (1, 1))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_whole_rows_only_spans_memory_the_buffer_holds():
+    big = np.zeros((4, 10), np.float32)
+    rows = core._whole_rows(big[:, :7])
+    assert rows.shape == (4, 10) and rows.flags.c_contiguous and np.shares_memory(rows, big)
+    assert core._whole_rows(big[1:, 2:9]) is None  # the last row's gap would run past the buffer
+    assert core._whole_rows(big[:, ::2]) is None  # rows not contiguous
+    assert core._whole_rows(big) is big
+
+
 def test_nchw_to_chwn_pads_and_moves_the_batch_last():
     x = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
     out = core.nchw_to_chwn(x, ((1, 0), (2, 1)), reuse="test.chwn")
