@@ -240,7 +240,7 @@ def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     p = _conv.plan(g, backward=True)
     # conv2d's roles: dy is that convolution's input, x its output's gradient.
     dx, cache = _conv.forward(dy, weight, None, g, p, keep=True) if input_grad else (None, None)
-    _, dweight, _ = _conv.backward(x, dy, weight, g, p, cache, input_grad=False)
+    _, dweight, _ = _conv.backward(x, dy, weight, g, p, cache, input_grad=False, bias_grad=False)
     return dx, dweight, dy.sum(axis=(0, 2, 3))
 
 
