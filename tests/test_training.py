@@ -153,7 +153,9 @@ def test_auto_threads_follow_the_load_step_by_step(digits, monkeypatch):
         applied.append(n)
         _blas.set_num_threads(n)
 
-    fake = _blas.ThreadPolicy(cpus=2, busy=lambda: state["busy"], own=lambda: 0.0, clock=clock, apply=apply)
+    # Every reader is fake (the runnable count too), so the machine's real load cannot steer it.
+    fake = _blas.ThreadPolicy(cpus=2, busy=lambda: state["busy"], own=lambda: 0.0, demand=lambda: state["others"],
+                              clock=clock, apply=apply)
     monkeypatch.setattr(_blas, "_POLICY", fake)
     pool = []
 
