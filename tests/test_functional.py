@@ -662,6 +662,26 @@ def test_linear_and_mse_gradients(rng):
     assert report.ok, report
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=4), st.floats(0.0, 0.95),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**32 - 1))
+def test_dropout_masks_are_pinned_to_the_seed(shape, p, dtype, seed):
+    """The mask of a seed is the float64 draw ``random(shape) >= p``, scaled: fixed across
+    versions, so a resumed training run draws what the uninterrupted one drew."""
+    x = readonly(np.random.default_rng(seed + 1).standard_normal(shape).astype(dtype))
+    gen = np.random.default_rng(seed)
+    y, mask = F.dropout(x, p, gen)
+    keep = np.random.default_rng(seed).random(shape) >= p
+    scale = dtype(1.0 / (1.0 - p))
+    assert y.dtype == mask.dtype == dtype
+    np.testing.assert_array_equal(mask, np.where(keep, scale, dtype(0)))
+    np.testing.assert_array_equal(y, x * np.where(keep, scale, dtype(0)))
+    # the generator moved on exactly as far as one draw of the shape
+    ref = np.random.default_rng(seed)
+    ref.random(shape)
+    assert gen.random() == ref.random()
+
+
 def test_dropout_mask_and_scaling(rng):
     x = np.ones((200, 50), dtype=np.float32)
     y, mask = F.dropout(x, 0.25, np.random.default_rng(1))
