@@ -239,6 +239,44 @@ def test_skipping_the_input_gradient_keeps_the_others(case):
     np.testing.assert_array_equal(db, db2)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 3000), st.sampled_from([0, 1, 32]), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**32 - 1))
+def test_row_sums_by_gemv_equal_numpy_sums(rows, cols, pad, dtype, seed):
+    """The bias gradient's row sums (one GEMV with ones) against float64 sums, also on rows
+    strided as core.row_buffer pads them; the error bound is that of any summation order."""
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((rows, cols + pad)).astype(dtype)[:, :cols]
+    got = _conv._row_sums(m)
+    want = m.astype(np.float64).sum(axis=1)
+    assert got.dtype == dtype and got.shape == (rows,)
+    eps = np.finfo(dtype).eps
+    bound = 2 * cols * eps * np.abs(m).astype(np.float64).sum(axis=1) + np.finfo(dtype).tiny
+    assert np.all(np.abs(got - want) <= bound)
+
+
+@PROPS
+@given(st.one_of(conv_cases(max_n=5), conv_cases(max_c=12, max_f=12, max_hw=7)), ALGO,
+       st.sampled_from([None, "cached", "one image"]))
+def test_conv_bias_gradient_is_the_sum_of_dy(case, algo, how):
+    """Whatever the layout, algorithm, cache or chunking, the bias gradient is
+    ``dy.sum(axis=(0, 2, 3))`` up to the rounding of another summation order."""
+    kw = dict(case.kwargs, algo=pick(algo, case))
+    if how == "cached":
+        _, cache = F.conv2d_with_cache(case.x, case.weight, case.bias, **kw)
+        db = F.conv2d_backward(case.dy, case.x, case.weight, **case.kwargs, cache=cache)[2]
+    elif how == "one image":
+        with core.workspace_limit(one_image_workspace(case)):
+            db = F.conv2d_backward(case.dy, case.x, case.weight, **kw)[2]
+    else:
+        db = F.conv2d_backward(case.dy, case.x, case.weight, **kw)[2]
+    want = case.dy.astype(np.float64).sum(axis=(0, 2, 3))
+    terms = case.dy[:, 0].size
+    bound = 2 * terms * np.finfo(case.dy.dtype).eps * np.abs(case.dy).astype(np.float64).sum(axis=(0, 2, 3))
+    assert db.dtype == case.dy.dtype and db.shape == case.bias.shape
+    assert np.all(np.abs(db - want) <= bound)
+
+
 @pytest.mark.parametrize("channels", [1, 3, 20])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_strided_and_fortran_ordered_inputs(rng, channels, order):
@@ -689,6 +727,26 @@ def test_linear_and_mse_gradients(rng):
     from convnet.gradcheck import check_gradient
     report = check_gradient(lambda p: F.mse_loss(p, t), {"p": dy}, {"p": F.mse_loss_backward(dy, t)})
     assert report.ok, report
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=4), st.floats(0.0, 0.95),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**32 - 1))
+def test_dropout_masks_are_pinned_to_the_seed(shape, p, dtype, seed):
+    """The mask of a seed is the float64 draw ``random(shape) >= p``, scaled: fixed across
+    versions, so a resumed training run draws what the uninterrupted one drew."""
+    x = readonly(np.random.default_rng(seed + 1).standard_normal(shape).astype(dtype))
+    gen = np.random.default_rng(seed)
+    y, mask = F.dropout(x, p, gen)
+    keep = np.random.default_rng(seed).random(shape) >= p
+    scale = dtype(1.0 / (1.0 - p))
+    assert y.dtype == mask.dtype == dtype
+    np.testing.assert_array_equal(mask, np.where(keep, scale, dtype(0)))
+    np.testing.assert_array_equal(y, x * np.where(keep, scale, dtype(0)))
+    # the generator moved on exactly as far as one draw of the shape
+    ref = np.random.default_rng(seed)
+    ref.random(shape)
+    assert gen.random() == ref.random()
 
 
 def test_dropout_mask_and_scaling(rng):

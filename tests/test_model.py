@@ -6,13 +6,17 @@ import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import convnet
+from convnet import functional as F
 from convnet import layers as L
 from convnet import model as model_mod
 from convnet.gradcheck import check_gradient
 from convnet.losses import CrossEntropyLoss
 from convnet.model import ModelFileError, Sequential
+from strategies import pool_cases
 
 
 def tiny_net(dtype=np.float64, seed=0):
@@ -24,6 +28,43 @@ def tiny_net(dtype=np.float64, seed=0):
         L.Linear(5, 3, rng=rng, dtype=dtype), L.ReLU(),
         input_shape=(1, 8, 8),
     )
+
+
+@given(case=pool_cases(special=True), training=st.booleans(), input_grad=st.booleans())
+def test_relu_then_max_pool_runs_pooling_first_with_the_same_numbers(case, training, input_grad):
+    """Sequential runs ReLU after a MaxPool2d that follows it (they commute); outputs and
+    gradients are those of the written order, to the bit: ties, padding, overlapping
+    windows, nan and inf in x and dy included."""
+    k, s, p = case.args
+    pool = L.MaxPool2d(k, s, p)
+    model = Sequential(L.ReLU(), pool)
+    model.train(training)
+    y = model.forward(case.x)
+    assert model._order == [1, 0]
+    r = F.relu(case.x)
+    if training:
+        y_ref, argmax = F.max_pool2d_with_argmax(r, k, s, p)
+        np.testing.assert_array_equal(pool._x, case.x)  # the pool saw the pre-ReLU map
+    else:
+        y_ref, argmax = F.max_pool2d(r, k, s, p), None
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_array_equal(y, y_ref)
+    if not training:
+        return
+    dx = model.backward(case.dy, input_grad=input_grad)
+    if not input_grad:  # no parameter layer: nothing needs the input gradient
+        assert dx is None
+        return
+    dx_ref = F.relu_backward(F.max_pool2d_backward(case.dy, r, k, s, p, argmax=argmax), case.x)
+    np.testing.assert_array_equal(dx, dx_ref)
+
+
+def test_run_order_swaps_only_a_relu_directly_before_a_max_pool():
+    net = convnet.lenet(rng=0)
+    assert model_mod._run_order(net.layers) == [0, 2, 1, 3, 5, 4, 6, 7, 8, 9, 10]
+    layers = [L.ReLU(), L.AvgPool2d(2), L.LeakyReLU(), L.MaxPool2d(2), L.MaxPool2d(2), L.ReLU(),
+              L.ReLU(), L.MaxPool2d(2), L.ReLU()]
+    assert model_mod._run_order(layers) == [0, 1, 2, 3, 4, 5, 7, 6, 8]
 
 
 def test_sequential_backward_matches_numerical_gradient_of_the_loss():

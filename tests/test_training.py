@@ -6,9 +6,12 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import convnet
 from convnet import _blas, optim
+from convnet import functional as F
 from convnet import layers as L
 from convnet.datasets import random_shift
 from convnet.gradcheck import numerical_gradient
@@ -153,7 +156,9 @@ def test_auto_threads_follow_the_load_step_by_step(digits, monkeypatch):
         applied.append(n)
         _blas.set_num_threads(n)
 
-    fake = _blas.ThreadPolicy(cpus=2, busy=lambda: state["busy"], own=lambda: 0.0, clock=clock, apply=apply)
+    # Every reader is fake (the runnable count too), so the machine's real load cannot steer it.
+    fake = _blas.ThreadPolicy(cpus=2, busy=lambda: state["busy"], own=lambda: 0.0, demand=lambda: state["others"],
+                              clock=clock, apply=apply)
     monkeypatch.setattr(_blas, "_POLICY", fake)
     pool = []
 
@@ -359,6 +364,34 @@ def test_cross_entropy_backward_matches_numerical_and_is_stable():
     assert np.isfinite(loss.backward()).all()
     manual = -np.mean(np.log(np.exp(logits)[np.arange(4), labels] / np.exp(logits).sum(1)))
     assert value == pytest.approx(manual)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.sampled_from([np.float32, np.float64]), st.floats(0.01, 1e3),
+       st.integers(0, 2**32 - 1))
+def test_cross_entropy_call_and_backward_equal_the_two_softmax_formulation_bit_for_bit(n, k, dtype, scale, seed):
+    """The loss keeps its one softmax for backward: the same bits as log_softmax for the
+    value and a second softmax for the gradient (the functional API's definitions)."""
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((n, k))).astype(dtype)
+    labels = rng.integers(0, k, n)
+    before = logits.copy()
+    loss = CrossEntropyLoss()
+    value = loss(logits, labels)
+    grad = loss.backward()
+    assert value == float(-F.log_softmax(logits, axis=1)[np.arange(n), labels].mean())
+    want = F.softmax(logits, axis=1)
+    want[np.arange(n), labels] -= 1
+    want /= n
+    assert grad.dtype == dtype
+    np.testing.assert_array_equal(grad, want)
+    np.testing.assert_array_equal(loss.backward(), want)  # twice: the kept parts are not consumed
+    np.testing.assert_array_equal(F.softmax_cross_entropy_backward(logits, labels), want)
+    assert F.softmax_cross_entropy(logits, labels) == value
+    np.testing.assert_array_equal(logits, before)
+    own = _NanOnCall(bad_call=0)  # a subclass with its own forward: its value, the general backward
+    assert own(logits, labels) == value
+    np.testing.assert_array_equal(own.backward(), want)
 
 
 def test_mse_loss_and_fit_with_regression_targets():

@@ -496,11 +496,35 @@ def _dy_as(dy: np.ndarray, layout: str) -> np.ndarray:
     return core.as_matrix(core.nchw_to_cnhw(dy, reuse=_Scratch.BWD_DY))  # whole planes moved
 
 
+# Ones vectors for row sums by GEMV, per dtype, the longest asked for so far (read-only).
+_ONES: dict[np.dtype, np.ndarray] = {}
+
+
+def _row_sums(m: np.ndarray) -> np.ndarray:
+    """``m.sum(axis=1)`` of a matrix with contiguous rows, as one GEMV with a ones vector.
+
+    The bias gradient from the matrix the filter gradient already made: LeNet's dy at batch
+    32, 1 thread, 28 vs 125 us (16 x 25088) and 10 vs 78 us (32 x 3200) against
+    ``dy.sum(axis=(0, 2, 3))`` on NCHW. The sums are in BLAS's order, not numpy's pairwise
+    one: equal up to rounding.
+    """
+    n = m.shape[1]
+    ones = _ONES.get(m.dtype)
+    if ones is None or ones.size < n:
+        ones = np.ones(max(n, 1024), dtype=m.dtype)
+        ones.flags.writeable = False
+        _ONES[m.dtype] = ones
+    return m @ ones[:n]
+
+
 def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: Plan,
-             cache: ConvCache | None, input_grad: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+             cache: ConvCache | None, input_grad: bool, bias_grad: bool = True
+             ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
     """Gradients of ``conv2d`` by plan ``p``; ``cache`` (checked by the caller) skips the
     column matrix's rebuild. The filter gradient follows the forward's algorithm and layout
-    (the cache's, else the plan's): Winograd's reuses the forward's transformed tiles."""
+    (the cache's, else the plan's): Winograd's reuses the forward's transformed tiles. The
+    bias gradient (None without ``bias_grad``) sums the rows of ``dy`` as the filter
+    gradient's matrix (see :func:`_row_sums`)."""
     wm = core.kernel_matrix(weight)
     groups = g.groups
     wino_dw = (cache.algo if cache is not None else p.algo) == "winograd"
@@ -510,6 +534,7 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
     dwm_t = None if wino_dw else np.zeros((groups, wm.shape[1], g.f // groups), dtype=wm.dtype)
     dweight = np.zeros(weight.shape, dtype=g.dtype) if wino_dw else None
     dx = np.empty((g.n, g.c, g.h, g.w), dtype=g.dtype) if input_grad else None
+    dbias = None
     for sl in [slice(0, g.n)] if cache is not None else _slices(g.n, p.bwd_images):
         if wino_dw:
             dweight += _winograd.weight_gradient(dy[sl], x[sl], weight, _pads_before(g),
@@ -521,6 +546,9 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
         dys = {}  # dy of this chunk in each layout asked for (both only when cache and plan differ)
         if not wino_dw:
             dys[dw_layout] = dy_m = _dy_as(dy[sl], dw_layout)
+            if bias_grad:
+                sums = _row_sums(dy_m)
+                dbias = sums if dbias is None else np.add(dbias, sums, out=dbias)
             if cache is not None and cache.algo == "im2col":
                 cols = cache.data
             elif cache is not None:
@@ -538,7 +566,8 @@ def backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, g: Geometry, p: 
     if not wino_dw:
         dweight = dwm_t.reshape(groups, g.kh, g.kw, g.c // groups, g.f // groups).transpose(0, 4, 3, 1, 2)
         dweight = np.ascontiguousarray(dweight).reshape(weight.shape)
-    dbias = dy.sum(axis=(0, 2, 3))
+    if bias_grad and dbias is None:  # Winograd's filter gradient made no dy matrix
+        dbias = dy.sum(axis=(0, 2, 3))
     return dx, dweight, dbias
 
 

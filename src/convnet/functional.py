@@ -241,7 +241,7 @@ def conv_transpose2d_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     p = _conv.plan(g, backward=True)
     # conv2d's roles: dy is that convolution's input, x its output's gradient.
     dx, cache = _conv.forward(dy, weight, None, g, p, keep=True) if input_grad else (None, None)
-    _, dweight, _ = _conv.backward(x, dy, weight, g, p, cache, input_grad=False)
+    _, dweight, _ = _conv.backward(x, dy, weight, g, p, cache, input_grad=False, bias_grad=False)
     return dx, dweight, dy.sum(axis=(0, 2, 3))
 
 
@@ -772,9 +772,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     -------
     float, the loss averaged over the batch.
     """
-    _ce_args(logits, labels)
-    logp = log_softmax(logits, axis=1)
-    return float(-logp[np.arange(len(labels)), labels].mean())
+    return _softmax_cross_entropy_parts(logits, labels)[0]
 
 
 def softmax_cross_entropy_backward(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -784,8 +782,30 @@ def softmax_cross_entropy_backward(logits: np.ndarray, labels: np.ndarray) -> np
     -------
     dlogits : ndarray, shape (N, K), dtype of ``logits``.
     """
+    _, parts = _softmax_cross_entropy_parts(logits, labels)
+    return _softmax_cross_entropy_grad(parts, labels)
+
+
+def _softmax_cross_entropy_parts(logits: np.ndarray, labels: np.ndarray
+                                 ) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    """The loss and what its gradient needs, ``(exp(shifted), its row sums)``, from one softmax.
+
+    The same operations as :func:`log_softmax` and :func:`softmax` (bit for bit): ``shifted
+    = logits - max``, loss ``-mean(shifted[i, y_i] - log(sum_j exp(shifted[i, j])))``.
+    ``CrossEntropyLoss`` keeps the parts for its ``backward`` instead of a second softmax.
+    """
     _ce_args(logits, labels)
-    g = softmax(logits, axis=1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    sums = e.sum(axis=1, keepdims=True)
+    picked = shifted[np.arange(len(labels)), labels] - np.log(sums[:, 0])
+    return float(-picked.mean()), (e, sums)
+
+
+def _softmax_cross_entropy_grad(parts: tuple[np.ndarray, np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """``(softmax - onehot) / N`` from :func:`_softmax_cross_entropy_parts`'s parts (left unchanged)."""
+    e, sums = parts
+    g = e / sums
     g[np.arange(len(labels)), labels] -= 1
     g /= len(labels)
     return g
@@ -866,9 +886,11 @@ def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarr
     p = _args.probability(p, "p")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    keep = rng.random(x.shape) >= p
-    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
-    return x * mask, mask
+    keep = rng.random(x.shape) >= p  # float64 draws: the masks of a seed never change
+    # The bool mask times the scale, cast on the fly (one pass, the same values as
+    # keep.astype(dtype) * scale).
+    mask = np.multiply(keep, x.dtype.type(1.0 / (1.0 - p)), dtype=x.dtype)
+    return np.multiply(x, mask), mask
 
 
 def dropout_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
