@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convnet import core
+from convnet import _jit, core
 from convnet._args import output_size
 from strategies import out_len
 
@@ -80,6 +80,49 @@ def test_col2im_chwn_is_the_adjoint_of_im2col_chwn(geo, seed):
     rhs = np.vdot(x, core.col2im_chwn(cols, x.shape, k, s, d, out_hw))
     assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
     assert core.col2im_chwn(cols.astype(dtype), x.shape, k, s, d, out_hw).dtype == dtype
+
+
+@pytest.mark.skipif(not _jit.available(), reason="numba not installed")
+@settings(max_examples=60, deadline=None)
+@given(geometry(), st.integers(0, 2**32 - 1))
+def test_compiled_col2im_chwn_gives_the_numpy_bits(geo, seed):
+    """The numba kernel adds the same taps in the same order as the numpy loop."""
+    shape, k, s, d, out_hw, dtype = geo
+    c, n, hp, wp = shape
+    cols = np.random.default_rng(seed).standard_normal((k[0] * k[1] * c, out_hw[0] * out_hw[1] * n)).astype(dtype)
+    before = cols.copy()
+    got = core.col2im_chwn(cols, (c, hp, wp, n), k, s, d, out_hw)  # compiled where numba is
+    want = np.zeros((c, hp, wp, n), dtype)
+    core._col2im_chwn_numpy(cols.reshape(k[0], k[1], c, out_hw[0], out_hw[1], n), want, s, d)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(cols, before)
+
+
+@pytest.mark.skipif(not _jit.available(), reason="numba not installed")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_col2im_chwn_on_padded_rows(dtype):
+    """Column matrix and result both with row_buffer's padded row stride (rows of 1 KiB
+    multiples): the compiled loop reads and writes through the whole-rows views."""
+    k, c, n, out_hw, padded = (5, 5), 3, 32 if dtype == np.float32 else 16, (4, 4), (3, 8, 8)
+    cols = core.row_buffer((k[0] * k[1] * c,) + out_hw + (n,), dtype)
+    cols[...] = np.random.default_rng(0).standard_normal(cols.shape)
+    m = core.as_matrix(cols)
+    assert not m.flags.c_contiguous and core._whole_rows(m) is not None
+    got = core.col2im_chwn(m, padded + (n,), k, (1, 1), (1, 1), out_hw)
+    assert not got.flags.c_contiguous  # the result's rows are padded too
+    want = np.zeros(padded + (n,), dtype)
+    core._col2im_chwn_numpy(np.ascontiguousarray(cols).reshape(k + (c,) + out_hw + (n,)), want, (1, 1), (1, 1))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_whole_rows_only_spans_memory_the_buffer_holds():
+    big = np.zeros((4, 10), np.float32)
+    rows = core._whole_rows(big[:, :7])
+    assert rows.shape == (4, 10) and rows.flags.c_contiguous and np.shares_memory(rows, big)
+    assert core._whole_rows(big[1:, 2:9]) is None  # the last row's gap would run past the buffer
+    assert core._whole_rows(big[:, ::2]) is None  # rows not contiguous
+    assert core._whole_rows(big) is big
 
 
 def test_nchw_to_chwn_pads_and_moves_the_batch_last():

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convnet.functional as F
-from convnet import _blas, _conv, core, reference
+from convnet import _blas, _conv, _jit, core, reference
 from convnet import _winograd as W
 from convnet.gradcheck import check_backward
 from strategies import readonly
@@ -233,12 +233,12 @@ def test_save_failure_falls_back_to_compiling_in_memory(monkeypatch):
         assert cache is False
         def run(*args):
             calls.append("in memory")
-            return W._PY_KERNELS[name](*args)  # the plain Python kernel: same code, not compiled
+            return _jit._PY_KERNELS[name](*args)  # the plain Python kernel: same code, not compiled
         return run
 
-    monkeypatch.setattr(W._State, "kernels", dict(W.kernels(), output=failing))
-    monkeypatch.setattr(W, "_compile", uncached)
-    monkeypatch.setattr(W._State, "reason", W._State.reason)
+    monkeypatch.setattr(_jit._State, "kernels", dict(_jit.kernels(), **{"winograd.output": failing}))
+    monkeypatch.setattr(_jit, "_compile", uncached)
+    monkeypatch.setattr(_jit._State, "reason", _jit._State.reason)
     rng = np.random.default_rng(1)
     x, wt = rng.standard_normal((1, 1, 4, 4)), rng.standard_normal((1, 1, 3, 3))
     y, _ = winograd(x, wt, None, (1, 1), (4, 4))
@@ -282,6 +282,10 @@ def test_without_numba_the_plan_stays_exact_and_says_why():
             "assert cache.algo != 'winograd' and np.allclose(y, R.conv2d(x, w, None, 1, 1))\n"
             "dx, dw, db = F.conv2d_backward(y, x, w, 1, 1, cache=cache)\n"
             "assert np.allclose(dw, R.conv2d_backward(y, x, w, 1, 1)[1])\n"
+            "x2 = np.arange(2 * 3 * 9 * 9.0).reshape(2, 3, 9, 9) % 7; w2 = np.ones((4, 3, 5, 5))\n"
+            "y2, c2 = F.conv2d_with_cache(x2, w2, None)  # CHWN: col2im_chwn's numpy loop\n"
+            "assert c2.layout == 'chwn'\n"
+            "assert np.allclose(F.conv2d_backward(y2, x2, w2, cache=c2)[0], R.conv2d_backward(y2, x2, w2)[0])\n"
             "try:\n"
             "    F.conv2d(x, w, None, 1, 1, algo='winograd')\n"
             "except ValueError as exc:\n"

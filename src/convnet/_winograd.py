@@ -26,22 +26,19 @@ rounding errors: in float32 the forward and input gradient are about 5e-6 of the
 largest output (the exact algorithms: about 3e-7), the weight gradient about 1e-5 (like
 the exact ones, whose long sums dominate). float64 results agree to about 1e-14.
 
-The compiled kernels are cached on disk by numba (``cache=True``): the first process
-compiles them (a few seconds), later ones load them. Where no cache location is
-writable (numba tries ``NUMBA_CACHE_DIR``, the package's ``__pycache__``, then the
-user's cache folder) the kernels are compiled in memory in every process instead.
+The kernels are compiled by :mod:`convnet._jit` (cached on disk; the first process
+compiles them in a few seconds, later ones load them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import threading
 
 import numpy as np
 
-from . import _blas, core
+from . import _blas, _jit, core
 
 #: ``B^T`` (6x6): input tile transform, ``V = B^T d B``.
 BT = np.array([[4, 0, -5, 0, 1, 0],
@@ -337,75 +334,13 @@ _PY_KERNELS = {"input": _input_transform, "output": _output_transform, "grad": _
 
 # --------------------------------------------------------------------------- compiling
 
-class _State:
-    lock = threading.Lock()
-    checked = False
-    numba = None  # the module, once imported
-    reason = ""  # why the path is unavailable, or how it is cached
-    kernels: dict = {}
-
-
-def available() -> bool:
-    """True when numba imports (the ``fast`` extra); the first call imports it."""
-    _import_numba()
-    return _State.numba is not None
-
-
-def status() -> str:
-    """One line on the compiled path: unavailable and why, or where its kernels are cached."""
-    _import_numba()
-    return _State.reason
-
-
-def _import_numba() -> None:
-    if _State.checked:
-        return
-    with _State.lock:
-        if _State.checked:
-            return
-        try:
-            _State.numba = importlib.import_module("numba")
-            _State.reason = f"numba {_State.numba.__version__}"
-        except Exception as exc:  # absent, or installed against another numpy
-            _State.reason = f"numba not usable ({type(exc).__name__}: {exc})"
-        _State.checked = True
-
-
-def _compile(name: str, cache: bool):
-    return _State.numba.njit(cache=cache, nogil=True, boundscheck=False)(_PY_KERNELS[name])
-
-
-def kernels() -> dict:
-    """The compiled kernels by name; raises RuntimeError without numba."""
-    if _State.kernels:
-        return _State.kernels
-    if not available():
-        raise RuntimeError(f"the Winograd path needs numba (pip install 'convnet[fast]'): {_State.reason}")
-    with _State.lock:
-        if not _State.kernels:
-            try:  # numba raises RuntimeError when no cache location is writable
-                built = {name: _compile(name, True) for name in _PY_KERNELS}
-                where = "cached on disk"
-            except RuntimeError:
-                built = {name: _compile(name, False) for name in _PY_KERNELS}
-                where = "compiled in memory (no writable numba cache location)"
-            _State.reason = f"numba {_State.numba.__version__}, {where}"
-            _State.kernels = built
-    return _State.kernels
+_jit.register(**{f"winograd.{name}": fn for name, fn in _PY_KERNELS.items()})
+available = _jit.available
+status = _jit.status
 
 
 def _run(name: str, *args) -> None:
-    """Call a kernel; if saving its compiled code fails (the cache folder became unwritable
-    after it was chosen), compile it in memory instead and call again."""
-    fn = kernels()[name]
-    try:
-        fn(*args)
-    except OSError:
-        with _State.lock:
-            _State.kernels = dict(_State.kernels, **{name: _compile(name, False)})
-            _State.reason = (f"numba {_State.numba.__version__}, compiled in memory "
-                             "(the numba cache location is not writable)")
-        _State.kernels[name](*args)
+    _jit.run(f"winograd.{name}", *args)
 
 
 # --------------------------------------------------------------------------- the operations

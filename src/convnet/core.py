@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _args, _blas
+from . import _args, _blas, _jit
 
 Pair = tuple[int, int]
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -614,6 +614,9 @@ def col2im_chwn(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kerne
                 dilation: Pair, out_hw: Pair, reuse: str | None = None) -> np.ndarray:
     """Adjoint of :func:`im2col_chwn`: add every column back onto its window (CHWN).
 
+    Compiled where numba is installed (:mod:`convnet._jit`), numpy otherwise: the same
+    additions in the same order, so the same bits.
+
     Parameters
     ----------
     cols : ndarray, shape (KH*KW*C, OH*OW*N), columns ordered (oh, ow, n)
@@ -628,12 +631,71 @@ def col2im_chwn(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kerne
     (kh, kw), (oh, ow) = kernel, out_hw
     c, n = padded_shape[0], padded_shape[3]
     out = row_buffer(padded_shape, cols.dtype, fill=0.0, reuse=reuse)
-    blocks = cols.reshape(kh, kw, c, oh, ow, n)
-    windows = _chwn_windows(out, kernel, stride, dilation, out_hw, writeable=True)
+    rows = _whole_rows(cols) if _jit.available() else None
+    out_rows = _whole_rows(as_matrix(out), writeable=True) if rows is not None else None
+    if out_rows is not None:
+        _jit.run("core.col2im_chwn", rows, out_rows, padded_shape[1:], kernel, out_hw, stride, dilation)
+    else:
+        _col2im_chwn_numpy(cols.reshape(kh, kw, c, oh, ow, n), out, stride, dilation)
+    return out
+
+
+def _whole_rows(m: np.ndarray, writeable: bool = False) -> np.ndarray | None:
+    """A matrix whose rows are contiguous, with the gaps between them included: the
+    C-contiguous (rows, row stride) view of the memory it spans (a :func:`row_buffer`'s
+    padded rows), so that a compiled loop sees unit strides (numba's loops over arrays of
+    unknown strides measured 3x slower); None if that memory is not all in the array's buffer."""
+    item = m.itemsize
+    if m.ndim != 2 or m.strides[1] != item or m.strides[0] % item or m.strides[0] < m.shape[1] * item:
+        return None
+    if m.flags.c_contiguous:
+        return m
+    owner = m.base if isinstance(m.base, np.ndarray) else None
+    if owner is None or not owner.flags.c_contiguous:
+        return None
+    start = m.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+    if start < 0 or start + m.shape[0] * m.strides[0] > owner.nbytes:
+        return None
+    return as_strided(m, shape=(m.shape[0], m.strides[0] // item), strides=m.strides, writeable=writeable)
+
+
+def _col2im_chwn_numpy(blocks: np.ndarray, out: np.ndarray, stride: Pair, dilation: Pair) -> None:
+    """``out += col2im(blocks)`` for blocks (KH, KW, C, OH, OW, N), tap by tap."""
+    kh, kw = blocks.shape[:2]
+    windows = _chwn_windows(out, (kh, kw), stride, dilation, blocks.shape[3:5], writeable=True)
     for i in range(kh):
         for j in range(kw):
             windows[i, j] += blocks[i, j]  # taps overlap each other, so one at a time
-    return out
+
+
+def _col2im_chwn_kernel(rows, out_rows, padded_hwn, kernel, out_hw, stride, dilation):  # compiled (convnet._jit)
+    """:func:`_col2im_chwn_numpy` output row by output row, on whole rows (:func:`_whole_rows`)
+    of the column matrix, (KH*KW*C, >= OH*OW*N), and of the result, (C, >= Hp*Wp*N). Each
+    element still receives its taps in the order (kh, kw), but the row being summed stays in
+    the L1 cache and the batch-long inner loop vectorizes: 3-4.4x faster (LeNet's second
+    conv, 1 thread: 0.86 -> 0.19 ms at N=64, C=6; 1.0 -> 0.33 ms at N=32, C=16)."""
+    hp, wp, n = padded_hwn
+    (kh, kw), (oh, ow), (sh, sw), (dh, dw) = kernel, out_hw, stride, dilation
+    c = out_rows.shape[0]
+    for ci in range(c):
+        dst_plane = out_rows[ci]
+        for h in range(hp):
+            for u in range(kh):
+                r = h - u * dh
+                if r < 0 or r % sh != 0 or r // sh >= oh:
+                    continue
+                i = r // sh
+                for v in range(kw):
+                    src_row = rows[(u * kw + v) * c + ci]
+                    for j in range(ow):
+                        at = (h * wp + j * sw + v * dw) * n
+                        dst = dst_plane[at:at + n]
+                        src = src_row[(i * ow + j) * n:(i * ow + j + 1) * n]
+                        for m in range(n):
+                            dst[m] += src[m]
+
+
+_jit.register(**{"core.col2im_chwn": _col2im_chwn_kernel})
 
 
 def gemm_chwn_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None,

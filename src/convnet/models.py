@@ -56,9 +56,12 @@ class Recipe:
     seed: int = 0
 
 
-# LeNet on the bundled digits: 15 epochs of Adam, see benchmarks/train_mnist.py for the measured
-# time and accuracy.
-LENET_RECIPE = Recipe(epochs=15, batch_size=32, optimizer="adam", lr={"adam": 1e-3, "sgd": 0.05})
+# LeNet on the bundled digits: 10 epochs of Adam at batch 64, see benchmarks/train_mnist.py for
+# the measured time and accuracy. Test accuracy over seeds 0-3 (1 BLAS thread): 98.1, 98.5,
+# 98.2, 98.6% (test loss 0.054 on average), where the former 15 epochs at batch 32 and lr 1e-3
+# gave 98.3, 98.4, 98.2, 98.2% (0.058) in twice the time. SGD at lr 0.05: 98.5, 98.2% (seeds 0,
+# 1) against 98.4, 98.3% before; lr 0.1 did worse (98.0, 97.9%).
+LENET_RECIPE = Recipe(epochs=10, batch_size=64, optimizer="adam", lr={"adam": 4e-3, "sgd": 0.05})
 # He et al. 4.2: SGD, momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 (their 164 epochs with
 # steps at 82 and 123 are replaced by a shorter cosine decay; CPU time is dear).
 RESNET_RECIPE = Recipe(epochs=30, batch_size=128, optimizer="sgd", lr={"sgd": 0.1, "adam": 1e-3},
