@@ -655,14 +655,14 @@ def _whole_rows(m: np.ndarray, writeable: bool = False) -> np.ndarray | None:
     item = m.itemsize
     if m.ndim != 2 or m.strides[1] != item or m.strides[0] % item or m.strides[0] < m.shape[1] * item:
         return None
-    if m.flags.c_contiguous:
-        return m
-    owner = m.base if isinstance(m.base, np.ndarray) else None
-    if owner is None or not owner.flags.c_contiguous:
-        return None
-    start = m.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
-    if start < 0 or start + m.shape[0] * m.strides[0] > owner.nbytes:
-        return None
+    if not m.flags.c_contiguous:
+        owner = m.base if isinstance(m.base, np.ndarray) else None
+        if owner is None or not owner.flags.c_contiguous:
+            return None
+        start = m.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+        if start < 0 or start + m.shape[0] * m.strides[0] > owner.nbytes:
+            return None
+    # Always a fresh view with the asked writeability: one array type, one compiled kernel per dtype.
     return as_strided(m, shape=(m.shape[0], m.strides[0] // item), strides=m.strides, writeable=writeable)
 
 
