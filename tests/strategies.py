@@ -133,7 +133,8 @@ class PoolCase:
 
 @st.composite
 def pool_cases(draw, dtypes=(np.float64, np.float32), distinct: bool = False, tiled: bool = False,
-               special: bool = False) -> PoolCase:
+               special: bool = False, kernel: tuple[int, int] | None = None,
+               stride_is_kernel: bool = False) -> PoolCase:
     """Draw overlapping, padded, rectangular and non-dividing pooling windows.
 
     ``distinct=True`` draws a permutation so max pooling has no ties (for numerical gradients).
@@ -141,10 +142,12 @@ def pool_cases(draw, dtypes=(np.float64, np.float32), distinct: bool = False, ti
     kernel and the padded size a multiple of it (with or without padding), so both the
     tiled case and the mixed one (one axis tiled, the other not) come up.
     ``special=True`` puts nan, inf or -inf at some places of ``x`` and of ``dy``.
+    ``kernel`` fixes the window size; ``stride_is_kernel=True`` puts the windows side by side
+    (stride equal to the kernel on both axes; sizes still free, so a remainder may be left).
     """
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = kernel or (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    sh, sw = (kh, kw) if stride_is_kernel else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
     h = draw(st.integers(max(1, kh - 2 * ph), 9))
     w = draw(st.integers(max(1, kw - 2 * pw), 9))

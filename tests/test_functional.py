@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy.signal import correlate
 
 import convnet.functional as F
-from convnet import _conv, core, reference
+from convnet import _args, _conv, core, reference
 from convnet.gradcheck import check_backward
 from guards import traced_peak_below
 from strategies import conv_cases, pool_cases, readonly, tol
@@ -522,6 +522,73 @@ def test_max_pool_argmax_of_nan_windows_is_the_first_nan():
     np.testing.assert_array_equal(argmax, _window_argmax(x, (2, 2), (2, 2), (0, 0)))  # [[1, 1]]
     dx = F.max_pool2d_backward(np.ones_like(y), x, 2, argmax=argmax)
     np.testing.assert_array_equal(dx, reference.max_pool2d_backward(np.ones_like(y), x, 2))
+
+
+# Every drawn geometry through each route, whatever the chooser would pick for it, with blocks
+# of 1 to 4 planes (the last block maybe shorter) or the default (the whole batch here): both
+# fast routes work block by block. Ties (integer draws), nan, inf and -inf in x and dy, float32
+# and float64, read-only inputs.
+PLANES_PER_BLOCK = st.sampled_from([1, 2, 3, 4, None])
+ROUTE_CASES = st.one_of(pool_cases(), pool_cases(tiled=True), pool_cases(special=True),
+                        pool_cases(tiled=True, special=True), pool_cases(kernel=(2, 2), stride_is_kernel=True),
+                        pool_cases(kernel=(2, 2), stride_is_kernel=True, special=True))
+SIDE_BY_SIDE_CASES = st.one_of(pool_cases(stride_is_kernel=True), pool_cases(stride_is_kernel=True, special=True),
+                               pool_cases(kernel=(2, 2), stride_is_kernel=True),
+                               pool_cases(kernel=(2, 2), stride_is_kernel=True, special=True))
+
+
+def _padded(case, planes_per_block=None):
+    """The -inf padded input, geometry, and a block size of ``planes_per_block`` planes."""
+    k, s, pads, out_hw = _args.pool_args(case.x, *case.args)
+    xp = core.pad2d(case.x, pads, -np.inf)
+    block = F._POOL_BLOCK if planes_per_block is None else planes_per_block * xp.shape[2] * xp.shape[3]
+    return xp, k, s, pads, out_hw, block
+
+
+@PROPS
+@given(ROUTE_CASES, st.sampled_from(["running", "taps"]), PLANES_PER_BLOCK)
+def test_every_max_pool_argmax_route_matches_the_reference(case, route, planes_per_block):
+    xp, k, s, _, out_hw, block = _padded(case, planes_per_block)
+    y, argmax = F._max_pool_argmax(xp, k, s, out_hw, route=route, block=block)
+    assert y.dtype == case.x.dtype and argmax.dtype == np.uint8
+    np.testing.assert_array_equal(y, reference.max_pool2d(case.x, *case.args))
+    np.testing.assert_array_equal(argmax, _window_argmax(case.x, *case.args))
+
+
+@PROPS
+@given(SIDE_BY_SIDE_CASES, st.sampled_from(["rows", "taps"]), PLANES_PER_BLOCK)
+def test_every_max_pool_backward_route_matches_the_reference(case, route, planes_per_block):
+    """Windows side by side (no accumulation): each route's dx is the reference's exactly,
+    an inf or nan error only at its window's arg-max."""
+    xp, k, s, pads, out_hw, block = _padded(case, planes_per_block)
+    argmax = readonly(F._max_pool_argmax(xp, k, s, out_hw)[1])
+    dx = F._crop(F._max_pool_dx(case.dy, argmax, xp.shape, k, s, out_hw, route=route, block=block),
+                 pads, case.x.shape)
+    assert dx.dtype == case.x.dtype and dx.shape == case.x.shape
+    np.testing.assert_array_equal(dx, reference.max_pool2d_backward(case.dy, case.x, *case.args))
+
+
+def test_max_pool_routes_are_chosen_by_geometry():
+    assert F._argmax_route((3, 3), (2, 2)) == F._argmax_route((3, 3), (1, 1)) == "running"
+    assert F._argmax_route((2, 2), (1, 2)) == "running"
+    assert F._argmax_route((2, 2), (2, 2)) == "taps"  # measured about even
+    assert F._argmax_route((4, 4), (4, 4)) == "taps"  # the output is 1/16 of the input
+    assert F._argmax_route((2, 1), (2, 1)) == "taps"  # its tap views are whole rows
+    assert F._argmax_route((17, 17), (1, 1)) == "taps"  # int32 arg-max
+    u8, i32 = np.zeros(1, np.uint8), np.zeros(1, np.int32)
+    assert F._dx_route((2, 2), (2, 2), u8) == F._dx_route((3, 2), (3, 2), u8) == "rows"
+    assert F._dx_route((2, 2), (1, 1), u8) == F._dx_route((2, 2), (3, 3), u8) == "taps"
+    assert F._dx_route((17, 17), (17, 17), i32) == "taps"
+
+
+@pytest.mark.parametrize("bits", [np.uint32, np.uint64])
+def test_numpy_shifts_of_the_full_width_or_more_give_zero(bits):
+    """What the "rows" backward route relies on to clear the taps that are not the arg-max."""
+    width = 8 * np.dtype(bits).itemsize
+    ones = np.full(4, np.iinfo(bits).max, dtype=bits)
+    amounts = np.array([width, width + 1, 2 * width, np.iinfo(bits).max - 31], dtype=bits)
+    np.testing.assert_array_equal(np.left_shift(ones, amounts), 0)
+    assert np.left_shift(ones[:1], np.zeros(1, bits))[0] == ones[0]
 
 
 def test_max_pool_backward_rejects_a_foreign_argmax():

@@ -458,9 +458,16 @@ class _StepByStepAdam(Adam):
         return False
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("wd", [0.0, 0.05])
-def test_adam_in_one_pass_equals_step_by_step_bit_for_bit(dtype, wd):
+def test_adam_in_one_pass_equals_step_by_step_bit_for_bit(dtype, wd, compiled, monkeypatch):
+    """Both routes of the one pass (numba's kernel where installed, numpy's passes) give
+    the step-by-step update's bits."""
+    if compiled:
+        assert optim._jit.available(), "numba is part of the test extra"
+    else:
+        monkeypatch.setattr(optim._jit, "available", lambda: False)
     rng = np.random.default_rng(0)
     shapes = [(4, 3, 2, 2), (4,), (5, 7), (1,)]
 
@@ -512,6 +519,29 @@ def test_adam_in_one_pass_follows_the_textbook_formula(shapes, lr, b1, b2, eps, 
         for p, want in zip(params, w):
             np.testing.assert_allclose(p.data, want, rtol=1e-9, atol=1e-12)
     assert optim._FLAT.get(opt) is not None  # the one-pass route ran
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([np.float32, np.float64]), st.floats(0.0, 0.999), st.floats(0.0, 0.9999),
+       st.floats(1e-12, 1e-2), st.floats(1e-6, 1.0), st.integers(1, 10**4), st.floats(1e-30, 1e3),
+       st.integers(0, 2**32 - 1))
+def test_compiled_adam_pass_gives_the_numpy_bits(n, dtype, b1, b2, eps, lr, t, scale, seed):
+    """numba's one-pass kernel against numpy's 13 passes: the same moments and update, bit
+    for bit, on gradients of any scale (zeros and tiny second moments included)."""
+    rng = np.random.default_rng(seed)
+    g = (scale * rng.standard_normal(n)).astype(dtype)
+    g[rng.random(n) < 0.1] = 0
+    m = (scale * rng.standard_normal(n)).astype(dtype)
+    v = (scale * scale * rng.random(n)).astype(dtype)
+    v[rng.random(n) < 0.1] = 0
+    scalars = tuple(dtype(c) for c in (b1, 1 - b1, b2, 1 - b2, math.sqrt(1 - b2 ** t), eps, lr / (1 - b1 ** t)))
+    m1, v1, u1 = m.copy(), v.copy(), np.empty(n, dtype)
+    m2, v2, u2 = m.copy(), v.copy(), np.empty(n, dtype)
+    optim._jit.run("optim.adam", g, m1, v1, u1, *scalars)
+    optim._adam_numpy(g, m2, v2, u2, np.empty(n, dtype), *scalars)
+    for a, b in ((m1, m2), (v1, v2), (u1, u2)):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
 
 
 def test_adam_in_one_pass_follows_state_set_from_outside_and_refuses_another_model():

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 _PY_KERNELS: dict[str, Callable] = {}
+_OPTIONS: dict[str, dict] = {}  # extra numba.njit options by kernel name
 
 
 class _State:
@@ -28,9 +29,12 @@ class _State:
     kernels: dict = {}
 
 
-def register(**kernels: Callable) -> None:
-    """Add plain Python kernels (compiled on first :func:`run`)."""
+def register(options: dict | None = None, /, **kernels: Callable) -> None:
+    """Add plain Python kernels (compiled on first :func:`run`), with extra ``numba.njit``
+    ``options`` if given (e.g. ``{"error_model": "numpy"}``: a float division by zero gives
+    inf or nan as in numpy instead of raising, which lets a loop with divisions vectorize)."""
     _PY_KERNELS.update(kernels)
+    _OPTIONS.update({name: dict(options or {}) for name in kernels})
 
 
 def available() -> bool:
@@ -60,7 +64,7 @@ def _import_numba() -> None:
 
 
 def _compile(name: str, cache: bool):
-    return _State.numba.njit(cache=cache, nogil=True, boundscheck=False)(_PY_KERNELS[name])
+    return _State.numba.njit(cache=cache, nogil=True, boundscheck=False, **_OPTIONS.get(name, {}))(_PY_KERNELS[name])
 
 
 def kernels() -> dict:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from . import _args
+from . import _args, _jit
 from .layers import Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "cosine_schedule"]
@@ -128,7 +128,9 @@ class Adam(Optimizer):
 
         The per-parameter state (``state[name]["m"]``, ``["v"]``) are views of these
         buffers, so the arithmetic is the same, elementwise, as :meth:`_update`'s (bit for
-        bit); only the number of numpy calls drops (about 13 per parameter before).
+        bit); only the number of numpy calls drops (about 13 per parameter before). Where
+        numba is installed the 13 passes over the buffers are one compiled loop
+        (:func:`_adam_kernel`, the same bits).
         """
         if len(params) < 2:
             return False
@@ -147,19 +149,14 @@ class Adam(Optimizer):
         for p in params:
             self.state[p.name]["step"] = t
         b1, b2 = self.betas
-        tmp, denom = flat["tmp"], flat["denom"]  # kept between steps: no fresh pages to fault in
-        np.multiply(g, 1 - b1, out=tmp)
-        m *= b1
-        m += tmp
-        np.multiply(g, g, out=tmp)
-        tmp *= 1 - b2
-        v *= b2
-        v += tmp
-        np.sqrt(v, out=denom)
-        denom /= math.sqrt(1 - b2 ** t)
-        denom += self.eps
-        update = np.divide(m, denom, out=tmp)
-        update *= self.lr / (1 - b1 ** t)
+        # The scalars as numpy's ufuncs see them: Python floats cast to the arrays' dtype.
+        scalars = tuple(g.dtype.type(c) for c in (b1, 1 - b1, b2, 1 - b2, math.sqrt(1 - b2 ** t), self.eps,
+                                                  self.lr / (1 - b1 ** t)))
+        update = flat["tmp"]  # kept between steps: no fresh pages to fault in
+        if _jit.available():
+            _jit.run("optim.adam", g, m, v, update, *scalars)
+        else:
+            _adam_numpy(g, m, v, update, flat["denom"], *scalars)
         for p, sl in zip(params, slices):
             p.data -= update[sl].reshape(p.data.shape)
         return True
@@ -221,6 +218,43 @@ class Adam(Optimizer):
 
     def __repr__(self) -> str:
         return f"Adam(lr={self.lr:g}, betas={self.betas}, eps={self.eps:g}, weight_decay={self.weight_decay:g})"
+
+
+def _adam_numpy(g, m, v, update, denom, b1, c1, b2, c2, root_bc2, eps, step_size) -> None:
+    """Adam's moments (``m``, ``v`` in place) and ``update`` from the gradient ``g``: 13
+    passes, one operation each, in the order of :meth:`Adam._update`, in place (no
+    temporaries beyond ``denom``). ``c1 = 1 - b1``, ``c2 = 1 - b2``, ``root_bc2 =
+    sqrt(1 - b2**t)``, ``step_size = lr / (1 - b1**t)``, all in the arrays' dtype."""
+    np.multiply(g, c1, out=update)
+    m *= b1
+    m += update
+    np.multiply(g, g, out=update)
+    update *= c2
+    v *= b2
+    v += update
+    np.sqrt(v, out=denom)
+    denom /= root_bc2
+    denom += eps
+    np.divide(m, denom, out=update)
+    update *= step_size
+
+
+def _adam_kernel(g, m, v, update, b1, c1, b2, c2, root_bc2, eps, step_size):  # compiled (convnet._jit)
+    """:func:`_adam_numpy` element by element: the same operations in the same order and
+    dtype (the scalars arrive in the arrays' dtype), so the same bits, in one pass instead
+    of 13: LeNet's 117,066 float32 parameters, 1 thread, 63 vs 199 us. Compiled with
+    numpy's error model (no zero-division check in the loop, which kept it from
+    vectorizing: 475 us)."""
+    for i in range(g.shape[0]):
+        gi = g[i]
+        mi = m[i] * b1 + gi * c1
+        vi = v[i] * b2 + (gi * gi) * c2
+        m[i] = mi
+        v[i] = vi
+        update[i] = (mi / (np.sqrt(vi) / root_bc2 + eps)) * step_size
+
+
+_jit.register({"error_model": "numpy"}, **{"optim.adam": _adam_kernel})
 
 
 def cosine_schedule(lr: float, epochs: int, min_lr: float = 0.0):
