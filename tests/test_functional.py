@@ -1,6 +1,8 @@
 """The vectorized ops against three independent witnesses: the loop reference,
 scipy.signal.correlate, and numerical gradients."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -665,6 +667,16 @@ def test_overlapping_max_pool_accumulates_and_breaks_ties_first():
     np.testing.assert_array_equal(dx[0, 0], [[0, 2, 1, 0], [0, 0, 0, 0]])
     ties = F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 2, 2)), 2)
     np.testing.assert_array_equal(ties[0, 0], [[1, 0], [0, 0]])
+
+
+def test_max_pool_errors_inf_and_minus_inf_meeting_give_nan_without_a_warning():
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 1] = 1.0  # the arg-max of all four overlapping windows
+    dy = np.array([[[[np.inf, -np.inf], [1.0, 1.0]]]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dx = F.max_pool2d_backward(dy, x, 2, 1)
+    assert np.isnan(dx[0, 0, 1, 1]) and np.count_nonzero(dx) == 1
 
 
 @pytest.mark.parametrize("stride", [1, 2])

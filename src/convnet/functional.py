@@ -595,7 +595,8 @@ def _taps_dx(dxp, dy, argmax, k, s, out_hw) -> None:
         else:
             part[...] = np.where(hit, dy, zero)
         if overlapping:  # a pixel may be the arg-max of several windows: accumulate
-            dst += part
+            with np.errstate(invalid="ignore"):  # inf and -inf errors meeting give nan, as they should
+                dst += part
         else:
             dst[...] = part
 
