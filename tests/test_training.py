@@ -524,24 +524,53 @@ def test_adam_in_one_pass_follows_the_textbook_formula(shapes, lr, b1, b2, eps, 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 300), st.sampled_from([np.float32, np.float64]), st.floats(0.0, 0.999), st.floats(0.0, 0.9999),
        st.floats(1e-12, 1e-2), st.floats(1e-6, 1.0), st.integers(1, 10**4), st.floats(1e-30, 1e3),
-       st.integers(0, 2**32 - 1))
-def test_compiled_adam_pass_gives_the_numpy_bits(n, dtype, b1, b2, eps, lr, t, scale, seed):
-    """numba's one-pass kernel against numpy's 13 passes: the same moments and update, bit
-    for bit, on gradients of any scale (zeros and tiny second moments included)."""
+       st.sampled_from([0.0, 1e-4, 0.3]), st.integers(0, 2**32 - 1))
+def test_compiled_adam_step_gives_the_numpy_bits(n, dtype, b1, b2, eps, lr, t, scale, wd, seed):
+    """numba's one-pass kernel against numpy's passes (the L2 term, 13 passes for the
+    moments and the update, the subtraction): the same moments and weights, bit for bit,
+    on gradients of any scale (zeros and tiny second moments included)."""
     rng = np.random.default_rng(seed)
-    g = (scale * rng.standard_normal(n)).astype(dtype)
-    g[rng.random(n) < 0.1] = 0
+    grad = (scale * rng.standard_normal(n)).astype(dtype)
+    grad[rng.random(n) < 0.1] = 0
+    data = rng.standard_normal(n).astype(dtype)
     m = (scale * rng.standard_normal(n)).astype(dtype)
     v = (scale * scale * rng.random(n)).astype(dtype)
     v[rng.random(n) < 0.1] = 0
     scalars = tuple(dtype(c) for c in (b1, 1 - b1, b2, 1 - b2, math.sqrt(1 - b2 ** t), eps, lr / (1 - b1 ** t)))
-    m1, v1, u1 = m.copy(), v.copy(), np.empty(n, dtype)
-    m2, v2, u2 = m.copy(), v.copy(), np.empty(n, dtype)
-    optim._jit.run("optim.adam", g, m1, v1, u1, *scalars)
-    optim._adam_numpy(g, m2, v2, u2, np.empty(n, dtype), *scalars)
-    for a, b in ((m1, m2), (v1, v2), (u1, u2)):
+    before = grad.copy()
+    d1, m1, v1 = data.copy(), m.copy(), v.copy()
+    optim._jit.run("optim.adam", grad, d1, m1, v1, dtype(wd), *scalars)
+    d2, m2, v2, update = data.copy(), m.copy(), v.copy(), np.empty(n, dtype)
+    g = grad + wd * d2 if wd else grad.copy()  # as the numpy route: the L2 term in the arrays' dtype
+    optim._adam_numpy(g, m2, v2, update, np.empty(n, dtype), *scalars)
+    d2 -= update
+    for a, b in ((d1, d2), (m1, m2), (v1, v2)):
         assert a.dtype == dtype
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(grad, before)
+
+
+def test_adam_in_one_pass_takes_the_numpy_route_for_weights_it_cannot_view_flat():
+    """A parameter whose data is not C-contiguous (a Fortran-ordered array set from outside)
+    cannot be updated through a flat view: the numpy passes update it, bit for bit."""
+    rng = np.random.default_rng(3)
+
+    def params():
+        return [Parameter("a", np.asfortranarray(rng.standard_normal((3, 4))), np.zeros((3, 4))),
+                Parameter("b", rng.standard_normal(5), np.zeros(5))]
+
+    a, b = params(), params()
+    for p, q in zip(a, b):
+        q.data[...] = p.data
+    fast, slow = Adam(lr=0.05, weight_decay=0.01), _StepByStepAdam(lr=0.05, weight_decay=0.01)
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad[...] = q.grad[...] = rng.standard_normal(p.grad.shape)
+        fast.step(a)
+        slow.step(b)
+    assert not a[0].data.flags.c_contiguous and optim._FLAT.get(fast) is not None
+    for p, q in zip(a, b):
+        np.testing.assert_array_equal(p.data, q.data)
 
 
 def test_adam_in_one_pass_follows_state_set_from_outside_and_refuses_another_model():
