@@ -413,18 +413,18 @@ def _max_pool_argmax(xp, k, s, out_hw, route: str | None = None,
 def _tournament_max_argmax(xp, out_hw) -> tuple[np.ndarray, np.ndarray]:
     """The "tournament" route (2x2 windows, stride 2): see the comment above :func:`_argmax_route`."""
     shape = xp.shape[:2] + out_hw
-    y, right, low, low_right = (np.empty(shape, dtype=xp.dtype) for _ in range(4))
+    y, left, right = (np.empty(shape, dtype=xp.dtype) for _ in range(3))
     _copy_left_tap(y, xp, 0, out_hw)
-    _copy_left_tap(low, xp, 1, out_hw)
     np.copyto(right, core.strided_window(xp, 0, 1, (2, 2), out_hw))
-    np.copyto(low_right, core.strided_window(xp, 1, 1, (2, 2), out_hw))
     # Strictly greater: on ties the first tap in row-major order wins.
     arg = np.greater(right, y).view(np.uint8)  # tap 1 beats tap 0
     np.maximum(y, right, out=y)
-    second = np.greater(low_right, low).view(np.uint8)  # tap 3 beats tap 2
-    np.maximum(low, low_right, out=low)
-    lower = np.greater(low, y).view(np.uint8)  # the second row beats the first
-    np.maximum(y, low, out=y)
+    _copy_left_tap(left, xp, 1, out_hw)
+    np.copyto(right, core.strided_window(xp, 1, 1, (2, 2), out_hw))
+    second = np.greater(right, left).view(np.uint8)  # tap 3 beats tap 2
+    np.maximum(left, right, out=left)
+    lower = np.greater(left, y).view(np.uint8)  # the second row beats the first
+    np.maximum(y, left, out=y)
     second += np.uint8(2)  # the second row's tap, taken where it won: a max, as it is the larger
     second *= lower
     np.maximum(arg, second, out=arg)
