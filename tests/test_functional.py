@@ -1,6 +1,8 @@
 """The vectorized ops against three independent witnesses: the loop reference,
 scipy.signal.correlate, and numerical gradients."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -556,6 +558,23 @@ def test_every_max_pool_argmax_route_matches_the_reference(case, route, planes_p
 
 
 @PROPS
+@given(st.one_of(pool_cases(kernel=(2, 2), stride_is_kernel=True),
+                 pool_cases(kernel=(2, 2), stride_is_kernel=True, special=True)), st.booleans())
+def test_tournament_max_pool_argmax_matches_the_reference(case, contiguous):
+    """2x2 windows side by side through the "tournament" route, from a contiguous input (float32
+    of even width: the left taps as uint64 low halves) and from a strided one."""
+    xp, k, s, _, out_hw, _ = _padded(case)
+    if not contiguous:
+        wider = np.zeros(xp.shape[:3] + (xp.shape[3] + 1,), dtype=xp.dtype)
+        wider[..., :-1] = xp
+        xp = readonly(wider)[..., :-1]
+    y, argmax = F._max_pool_argmax(xp, k, s, out_hw, route="tournament")
+    assert y.dtype == case.x.dtype and argmax.dtype == np.uint8
+    np.testing.assert_array_equal(y, reference.max_pool2d(case.x, *case.args))
+    np.testing.assert_array_equal(argmax, _window_argmax(case.x, *case.args))
+
+
+@PROPS
 @given(SIDE_BY_SIDE_CASES, st.sampled_from(["rows", "taps"]), PLANES_PER_BLOCK)
 def test_every_max_pool_backward_route_matches_the_reference(case, route, planes_per_block):
     """Windows side by side (no accumulation): each route's dx is the reference's exactly,
@@ -571,7 +590,8 @@ def test_every_max_pool_backward_route_matches_the_reference(case, route, planes
 def test_max_pool_routes_are_chosen_by_geometry():
     assert F._argmax_route((3, 3), (2, 2)) == F._argmax_route((3, 3), (1, 1)) == "running"
     assert F._argmax_route((2, 2), (1, 2)) == "running"
-    assert F._argmax_route((2, 2), (2, 2)) == "taps"  # measured about even
+    assert F._argmax_route((2, 2), (2, 2)) == "tournament"
+    assert F._argmax_route((2, 3), (2, 3)) == "taps"
     assert F._argmax_route((4, 4), (4, 4)) == "taps"  # the output is 1/16 of the input
     assert F._argmax_route((2, 1), (2, 1)) == "taps"  # its tap views are whole rows
     assert F._argmax_route((17, 17), (1, 1)) == "taps"  # int32 arg-max
@@ -647,6 +667,16 @@ def test_overlapping_max_pool_accumulates_and_breaks_ties_first():
     np.testing.assert_array_equal(dx[0, 0], [[0, 2, 1, 0], [0, 0, 0, 0]])
     ties = F.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 2, 2)), 2)
     np.testing.assert_array_equal(ties[0, 0], [[1, 0], [0, 0]])
+
+
+def test_max_pool_errors_inf_and_minus_inf_meeting_give_nan_without_a_warning():
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 1] = 1.0  # the arg-max of all four overlapping windows
+    dy = np.array([[[[np.inf, -np.inf], [1.0, 1.0]]]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dx = F.max_pool2d_backward(dy, x, 2, 1)
+    assert np.isnan(dx[0, 0, 1, 1]) and np.count_nonzero(dx) == 1
 
 
 @pytest.mark.parametrize("stride", [1, 2])
