@@ -929,10 +929,9 @@ def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarr
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     keep = rng.random(x.shape) >= p  # float64 draws: the masks of a seed never change
-    # The bool mask times the scale, cast on the fly (one pass, the same values as
-    # keep.astype(dtype) * scale).
-    mask = np.multiply(keep, x.dtype.type(1.0 / (1.0 - p)), dtype=x.dtype)
-    return np.multiply(x, mask), mask
+    mask = keep.astype(x.dtype)
+    mask *= x.dtype.type(1.0 / (1.0 - p))  # in place: no temporary (the draw costs ~8x the rest)
+    return x * mask, mask
 
 
 def dropout_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
