@@ -598,6 +598,7 @@ def test_max_pool_routes_are_chosen_by_geometry():
     u8, i32 = np.zeros(1, np.uint8), np.zeros(1, np.int32)
     assert F._dx_route((2, 2), (2, 2), u8) == F._dx_route((3, 2), (3, 2), u8) == "rows"
     assert F._dx_route((2, 2), (1, 1), u8) == F._dx_route((2, 2), (3, 3), u8) == "taps"
+    assert F._dx_route((2, 1), (2, 1), u8) == "taps"  # one tap wide: its views are whole rows
     assert F._dx_route((17, 17), (17, 17), i32) == "taps"
 
 

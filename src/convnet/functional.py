@@ -366,8 +366,8 @@ def _argmax_dtype(k) -> np.dtype:
 # two rows' winners: 3 comparisons and 3 maxima in all (the taps take 3 of each plus 6 passes
 # for the running arg-max), and copies each window's left taps as the low halves of uint64
 # pairs (float32), faster than a strided copy. Measured against "taps" (1 thread, float32,
-# shared machine, interleaved, medians): 0.84-0.9x on LeNet's 32x16x28x28 and 32x32x10x10,
-# even (1.0x) on N=64 C=32 32x32.
+# shared machine, interleaved, medians of several runs): 0.86-0.96x on LeNet's 32x16x28x28
+# and 32x32x10x10, 0.92-1.07x on N=64 C=32 32x32.
 # "running" takes running maxima at stride 1 over the flat planes, first along the width
 # (KW - 1 passes), then along the height (KH - 1 passes, a shift of one row), every pass
 # contiguous, and picks the windows at the stride once at the end: 2 strided copies instead
@@ -558,8 +558,10 @@ def max_pool2d_backward(dy: np.ndarray, x: np.ndarray, kernel_size: IntOrPair,
 
 
 def _dx_route(k: tuple[int, int], s: tuple[int, int], argmax: np.ndarray) -> str:
-    """``"rows"`` for windows that tile (stride == kernel) with a uint8 arg-max, else ``"taps"``."""
-    return "rows" if k == s and argmax.dtype == np.uint8 else "taps"
+    """``"rows"`` for windows side by side (stride == kernel) at least two taps wide, with a
+    uint8 arg-max; else ``"taps"`` (one tap wide, its tap views are whole rows already: the
+    "rows" route measured 1.2x slower there)."""
+    return "rows" if k == s and k[1] > 1 and argmax.dtype == np.uint8 else "taps"
 
 
 def _max_pool_dx(dy, argmax, padded, k, s, out_hw, route: str | None = None,
@@ -612,8 +614,9 @@ def _rows_dx(dxp, dy, argmax, k, out_hw, block: int) -> None:
     float32 windows two taps wide, a window row's two taps are one uint64: the shift by
     ``32 * (argmax - 2i)`` puts ``dy`` in the first, the second or neither. Bits move, nothing
     multiplies: an inf or NaN error routes exactly, with no finite check. Measured against the
-    "taps" route (1 thread, float32, shared machine, interleaved, medians): 0.66x on 2x2/2 with
-    N=64 C=32 32x32, 0.75x and 0.72x on LeNet's 32x16x28x28 and 32x32x10x10, 0.8x on 4x4/4.
+    "taps" route (1 thread, float32, shared machine, interleaved, medians of several runs):
+    0.6-0.75x on 2x2/2 with N=64 C=32 32x32, 0.75-0.87x on LeNet's 32x16x28x28 and
+    32x32x10x10, 0.63x on 4x4/4, 0.86x on 3x3/3.
     """
     (kh, kw), (n, c, hp, wp), (oh, ow) = k, dxp.shape, out_hw
     bits = np.dtype(f"u{dy.itemsize}")
