@@ -273,10 +273,9 @@ def _all_finite(a: np.ndarray) -> bool:
 
 
 def _has_nan(a: np.ndarray) -> bool:
-    """Whether ``a`` holds a nan (an inf, or an overflowing square, gives inf, not nan)."""
-    flat = a.ravel(order="K")
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isnan(np.vdot(flat, flat)))
+    """Whether ``a`` holds a nan: numpy's maximum propagates nan. As fast as a BLAS dot on one
+    thread (measured), and it never wakes BLAS threads (a dot of 0.5 M floats runs on two)."""
+    return bool(np.isnan(a.max()))
 
 
 def _taps_along(a: np.ndarray, axis: int, t: int, s: int, n: int) -> np.ndarray:
