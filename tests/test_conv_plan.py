@@ -94,6 +94,23 @@ def test_plan_takes_chwn_only_where_one_layout_serves_the_layer():
     assert _conv.plan(g, backward=True, limit=256 * MIB, table=narrower).layout == "cnhw"
 
 
+@pytest.mark.parametrize("shape, per_image", [
+    (BENCH["lenet-c1"], True),                # K=25: the transpose is a large part
+    ((32, 1, 28, 28, 16, 5, 1, 2), True),     # convnet.lenet()'s first conv
+    ((32, 32, 64, 64, 32, 3, 2, 1), True),    # 1024 outputs an image: large GEMMs
+    (BENCH["resnet-s2"], False),              # K=1152 over 14x14: one big GEMM threads better
+    ((128, 16, 32, 32, 32, 3, 2, 1), False),  # ResNet-20's first downsampling, K=144 over 16x16
+])
+def test_forward_gemm_per_image_follows_its_table_rows(shape, per_image):
+    g = geometry(*shape)
+    assert _conv.per_image_gemm(g) is per_image
+    if g.c > 1:  # grouped layers: one GEMM per group
+        assert _conv.per_image_gemm(g._replace(groups=g.c)) is False
+    k, outputs = g.kh * g.kw * g.c, g.out_hw[0] * g.out_hw[1]
+    lower = _conv.THRESHOLDS._replace(per_image_gemm_max_k=k - 1, per_image_gemm_min_outputs=outputs + 1)
+    assert _conv.per_image_gemm(g, lower) is False  # each row decides: below both, never per image
+
+
 def test_plan_routes_grouped_layers_to_the_column_matrix():
     """The benchmark's depthwise layer (groups=C): taps do not take groups."""
     n, c, h, w, f, k, s, p = 32, 64, 32, 32, 64, 3, 1, 1

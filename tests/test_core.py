@@ -145,6 +145,25 @@ def test_gemm_chwn_into_nchw_adds_the_bias():
     np.testing.assert_allclose(out, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 9), f=st.integers(1, 5), k=st.integers(1, 7), ohw=st.integers(1, 6),
+       padded=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_gemm_into_nchw_both_ways(per_image, bias, n, f, k, ohw, padded, seed):
+    """One GEMM per image or per block of images with a transpose: both equal ``wm @ cols``
+    laid out NCHW (the column matrix's rows padded or not, any block split of the batch)."""
+    rng = np.random.default_rng(seed)
+    wm = rng.standard_normal((f, k))
+    cols = core.as_matrix(core.row_buffer((k, n, ohw, 1), np.float64)) if padded else np.empty((k, n * ohw))
+    cols[...] = rng.standard_normal(cols.shape)
+    b = rng.standard_normal(f) if bias else None
+    out = np.full((n, f, ohw, 1), np.nan)
+    core.gemm_into_nchw(wm, cols, out, b, blocks=3, per_image=per_image)
+    want = (wm @ cols).reshape(f, n, ohw, 1).transpose(1, 0, 2, 3) + (0 if b is None else b.reshape(1, f, 1, 1))
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
 def test_col2im_accumulates_overlaps():
     # 1x3 input, kernel 2, stride 1: the middle pixel belongs to both windows.
     cols = np.ones((2, 2), dtype=np.float32)

@@ -112,6 +112,8 @@ class Thresholds(NamedTuple):
     winograd_min_channels: int
     winograd_min_row_tiles: int
     chwn_max_width: int
+    per_image_gemm_max_k: int
+    per_image_gemm_min_outputs: int
 
 
 THRESHOLDS = Thresholds(
@@ -165,6 +167,17 @@ THRESHOLDS = Thresholds(
     # 10x10) im2col 1.52 -> 0.32 ms and col2im 2.64 -> 1.04 ms; the first (1 -> 16, 28x28,
     # pad 2) lost: its output's transpose back to NCHW cost 0.57 ms against 0.07 ms.
     chwn_max_width=16,
+    # The CNHW forward's GEMM, one per image straight into NCHW (no temporary, no transpose)
+    # against one per quarter batch and a transpose (core.gemm_into_nchw), float32, medians of
+    # 21 alternating rounds on the idle machine, 2 threads (1 thread): per image won where the
+    # transpose is a large part, short kernels (K = KH*KW*C: LeNet's first conv, K=25, 784
+    # outputs, N=64: 0.80x (0.75x); N=32: 0.73x (0.69x); F=6: 0.85x (0.77x); K=72, 256
+    # outputs: 0.85x (0.88x)), and where each image's GEMM is large (K=288, 1024 outputs:
+    # 0.93x (0.97x)); it lost at 2 threads on long kernels over small maps (K=144, 256
+    # outputs, N=128: 1.05x (0.96x); K=288, 64 outputs: 1.18x (0.98x); ResNet's strided
+    # layer, K=1152, 196 outputs: 1.18x (1.03x)).
+    per_image_gemm_max_k=72,
+    per_image_gemm_min_outputs=1024,
 )
 
 
@@ -436,13 +449,21 @@ def _columns(x: np.ndarray, g: Geometry, reuse: str | None, layout: str = "cnhw"
     return core.im2col(core.nchw_to_cnhw(x, g.pads, reuse=_Scratch.PADDED), *args, reuse=reuse, groups=g.groups)
 
 
+def per_image_gemm(g: Geometry, table: Thresholds | None = None) -> bool:
+    """Whether the CNHW forward's GEMM goes one image at a time straight into NCHW
+    (``core.gemm_into_nchw(per_image=True)``): short kernels, or large maps."""
+    table = THRESHOLDS if table is None else table
+    return g.groups == 1 and (g.kh * g.kw * g.c <= table.per_image_gemm_max_k
+                              or g.out_hw[0] * g.out_hw[1] >= table.per_image_gemm_min_outputs)
+
+
 def _forward_im2col(x, wm, bias, g: Geometry, y, keep: bool, layout: str) -> np.ndarray:
     # Kept columns go to the cache and need their own memory; otherwise scratch.
     cols = _columns(x, g, reuse=None if keep else _Scratch.FWD_COLS, layout=layout)
     if layout == "chwn":
         core.gemm_chwn_into_nchw(wm, cols, y, bias, reuse=_Scratch.FWD_Y)
     else:
-        core.gemm_into_nchw(wm, cols, y, bias, groups=g.groups)
+        core.gemm_into_nchw(wm, cols, y, bias, groups=g.groups, per_image=per_image_gemm(g))
     return cols
 
 

@@ -241,14 +241,13 @@ def stacked_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0)
 
 
 def gemm_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None,
-                   blocks: int = 4, groups: int = 1) -> None:
+                   blocks: int = 4, groups: int = 1, per_image: bool = False) -> None:
     """``out = wm @ cols`` laid out NCHW (plus ``bias``).
 
-    Without groups, one GEMM per image writes its (F, OH*OW) block of ``out`` in place
-    (numpy's matmul over the image axis: no temporary and no transpose; 0.66-0.77x the time
-    of the GEMM-then-transpose below on LeNet's first conv and ResNet's strided layer, 1
-    thread). Grouped layers take ``blocks`` groups of images at a time: the GEMM yields
-    CNHW rows into a temporary of ``1/blocks`` of the output, then transposed into place.
+    ``blocks`` groups of images at a time: the GEMM yields CNHW rows into a temporary of
+    ``1/blocks`` of the output, then transposed into place. With ``per_image`` (no groups),
+    one GEMM per image writes its (F, OH*OW) block of ``out`` in place instead (numpy's
+    matmul over the image axis): no temporary and no transpose, but smaller GEMMs.
 
     Parameters
     ----------
@@ -256,13 +255,14 @@ def gemm_into_nchw(wm: np.ndarray, cols: np.ndarray, out: np.ndarray, bias: np.n
     cols : ndarray, shape (K, N*OH*OW), the column matrix
     out : ndarray, shape (N, F, OH, OW), C-contiguous, written
     bias : ndarray, shape (F,), optional
-    blocks : number of image groups (grouped layers)
+    blocks : number of image groups
     groups : channel groups of a grouped convolution: ``wm`` and ``cols`` rows split into
         ``groups`` equal blocks, multiplied block by block (see :func:`stacked_gemm`)
+    per_image : one GEMM per image (ignored with groups, or an ``out`` that is not C-contiguous)
     """
     n, f, oh, ow = out.shape
     ohw = oh * ow
-    if groups == 1 and out.flags.c_contiguous:
+    if per_image and groups == 1 and out.flags.c_contiguous:
         np.matmul(wm, cols.reshape(cols.shape[0], n, ohw).transpose(1, 0, 2), out=out.reshape(n, f, ohw))
         if bias is not None:
             out += bias.reshape(1, -1, 1, 1)
