@@ -13,7 +13,9 @@ busy processes that the harness starts itself (pure-Python loops that stop on th
 own after a deadline, and are killed when the condition ends). Within a condition the
 settings (convnet with 1 and 2 BLAS threads and "auto", torch with 1 and 2 threads)
 are interleaved round by round and each reports its median, so the ratios compare
-figures taken side by side.
+figures taken side by side. Each sample first runs the workload for a quarter of a second,
+so that it is timed in its own steady state, not in the wake of the previous setting's
+threads.
 """
 
 from __future__ import annotations
@@ -128,11 +130,23 @@ def conv_fwd_bwd(torch: Any, shape: Any, seed: int = 0) -> tuple[Callable[[], No
 
 # --------------------------------------------------------------------------- measuring
 
+# Warm-up before each sample: at least one call and this long. The previous sample's idle
+# threads keep spinning for a while after it (OpenBLAS's for about 0.1 s), taking a core from
+# whatever runs next: with one call of warm-up, "auto" (timed right after the 2-thread
+# sample) measured 2x its steady-state step time with one busy process.
+SETTLE_SECONDS = 0.25
+
+
 def _time_calls(fn: Callable[[], None], calls: int, step: Callable[[], None] | None = None) -> float:
-    """Median seconds per call of ``calls`` timed calls after one warm-up call."""
-    if step is not None:
-        step()
-    fn()
+    """Median seconds per call of ``calls`` timed calls, after warm-up calls for at least
+    :data:`SETTLE_SECONDS`."""
+    start = time.perf_counter()
+    while True:
+        if step is not None:
+            step()
+        fn()
+        if time.perf_counter() - start >= SETTLE_SECONDS:
+            break
     times = []
     for _ in range(calls):
         if step is not None:
@@ -186,7 +200,8 @@ def run_loaded(torch: Any, conv_shape: Any, rounds: int = 5, calls: int = 5,
                  f"{conv_shape.name} conv fwd+bwd": conv_fwd_bwd(torch, conv_shape)}
     # A generous bound for the competing processes: they stop by themselves even if we die.
     probe = {name: _convnet_sample(fn, 1, 1) for name, (fn, _) in workloads.items()}
-    per_round = sum(probe.values()) * (calls + 1) * (len(CONVNET_SETTINGS) + len(TORCH_THREADS))
+    per_round = ((sum(probe.values()) * (calls + 1) + SETTLE_SECONDS * len(workloads))
+                 * (len(CONVNET_SETTINGS) + len(TORCH_THREADS)))
     bound = 60.0 + 20 * rounds * per_round
     result: dict[str, Any] = {"rounds": rounds, "calls": calls, "cpus": _blas.usable_cpus(),
                               "busy_bound_s": bound, "conditions": {}}

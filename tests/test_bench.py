@@ -203,6 +203,7 @@ def test_loaded_mode_reports_every_condition_and_setting(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(_loaded, "lenet_steps", lambda torch: fake("lenet", torch))
     monkeypatch.setattr(_loaded, "conv_fwd_bwd", lambda torch, shape: fake("conv", torch))
+    monkeypatch.setattr(_loaded, "SETTLE_SECONDS", 0.0)  # one warm-up call a sample
     code, report = _run(tmp_path, ["--loaded", "--loaded-rounds", "1"])
     out = capsys.readouterr().out
     assert code == 0
@@ -224,6 +225,27 @@ def test_loaded_mode_reports_every_condition_and_setting(tmp_path, monkeypatch, 
         idle = targets["lenet train step (batch 32), idle: throughput vs torch (default threads vs torch's best)"]
         assert idle["limit"] == 0.7 and idle["value"] > 0
     assert {"lenet", "conv"} <= set(calls)
+
+
+def test_loaded_samples_warm_up_for_the_settle_time(monkeypatch):
+    """Each sample runs its workload for SETTLE_SECONDS before timing (the previous
+    setting's spinning threads die down meanwhile), then times ``calls`` calls."""
+    import _loaded
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(_loaded.time, "perf_counter", lambda: clock["now"])
+    calls = []
+
+    def fn():
+        calls.append(clock["now"])
+        clock["now"] += 0.1
+
+    assert _loaded._time_calls(fn, 3) == pytest.approx(0.1)
+    assert len(calls) == 3 + 3  # warm-up calls at 0, 0.1 and 0.2: the third ends at 0.3 >= 0.25
+    monkeypatch.setattr(_loaded, "SETTLE_SECONDS", 0.0)
+    calls.clear()
+    _loaded._time_calls(fn, 2)
+    assert len(calls) == 1 + 2
 
 
 def test_winograd_rows_are_checked_and_timed_in_alternation(tmp_path, capsys):
