@@ -3,6 +3,7 @@
 import logging
 import pickle
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -15,8 +16,12 @@ from convnet import functional as F
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
+    # Without work stealing each task stays on the worker it was given, which fetches the model
+    # key once and keeps it while its tasks run. With stealing, a worker that had released the
+    # key could be handed a stolen task and fetch it again (seen once in CI: 2 arrivals).
+    with dask.config.set({"distributed.scheduler.work-stealing": False}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                         silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
         c.wait_for_workers(2)
         yield c
 
