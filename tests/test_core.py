@@ -91,7 +91,8 @@ def test_compiled_col2im_chwn_gives_the_numpy_bits(geo, seed):
     c, n, hp, wp = shape
     cols = np.random.default_rng(seed).standard_normal((k[0] * k[1] * c, out_hw[0] * out_hw[1] * n)).astype(dtype)
     before = cols.copy()
-    got = core.col2im_chwn(cols, (c, hp, wp, n), k, s, d, out_hw)  # compiled where numba is
+    _jit._State.ready_calls = max(_jit._State.ready_calls, _jit.WARMUP_CALLS)  # past the warm-up
+    got = core.col2im_chwn(cols, (c, hp, wp, n), k, s, d, out_hw)  # compiled
     want = np.zeros((c, hp, wp, n), dtype)
     core._col2im_chwn_numpy(cols.reshape(k[0], k[1], c, out_hw[0], out_hw[1], n), want, s, d)
     assert got.dtype == dtype
@@ -101,7 +102,7 @@ def test_compiled_col2im_chwn_gives_the_numpy_bits(geo, seed):
 
 @pytest.mark.skipif(not _jit.available(), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_compiled_col2im_chwn_on_padded_rows(dtype):
+def test_compiled_col2im_chwn_on_padded_rows(dtype, monkeypatch):
     """Column matrix and result both with row_buffer's padded row stride (rows of 1 KiB
     multiples): the compiled loop reads and writes through the whole-rows views."""
     k, c, n, out_hw, padded = (5, 5), 3, 32 if dtype == np.float32 else 16, (4, 4), (3, 8, 8)
@@ -109,11 +110,23 @@ def test_compiled_col2im_chwn_on_padded_rows(dtype):
     cols[...] = np.random.default_rng(0).standard_normal(cols.shape)
     m = core.as_matrix(cols)
     assert not m.flags.c_contiguous and core._whole_rows(m) is not None
+    monkeypatch.setattr(_jit, "WARMUP_CALLS", 0)
+    ran = []
+    monkeypatch.setattr(_jit, "run", lambda name, *args, run=_jit.run: (ran.append(name), run(name, *args)))
     got = core.col2im_chwn(m, padded + (n,), k, (1, 1), (1, 1), out_hw)
+    assert ran == ["core.col2im_chwn"]
     assert not got.flags.c_contiguous  # the result's rows are padded too
     want = np.zeros(padded + (n,), dtype)
     core._col2im_chwn_numpy(np.ascontiguousarray(cols).reshape(k + (c,) + out_hw + (n,)), want, (1, 1), (1, 1))
     np.testing.assert_array_equal(got, want)
+
+
+def test_compiled_kernels_wait_for_the_warm_up_calls(monkeypatch):
+    """The first WARMUP_CALLS calls take the numpy twins (a short run never imports numba),
+    later ones the compiled kernels where numba is installed."""
+    monkeypatch.setattr(_jit, "WARMUP_CALLS", 3)
+    monkeypatch.setattr(_jit._State, "ready_calls", 0)
+    assert [_jit.ready() for _ in range(5)] == [False, False, False, _jit.available(), _jit.available()]
 
 
 def test_whole_rows_only_spans_memory_the_buffer_holds():

@@ -8,7 +8,11 @@ them, later ones load them. Where no cache location is writable (numba tries
 ``NUMBA_CACHE_DIR``, the package's ``__pycache__``, then the user's cache folder) they are
 compiled in memory in every process instead.
 
-Callers keep a numpy path for when numba is missing (:func:`available` is False).
+Callers keep a numpy path for when numba is missing (:func:`available` is False). Kernels
+that only speed up a numpy twin with the same bits ask :func:`ready` instead, which says no
+for the process's first :data:`WARMUP_CALLS` calls: a short run (the first 50 or so steps
+of a LeNet training) does not pay numba's import and cache load, about 0.8 s, for kernels
+that would save it less; a longer one pays it once and gains on every later step.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from collections.abc import Callable
 
 _PY_KERNELS: dict[str, Callable] = {}
 _OPTIONS: dict[str, dict] = {}  # extra numba.njit options by kernel name
+#: Calls of :func:`ready` answered "no" before numba is imported for them (see the module doc).
+WARMUP_CALLS = 100
 
 
 class _State:
     lock = threading.Lock()
+    ready_calls = 0  # calls of ready() so far (a race may lose a count: harmless)
     checked = False
     numba = None  # the module, once imported
     reason = ""  # why compiled kernels are unavailable, or how they are cached
@@ -35,6 +42,15 @@ def register(options: dict | None = None, /, **kernels: Callable) -> None:
     inf or nan as in numpy instead of raising, which lets a loop with divisions vectorize)."""
     _PY_KERNELS.update(kernels)
     _OPTIONS.update({name: dict(options or {}) for name in kernels})
+
+
+def ready() -> bool:
+    """Whether a kernel whose numpy twin gives the same bits should run compiled now: after
+    :data:`WARMUP_CALLS` calls of this function in the process, where numba imports."""
+    if _State.ready_calls < WARMUP_CALLS:
+        _State.ready_calls += 1
+        return False
+    return available()
 
 
 def available() -> bool:

@@ -621,8 +621,8 @@ def col2im_chwn(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kerne
                 dilation: Pair, out_hw: Pair, reuse: str | None = None) -> np.ndarray:
     """Adjoint of :func:`im2col_chwn`: add every column back onto its window (CHWN).
 
-    Compiled where numba is installed (:mod:`convnet._jit`), numpy otherwise: the same
-    additions in the same order, so the same bits.
+    Compiled where numba is installed (:mod:`convnet._jit`, after its warm-up calls), numpy
+    otherwise: the same additions in the same order, so the same bits.
 
     Parameters
     ----------
@@ -638,7 +638,7 @@ def col2im_chwn(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kerne
     (kh, kw), (oh, ow) = kernel, out_hw
     c, n = padded_shape[0], padded_shape[3]
     out = row_buffer(padded_shape, cols.dtype, fill=0.0, reuse=reuse)
-    rows = _whole_rows(cols) if _jit.available() else None
+    rows = _whole_rows(cols) if _jit.ready() else None
     out_rows = _whole_rows(as_matrix(out), writeable=True) if rows is not None else None
     if out_rows is not None:
         _jit.run("core.col2im_chwn", rows, out_rows, padded_shape[1:], kernel, out_hw, stride, dilation)

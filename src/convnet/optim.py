@@ -149,7 +149,7 @@ class Adam(Optimizer):
         # The scalars as numpy's ufuncs see them: Python floats cast to the arrays' dtype.
         scalars = tuple(g.dtype.type(c) for c in (b1, 1 - b1, b2, 1 - b2, math.sqrt(1 - b2 ** t), self.eps,
                                                   self.lr / (1 - b1 ** t)))
-        if _jit.available() and all(p.data.flags.c_contiguous and p.data.flags.writeable for p in params):
+        if _jit.ready() and all(p.data.flags.c_contiguous and p.data.flags.writeable for p in params):
             wd = g.dtype.type(self.weight_decay)
             for p, sl in zip(params, slices):  # gradients read where they are: no gathering pass
                 _jit.run("optim.adam", p.grad.reshape(-1), p.data.reshape(-1), m[sl], v[sl], wd, *scalars)
