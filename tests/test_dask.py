@@ -16,10 +16,12 @@ from convnet import functional as F
 
 @pytest.fixture(scope="module")
 def client():
-    # Without work stealing each task stays on the worker it was given, which fetches the model
-    # key once and keeps it while its tasks run. With stealing, a worker that had released the
-    # key could be handed a stolen task and fetch it again (seen once in CI: 2 arrivals).
-    with dask.config.set({"distributed.scheduler.work-stealing": False}), \
+    # Every task goes to its worker at once (no queuing on the scheduler, no work stealing), so
+    # each worker fetches the model key once and keeps it while its tasks run. With tasks handed
+    # out as workers free up, or stolen, a worker that had already released the key could be
+    # given another task and fetch it again (seen in full-suite runs: 2 arrivals on one worker).
+    with dask.config.set({"distributed.scheduler.work-stealing": False,
+                          "distributed.scheduler.worker-saturation": float("inf")}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                          silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
         c.wait_for_workers(2)
