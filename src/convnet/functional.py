@@ -779,18 +779,26 @@ def identity_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- softmax and losses
 
+def _shifted_exp(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``x`` less its max along ``axis`` (so large logits do not overflow), its exp, and the
+    exp's sums (dims kept): the one stable core of softmax, log-softmax and the cross-entropy."""
+    shifted = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return shifted, e, e.sum(axis=axis, keepdims=True)
+
+
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """``x - logsumexp(x)`` along ``axis``, shifted by the max so large logits do not overflow."""
     _act_args(x)
-    shifted = x - x.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    shifted, _, sums = _shifted_exp(x, axis)
+    return shifted - np.log(sums)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax along ``axis``."""
     _act_args(x)
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    _, e, sums = _shifted_exp(x, axis)
+    return e / sums
 
 
 def _ce_args(logits: np.ndarray, labels: np.ndarray) -> None:
@@ -834,14 +842,12 @@ def _softmax_cross_entropy_parts(logits: np.ndarray, labels: np.ndarray
                                  ) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
     """The loss and what its gradient needs, ``(exp(shifted), its row sums)``, from one softmax.
 
-    The same operations as :func:`log_softmax` and :func:`softmax` (bit for bit): ``shifted
-    = logits - max``, loss ``-mean(shifted[i, y_i] - log(sum_j exp(shifted[i, j])))``.
+    The same core as :func:`log_softmax` and :func:`softmax` (:func:`_shifted_exp`, so the
+    same bits): loss ``-mean(shifted[i, y_i] - log(sum_j exp(shifted[i, j])))``.
     ``CrossEntropyLoss`` keeps the parts for its ``backward`` instead of a second softmax.
     """
     _ce_args(logits, labels)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    sums = e.sum(axis=1, keepdims=True)
+    shifted, e, sums = _shifted_exp(logits, 1)
     picked = shifted[np.arange(len(labels)), labels] - np.log(sums[:, 0])
     return float(-picked.mean()), (e, sums)
 
