@@ -134,7 +134,6 @@ class Sequential(Layer):
                 raise TypeError(f"Sequential argument {i} must be a Layer, got {type(layer).__name__}")
         self.layers: list[Layer] = list(layers)
         self.input_shape = self._check_input_shape(input_shape)
-        self._order: list[int] | None = None  # the order of the last forward (see _run_order)
 
     @staticmethod
     def _check_input_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -177,8 +176,7 @@ class Sequential(Layer):
         -------
         ndarray: the last layer's output, e.g. logits (N, K).
         """
-        self._order = order = _run_order(self.layers)
-        for i in order:
+        for i in _run_order(self.layers):
             layer = self.layers[i]
             shape = getattr(x, "shape", None)
             try:
@@ -196,10 +194,7 @@ class Sequential(Layer):
         With ``input_grad=False`` (training) nothing below the first layer with parameters
         is computed: that layer skips its input gradient and None is returned.
         """
-        # The forward's order, reversed (the layers' caches hold what that order gave them).
-        order = getattr(self, "_order", None)
-        if order is None or len(order) != len(self.layers):
-            order = _run_order(self.layers)
+        order = _run_order(self.layers)  # the forward's, reversed below
         first = 0
         if not input_grad:
             first = next((i for i, layer in enumerate(self.layers) if layer.parameters()), len(self.layers))
